@@ -1,0 +1,192 @@
+"""Typed wrappers of the C ABI: the only module that casts tensors to pointers.
+
+Every wrapper validates device, dtype, shape and layout before the cast, keeps the tensors alive
+for the call, and turns a failing status into an exception (errors.check).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import isa as isa_mod
+from .errors import check
+from .ffi import load
+
+_CTYPES = {torch.bfloat16: "uint16_t *", torch.float32: "float *", torch.int64: "int64_t *", torch.int32: "int32_t *"}
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.int32: 2, torch.int64: 3}
+
+
+def as_ptr(t: torch.Tensor, *, dtype: torch.dtype, shape: tuple[int, ...], name: str, contiguous: bool = True):
+    """``ffi.cast`` of ``t`` after checking device, dtype, shape and contiguity."""
+    ffi, _ = load()
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise ValueError(f"{name} must be on the CPU, got {t.device}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+    return ffi.cast(_CTYPES[dtype], t.data_ptr())
+
+
+def runtime_configure(isa_code: int, threads: int) -> None:
+    ffi, lib = load()
+    check(lib, ffi, lib.kt_runtime_configure(isa_code, threads), "configure")
+
+
+def isa_available(name: str) -> bool:
+    _, lib = load()
+    return bool(lib.kt_isa_available(isa_mod.isa_code(name)))
+
+
+def cpu_info() -> dict:
+    _, lib = load()
+    bits = lib.kt_cpu_features()
+    return {
+        "isa": isa_mod.ISA_NAMES[lib.kt_runtime_isa()],
+        "threads": int(lib.kt_runtime_threads()),
+        "physical_cores": int(lib.kt_physical_cores()),
+        "cpu_features": [n for n, b in isa_mod.CPU_FEATURE_BITS.items() if bits & b],
+    }
+
+
+def experts_create(num_experts: int, hidden: int, intermediate: int):
+    """A ``kt_experts`` handle, destroyed when garbage-collected."""
+    ffi, lib = load()
+    out = ffi.new("kt_experts **")
+    check(lib, ffi, lib.kt_experts_create(out, num_experts, hidden, intermediate), "kt_experts_create")
+    return ffi.gc(out[0], lib.kt_experts_destroy)
+
+
+def experts_load(handle, expert: int, gate_up: torch.Tensor, down: torch.Tensor, hidden: int, intermediate: int):
+    """Packs one expert: ``gate_up [2I, H]`` and ``down [H, I]`` BF16 with unit column stride."""
+    ffi, lib = load()
+    for t, name, shape in ((gate_up, "gate_up", (2 * intermediate, hidden)), (down, "down", (hidden, intermediate))):
+        if t.dim() != 2 or t.stride(1) != 1:
+            raise ValueError(f"{name} of expert {expert} must be a 2-D tensor with unit column stride")
+        as_ptr(t, dtype=torch.bfloat16, shape=shape, name=name, contiguous=False)
+    status = lib.kt_experts_load(handle, expert, ffi.cast("uint16_t *", gate_up.data_ptr()), gate_up.stride(0),
+                                 ffi.cast("uint16_t *", down.data_ptr()), down.stride(0))
+    check(lib, ffi, status, "kt_experts_load")
+
+
+def experts_unpack(handle, expert: int, hidden: int, intermediate: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ffi, lib = load()
+    gate_up = torch.empty(2 * intermediate, hidden, dtype=torch.bfloat16)
+    down = torch.empty(hidden, intermediate, dtype=torch.bfloat16)
+    status = lib.kt_experts_unpack(handle, as_ptr(gate_up, dtype=torch.bfloat16, shape=gate_up.shape, name="gate_up"),
+                                   as_ptr(down, dtype=torch.bfloat16, shape=down.shape, name="down"), expert)
+    check(lib, ffi, status, "kt_experts_unpack")
+    return gate_up, down
+
+
+def experts_packed_bytes(handle) -> int:
+    _, lib = load()
+    return int(lib.kt_experts_packed_bytes(handle))
+
+
+def _routing(ids: torch.Tensor, weights: torch.Tensor, keep: list):
+    ffi, _ = load()
+    if ids.dim() != 2:
+        raise ValueError(f"top_k_index must be [T, k], got shape {list(ids.shape)}")
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"top_k_index must be int64 or int32, got {ids.dtype}")
+    if weights.dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"top_k_weights must be float32 or bfloat16, got {weights.dtype}")
+    r = ffi.new("kt_routing *")
+    r.ids = as_ptr(ids, dtype=ids.dtype, shape=ids.shape, name="top_k_index")
+    r.ids_dtype = _DTYPE_CODES[ids.dtype]
+    r.weights = as_ptr(weights, dtype=weights.dtype, shape=ids.shape, name="top_k_weights")
+    r.weights_dtype = _DTYPE_CODES[weights.dtype]
+    r.tokens, r.top_k = ids.shape
+    keep += [ids, weights]
+    return r
+
+
+def _lora(lora, num_experts: int, out_features: int, in_features: int, name: str, keep: list):
+    """``kt_lora *`` for an object with ``A [E, r, in]``, ``B [E, out, r]`` (any strides), ``scale``."""
+    ffi, _ = load()
+    if lora is None:
+        return ffi.NULL
+    rank = lora.A.shape[1] if lora.A.dim() == 3 else -1
+    l = ffi.new("kt_lora *")
+    l.A = as_ptr(lora.A, dtype=torch.float32, shape=(num_experts, rank, in_features), name=f"{name} LoRA A")
+    l.B = as_ptr(lora.B, dtype=torch.float32, shape=(num_experts, out_features, rank), name=f"{name} LoRA B",
+                 contiguous=False)
+    l.rank = rank
+    l.B_stride_e, l.B_stride_out, l.B_stride_rank = lora.B.stride()
+    l.scale = float(lora.scale)
+    keep += [lora.A, lora.B]
+    return l
+
+
+def experts_forward(handle, dims, x, ids, weights, lora_gate_up, lora_down, save: bool):
+    """``(y [T, H] BF16, saved)``; ``saved`` = (gate_up [T*k, 2I] BF16, lora_gu [T*k, r] | None, lora_d | None)."""
+    ffi, lib = load()
+    E, H, I = dims
+    T, k = ids.shape
+    keep: list = []
+    routing = _routing(ids, weights, keep)
+    lgu = _lora(lora_gate_up, E, 2 * I, H, "gate_up", keep)
+    ld = _lora(lora_down, E, H, I, "down", keep)
+    y = torch.empty(T, H, dtype=torch.bfloat16)
+    saved_gu = torch.empty(T * k, 2 * I, dtype=torch.bfloat16) if save else None
+    saved_lgu = torch.empty(T * k, lora_gate_up.A.shape[1]) if save and lora_gate_up is not None else None
+    saved_ld = torch.empty(T * k, lora_down.A.shape[1]) if save and lora_down is not None else None
+
+    def ptr(t, dtype):
+        return ffi.NULL if t is None else ffi.cast(_CTYPES[dtype], t.data_ptr())
+
+    status = lib.kt_experts_forward(
+        handle, ptr(y, torch.bfloat16), ptr(saved_gu, torch.bfloat16), ptr(saved_lgu, torch.float32),
+        ptr(saved_ld, torch.float32), as_ptr(x, dtype=torch.bfloat16, shape=(T, H), name="hidden_states"),
+        routing, lgu, ld)
+    check(lib, ffi, status, "kt_experts_forward")
+    return y, (saved_gu, saved_lgu, saved_ld)
+
+
+def experts_backward(handle, dims, dy, x, ids, weights, saved, lora_gate_up, lora_down, *,
+                     need_dx: bool = True, need_dw: bool = True, grads_gate_up=None, grads_down=None,
+                     accumulate: bool = False):
+    """``(dx [T, H] BF16 | None, dw [T, k] FP32 | None)``; LoRA gradients go into ``grads_*`` = (dA, dB)."""
+    ffi, lib = load()
+    E, H, I = dims
+    T, k = ids.shape
+    keep: list = []
+    routing = _routing(ids, weights, keep)
+    lgu = _lora(lora_gate_up, E, 2 * I, H, "gate_up", keep)
+    ld = _lora(lora_down, E, H, I, "down", keep)
+    saved_gu, saved_lgu, saved_ld = saved
+    dx = torch.empty(T, H, dtype=torch.bfloat16) if need_dx else None
+    dw = torch.empty(T, k, dtype=torch.float32) if need_dw else None
+
+    def grad(g, lora, name):
+        if g is None:
+            return ffi.NULL
+        dA, dB = g
+        s = ffi.new("kt_lora_grad *")
+        s.dA = ffi.NULL if dA is None else as_ptr(dA, dtype=torch.float32, shape=lora.A.shape, name=f"{name} dA")
+        if dB is not None:
+            if dB.shape != lora.B.shape or dB.stride() != lora.B.stride():
+                raise ValueError(f"{name} dB must have the shape and strides of B")
+            s.dB = as_ptr(dB, dtype=torch.float32, shape=lora.B.shape, name=f"{name} dB", contiguous=False)
+        keep.extend([dA, dB])
+        return s
+
+    def opt(t, dtype, shape, name):
+        return ffi.NULL if t is None else as_ptr(t, dtype=dtype, shape=shape, name=name)
+
+    status = lib.kt_experts_backward(
+        handle, opt(dx, torch.bfloat16, (T, H), "dx"), opt(dw, torch.float32, (T, k), "dw"),
+        grad(grads_gate_up, lora_gate_up, "gate_up"), grad(grads_down, lora_down, "down"), int(accumulate),
+        as_ptr(dy, dtype=torch.bfloat16, shape=(T, H), name="grad_output"),
+        as_ptr(x, dtype=torch.bfloat16, shape=(T, H), name="hidden_states"), routing,
+        opt(saved_gu, torch.bfloat16, (T * k, 2 * I), "saved gate_up"),
+        opt(saved_lgu, torch.float32, (T * k, lgu.rank if lora_gate_up is not None else 0), "saved gate_up LoRA"),
+        opt(saved_ld, torch.float32, (T * k, ld.rank if lora_down is not None else 0), "saved down LoRA"),
+        lgu, ld)
+    check(lib, ffi, status, "kt_experts_backward")
+    return dx, dw

@@ -1,0 +1,66 @@
+"""Pure-PyTorch routed experts: the test oracle and the benchmark baseline.
+
+Computes, for one MoE layer with E experts, hidden size H, expert intermediate size I and top-k routing,
+
+    y[t] = sum_j w[t, j] * Expert_{id[t, j]}(x[t])
+    Expert_e(x) = down_e(silu(gate_e(x)) * up_e(x))
+    p_e(x) = x W_e^T + s * (x A_e^T) B_e^T
+
+with the transformers 5 layouts ``gate_up [E, 2I, H]`` (gate rows, then up rows) and ``down [E, H, I]``.
+An id equal to E (the "not on this rank" sentinel) contributes nothing. Every operation is a plain
+differentiable torch op, so ``torch.autograd`` gives the reference gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def expert_lora_delta(A: torch.Tensor, B: torch.Tensor, x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale * (x A^T) B^T`` for one expert. ``A [r, in]``, ``B [out, r]``, ``x [n, in]``."""
+    return scale * (x @ A.t()) @ B.t()
+
+
+def routed_experts_reference(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    *,
+    lora_gate_up: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+    lora_down: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """Routed experts in ``dtype``.
+
+    Args:
+        x: ``[T, H]`` hidden states.
+        ids: ``[T, k]`` expert ids in ``[0, E]`` (E = skip).
+        weights: ``[T, k]`` routing weights.
+        gate_up: ``[E, 2I, H]``; down: ``[E, H, I]``.
+        lora_gate_up / lora_down: ``(A [E, r, in], B [E, out, r], scale)`` or None.
+    Returns:
+        ``[T, H]`` in ``dtype``.
+    """
+    num_experts = gate_up.shape[0]
+    inter = down.shape[2]
+    xd = x.to(dtype)
+    y = torch.zeros(x.shape[0], down.shape[1], dtype=dtype, device=x.device)
+    for e in range(num_experts):
+        token, slot = torch.nonzero(ids == e, as_tuple=True)
+        if token.numel() == 0:
+            continue
+        xe = xd[token]
+        gu = xe @ gate_up[e].to(dtype).t()
+        if lora_gate_up is not None:
+            A, B, s = lora_gate_up
+            gu = gu + expert_lora_delta(A[e].to(dtype), B[e].to(dtype), xe, s)
+        h = F.silu(gu[:, :inter]) * gu[:, inter:]
+        out = h @ down[e].to(dtype).t()
+        if lora_down is not None:
+            A, B, s = lora_down
+            out = out + expert_lora_delta(A[e].to(dtype), B[e].to(dtype), h, s)
+        y = y.index_add(0, token, out * weights[token, slot].to(dtype).unsqueeze(-1))
+    return y

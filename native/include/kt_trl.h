@@ -1,0 +1,150 @@
+/*
+ * kt_trl — the C ABI of the native routed-experts engine.
+ *
+ * One MoE layer: E experts, hidden size H, expert intermediate size I, top-k routing, T tokens.
+ *   y[t] = sum_j w[t,j] * Expert_{id[t,j]}(x[t])
+ *   Expert_e(x) = down_e( silu(gate_e(x)) * up_e(x) )
+ *   p_e(x) = x W_e^T + s * (x A_e^T) B_e^T     for p in {gate_up, down}, s = alpha / r
+ * Base weights are BF16 in the transformers 5 layout: gate_up [E, 2I, H] (gate rows, then up rows),
+ * down [E, H, I]. An id equal to E is the "not on this rank" sentinel and contributes nothing.
+ *
+ * Conventions: every call that can fail returns kt_status; the message of the last failure on the
+ * calling thread is kt_last_error(). Sizes are int64_t. Arguments are ordered
+ * outputs -> inputs -> sizes. BF16 values travel as uint16_t.
+ *
+ * The block between the cffi markers is read verbatim by kt_trl/_native/ffi.py as the cffi cdef:
+ * plain typedefs, enums with literal values and prototypes only.
+ */
+#ifndef KT_TRL_H
+#define KT_TRL_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* cffi-cdef-begin */
+typedef int32_t kt_status;
+
+enum {
+    KT_ABI_VERSION = 1
+};
+
+enum {
+    KT_OK = 0,
+    KT_ERR_INVALID_ARGUMENT = 1,
+    KT_ERR_UNSUPPORTED_ISA = 2,
+    KT_ERR_OUT_OF_MEMORY = 3,
+    KT_ERR_INTERNAL = 4
+};
+
+/* Instruction-set paths, best last. KT_ISA_AUTO picks the best one the CPU supports. */
+enum {
+    KT_ISA_AUTO = -1,
+    KT_ISA_SCALAR = 0,
+    KT_ISA_AVX2 = 1,
+    KT_ISA_AVX512 = 2,
+    KT_ISA_AMX = 3
+};
+
+/* Bits of kt_cpu_features(). */
+enum {
+    KT_CPU_AVX2 = 1,
+    KT_CPU_FMA = 2,
+    KT_CPU_F16C = 4,
+    KT_CPU_AVX512F = 8,
+    KT_CPU_AVX512BW = 16,
+    KT_CPU_AVX512VL = 32,
+    KT_CPU_AVX512BF16 = 64,
+    KT_CPU_AMX_TILE = 128,
+    KT_CPU_AMX_BF16 = 256,
+    KT_CPU_AMX_PERMITTED = 512
+};
+
+enum {
+    KT_DTYPE_FP32 = 0,
+    KT_DTYPE_BF16 = 1,
+    KT_DTYPE_INT32 = 2,
+    KT_DTYPE_INT64 = 3
+};
+
+/* Top-k routing of T tokens: ids [T, k] (INT64 or INT32), weights [T, k] (FP32 or BF16). */
+typedef struct {
+    const void *ids;
+    int32_t ids_dtype;
+    const void *weights;
+    int32_t weights_dtype;
+    int64_t tokens;
+    int64_t top_k;
+} kt_routing;
+
+/* LoRA factors of one projection for all experts (FP32):
+ *   A_e[q][i] = A[(e * rank + q) * in + i]                       A is [E, r, in], contiguous
+ *   B_e[o][q] = B[e * B_stride_e + o * B_stride_out + q * B_stride_rank]
+ * PEFT's target_parameters layout (lora_B.weight [out, r*E]) is B_stride_e = 1,
+ * B_stride_out = r*E, B_stride_rank = E. Gradients dA and dB use the same layouts as A and B. */
+typedef struct {
+    const float *A;
+    const float *B;
+    int64_t rank;
+    int64_t B_stride_e;
+    int64_t B_stride_out;
+    int64_t B_stride_rank;
+    float scale;
+} kt_lora;
+
+typedef struct {
+    float *dA;
+    float *dB;
+} kt_lora_grad;
+
+typedef struct kt_experts kt_experts;
+
+int32_t kt_abi_version(void);
+const char *kt_last_error(void);
+
+/* CPU and runtime. */
+uint32_t kt_cpu_features(void);
+int32_t kt_isa_available(int32_t isa);
+int32_t kt_physical_cores(void);
+/* Selects the ISA path (KT_ISA_AUTO or one that kt_isa_available) and the worker count
+ * (0 = physical cores). Safe to call again; waits for running calls to finish. */
+kt_status kt_runtime_configure(int32_t isa, int32_t threads);
+int32_t kt_runtime_isa(void);
+int32_t kt_runtime_threads(void);
+
+/* Engine for one layer's experts. Weights are packed expert by expert from any row-strided BF16
+ * source: gate_up_e [2I, H] with row stride gate_up_ld, down_e [H, I] with row stride down_ld. */
+kt_status kt_experts_create(kt_experts **out, int64_t num_experts, int64_t hidden, int64_t intermediate);
+void kt_experts_destroy(kt_experts *experts);
+kt_status kt_experts_load(kt_experts *experts, int64_t expert, const uint16_t *gate_up,
+                          int64_t gate_up_ld, const uint16_t *down, int64_t down_ld);
+kt_status kt_experts_unpack(const kt_experts *experts, uint16_t *gate_up, uint16_t *down, int64_t expert);
+int64_t kt_experts_packed_bytes(const kt_experts *experts);
+
+/* Forward. y [T, H] BF16. What backward needs is written to caller-owned buffers in route order
+ * (route = t * k + j): saved_gate_up [T*k, 2I] BF16 (pre-activation gate and up),
+ * saved_lora_gate_up [T*k, r_gate_up] and saved_lora_down [T*k, r_down] FP32 (x A^T and h A^T);
+ * the saved pointers may be NULL when no backward follows (and must be NULL when that LoRA is). */
+kt_status kt_experts_forward(kt_experts *experts, uint16_t *y, uint16_t *saved_gate_up,
+                             float *saved_lora_gate_up, float *saved_lora_down,
+                             const uint16_t *x, const kt_routing *routing,
+                             const kt_lora *lora_gate_up, const kt_lora *lora_down);
+
+/* Backward. dx [T, H] BF16, dw [T, k] FP32, LoRA gradients in FP32, added to the buffers when
+ * accumulate != 0 and overwritten otherwise. Inputs: dy [T, H] BF16 and what forward received and
+ * saved. Any of dx, dw, grad_* may be NULL to skip that output. */
+kt_status kt_experts_backward(kt_experts *experts, uint16_t *dx, float *dw,
+                              const kt_lora_grad *grad_gate_up, const kt_lora_grad *grad_down,
+                              int32_t accumulate, const uint16_t *dy, const uint16_t *x,
+                              const kt_routing *routing, const uint16_t *saved_gate_up,
+                              const float *saved_lora_gate_up, const float *saved_lora_down,
+                              const kt_lora *lora_gate_up, const kt_lora *lora_down);
+/* cffi-cdef-end */
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* KT_TRL_H */

@@ -1,0 +1,206 @@
+// The extern "C" boundary: every argument is checked here, every exception becomes a kt_status
+// plus a thread-local message. Nothing below this file sees an unchecked pointer or size.
+#include <cstring>
+#include <limits>
+#include <mutex>
+#include <new>
+
+#include "cpu_features.h"
+#include "dispatch.h"
+#include "driver.h"
+#include "error.h"
+#include "kt_trl.h"
+
+#define KT_API extern "C" __attribute__((visibility("default")))
+
+namespace kt {
+namespace {
+
+template <typename F>
+kt_status guarded(F &&f) {
+    try {
+        f();
+        set_last_error("");
+        return KT_OK;
+    } catch (const Error &e) {
+        set_last_error(e.what());
+        return e.status;
+    } catch (const std::bad_alloc &) {
+        set_last_error("out of memory");
+        return KT_ERR_OUT_OF_MEMORY;
+    } catch (const std::exception &e) {
+        set_last_error(e.what());
+        return KT_ERR_INTERNAL;
+    } catch (...) {
+        set_last_error("unknown internal error");
+        return KT_ERR_INTERNAL;
+    }
+}
+
+// a * b * c without overflow, or an error naming what.
+int64_t checked_product(int64_t a, int64_t b, int64_t c, const char *what) {
+    const int64_t lim = std::numeric_limits<int64_t>::max() / 8;
+    KT_CHECK(a >= 0 && b >= 0 && c >= 0, "%s: negative size", what);
+    KT_CHECK(a == 0 || b <= lim / a, "%s: size overflows", what);
+    KT_CHECK(a * b == 0 || c <= lim / (a * b), "%s: size overflows", what);
+    return a * b * c;
+}
+
+void check_experts(const kt_experts *ex) {
+    KT_CHECK(ex != nullptr, "experts handle is NULL");
+    for (int64_t e = 0; e < ex->E; ++e)
+        KT_CHECK(ex->loaded[e], "expert %lld has no weights yet; call kt_experts_load for every expert", (long long)e);
+}
+
+}  // namespace
+
+LoraView lora_view(const kt_lora *l, int64_t E, int64_t out, int64_t in, const char *name) {
+    LoraView v;
+    if (!l) return v;
+    KT_CHECK(l->rank >= 0 && l->rank <= 4096, "%s LoRA rank must be in [0, 4096], got %lld", name, (long long)l->rank);
+    if (l->rank == 0) return v;
+    KT_CHECK(l->A && l->B, "%s LoRA A or B pointer is NULL", name);
+    KT_CHECK(l->B_stride_e >= 0 && l->B_stride_out >= 0 && l->B_stride_rank >= 0, "%s LoRA B strides must be >= 0", name);
+    checked_product(E, l->rank, in, name);
+    const int64_t last = (E - 1) * l->B_stride_e + (out - 1) * l->B_stride_out + (l->rank - 1) * l->B_stride_rank;
+    KT_CHECK(last >= 0 && last < std::numeric_limits<int64_t>::max() / 8, "%s LoRA B strides overflow", name);
+    v.A = l->A;
+    v.B = l->B;
+    v.r = l->rank;
+    v.se = l->B_stride_e;
+    v.so = l->B_stride_out;
+    v.sq = l->B_stride_rank;
+    v.scale = l->scale;
+    return v;
+}
+
+}  // namespace kt
+
+using namespace kt;
+
+KT_API int32_t kt_abi_version(void) { return KT_ABI_VERSION; }
+KT_API const char *kt_last_error(void) { return last_error(); }
+KT_API uint32_t kt_cpu_features(void) { return cpu_features(); }
+KT_API int32_t kt_isa_available(int32_t isa) { return isa_available(isa) ? 1 : 0; }
+KT_API int32_t kt_physical_cores(void) { return physical_cores(); }
+
+KT_API kt_status kt_runtime_configure(int32_t isa, int32_t threads) {
+    return guarded([&] {
+        std::lock_guard<std::mutex> lock(runtime_lock());
+        configure(isa, threads);
+    });
+}
+
+KT_API int32_t kt_runtime_isa(void) {
+    std::lock_guard<std::mutex> lock(runtime_lock());
+    return runtime().isa;
+}
+
+KT_API int32_t kt_runtime_threads(void) {
+    std::lock_guard<std::mutex> lock(runtime_lock());
+    return runtime().threads;
+}
+
+KT_API kt_status kt_experts_create(kt_experts **out, int64_t E, int64_t H, int64_t I) {
+    return guarded([&] {
+        KT_CHECK(out != nullptr, "output handle pointer is NULL");
+        *out = nullptr;
+        KT_CHECK(E >= 1 && E <= 65536, "num_experts must be in [1, 65536], got %lld", (long long)E);
+        KT_CHECK(H >= 1 && H <= (1 << 20), "hidden size must be in [1, 2^20], got %lld", (long long)H);
+        KT_CHECK(I >= 1 && I <= (1 << 20), "intermediate size must be in [1, 2^20], got %lld", (long long)I);
+        auto ex = new kt_experts();
+        try {
+            ex->E = E; ex->H = H; ex->I = I;
+            ex->Hp = round_up(H, kKAlign);
+            ex->Ip = round_up(I, kKAlign);
+            ex->GUp = round_up(2 * I, kKAlign);
+            ex->gu_elems = packed_elems(2 * I, H);
+            ex->d_elems = packed_elems(H, I);
+            const int64_t total = checked_product(E, ex->gu_elems + ex->d_elems, 1, "packed experts");
+            ex->base_ = ex->packed.get<uint16_t>(total);
+            ex->loaded.assign(E, 0);
+        } catch (...) {
+            delete ex;
+            throw;
+        }
+        *out = ex;
+    });
+}
+
+KT_API void kt_experts_destroy(kt_experts *ex) { delete ex; }
+
+KT_API kt_status kt_experts_load(kt_experts *ex, int64_t e, const uint16_t *gate_up, int64_t gate_up_ld,
+                                 const uint16_t *down, int64_t down_ld) {
+    return guarded([&] {
+        KT_CHECK(ex != nullptr, "experts handle is NULL");
+        KT_CHECK(e >= 0 && e < ex->E, "expert index %lld is out of range [0, %lld)", (long long)e, (long long)ex->E);
+        KT_CHECK(gate_up && down, "gate_up or down pointer is NULL");
+        KT_CHECK(gate_up_ld >= ex->H, "gate_up row stride %lld is smaller than hidden size %lld", (long long)gate_up_ld, (long long)ex->H);
+        KT_CHECK(down_ld >= ex->I, "down row stride %lld is smaller than intermediate size %lld", (long long)down_ld, (long long)ex->I);
+        pack_weight(ex->gate_up_mut(e), gate_up, gate_up_ld, 2 * ex->I, ex->H);
+        pack_weight(ex->down_mut(e), down, down_ld, ex->H, ex->I);
+        ex->loaded[e] = 1;
+    });
+}
+
+KT_API kt_status kt_experts_unpack(const kt_experts *ex, uint16_t *gate_up, uint16_t *down, int64_t e) {
+    return guarded([&] {
+        KT_CHECK(ex != nullptr, "experts handle is NULL");
+        KT_CHECK(e >= 0 && e < ex->E, "expert index %lld is out of range [0, %lld)", (long long)e, (long long)ex->E);
+        KT_CHECK(ex->loaded[e], "expert %lld has no weights yet", (long long)e);
+        KT_CHECK(gate_up && down, "gate_up or down pointer is NULL");
+        unpack_weight(gate_up, ex->H, ex->gate_up(e), 2 * ex->I, ex->H);
+        unpack_weight(down, ex->I, ex->down(e), ex->H, ex->I);
+    });
+}
+
+KT_API int64_t kt_experts_packed_bytes(const kt_experts *ex) {
+    return ex ? ex->E * (ex->gu_elems + ex->d_elems) * static_cast<int64_t>(sizeof(uint16_t)) : 0;
+}
+
+KT_API kt_status kt_experts_forward(kt_experts *ex, uint16_t *y, uint16_t *saved_gu, float *saved_lgu,
+                                    float *saved_ld, const uint16_t *x, const kt_routing *routing,
+                                    const kt_lora *lora_gu, const kt_lora *lora_d) {
+    return guarded([&] {
+        check_experts(ex);
+        std::lock_guard<std::mutex> lock(runtime_lock());
+        (void)runtime();
+        RoutePlan plan;
+        plan_routes(plan, routing, ex->E);
+        checked_product(plan.T * plan.k, ex->H + 2 * ex->I, 8, "tokens x top_k");
+        KT_CHECK(plan.T == 0 || (x && y), "x or y pointer is NULL");
+        const LoraView lgu = lora_view(lora_gu, ex->E, 2 * ex->I, ex->H, "gate_up");
+        const LoraView ld = lora_view(lora_d, ex->E, ex->H, ex->I, "down");
+        KT_CHECK(lgu.r > 0 || !saved_lgu, "saved_lora_gate_up must be NULL without a gate_up LoRA");
+        KT_CHECK(ld.r > 0 || !saved_ld, "saved_lora_down must be NULL without a down LoRA");
+        if (plan.T == 0) return;
+        forward_layer(*ex, y, saved_gu, saved_lgu, saved_ld, x, plan, lgu, ld);
+    });
+}
+
+KT_API kt_status kt_experts_backward(kt_experts *ex, uint16_t *dx, float *dw, const kt_lora_grad *grad_gu,
+                                     const kt_lora_grad *grad_d, int32_t accumulate, const uint16_t *dy,
+                                     const uint16_t *x, const kt_routing *routing, const uint16_t *saved_gu,
+                                     const float *saved_lgu, const float *saved_ld, const kt_lora *lora_gu,
+                                     const kt_lora *lora_d) {
+    return guarded([&] {
+        check_experts(ex);
+        std::lock_guard<std::mutex> lock(runtime_lock());
+        (void)runtime();
+        RoutePlan plan;
+        plan_routes(plan, routing, ex->E);
+        checked_product(plan.T * plan.k, ex->H + 2 * ex->I, 8, "tokens x top_k");
+        const LoraView lgu = lora_view(lora_gu, ex->E, 2 * ex->I, ex->H, "gate_up");
+        const LoraView ld = lora_view(lora_d, ex->E, ex->H, ex->I, "down");
+        KT_CHECK(!grad_gu || lgu.r > 0, "grad_gate_up given without a gate_up LoRA");
+        KT_CHECK(!grad_d || ld.r > 0, "grad_down given without a down LoRA");
+        KT_CHECK(plan.T == 0 || (dy && saved_gu), "dy or saved_gate_up pointer is NULL");
+        KT_CHECK(plan.T == 0 || !(lgu.r > 0 && grad_gu && grad_gu->dA) || x, "x is needed for the gate_up LoRA A gradient");
+        KT_CHECK(plan.T == 0 || !(lgu.r > 0 && grad_gu && grad_gu->dB) || saved_lgu,
+                 "saved_lora_gate_up is needed for the gate_up LoRA B gradient");
+        KT_CHECK(plan.T == 0 || !(ld.r > 0 && grad_d && grad_d->dB) || saved_ld,
+                 "saved_lora_down is needed for the down LoRA B gradient");
+        const BackwardOut out{dx, dw, grad_gu, grad_d, accumulate != 0};
+        backward_layer(*ex, out, dy, x, plan, saved_gu, saved_lgu, saved_ld, lgu, ld);
+    });
+}

@@ -1,0 +1,19 @@
+// CPU feature detection (CPUID + XCR0) and the Linux AMX permission request.
+// cpu_features.cpp is compiled without ISA flags, so calling these never raises SIGILL.
+#pragma once
+
+#include <cstdint>
+
+namespace kt {
+
+// KT_CPU_* bits of kt_trl.h. KT_CPU_AMX_PERMITTED is set once the kernel granted this process
+// the AMX tile state (request_amx_permission).
+uint32_t cpu_features();
+
+// Asks Linux for the AMX tile data state (arch_prctl ARCH_REQ_XCOMP_PERM); idempotent.
+bool request_amx_permission();
+
+// Physical cores available to this process (distinct core ids among the allowed CPUs).
+int physical_cores();
+
+}  // namespace kt

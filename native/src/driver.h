@@ -1,0 +1,64 @@
+// Shared pieces of the forward and backward drivers.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "dispatch.h"
+#include "experts.h"
+#include "kt_trl.h"
+#include "routing.h"
+#include "thread_pool.h"
+#include "workspace.h"
+
+namespace kt {
+
+constexpr int64_t kRowBlock = 128;   // rows of A per GEMM call (one expert's tokens, chunked)
+constexpr int64_t kColBlock = 64;    // output columns per work item (4 panels; stays in L2)
+
+// A run of sorted rows of one expert: the unit of the row-wise stages.
+struct RowChunk {
+    int64_t expert, row0, rows;
+};
+
+inline std::vector<RowChunk> row_chunks(const RoutePlan &plan, int64_t chunk = kRowBlock) {
+    std::vector<RowChunk> out;
+    for (int64_t e : plan.order) {
+        const int64_t n = plan.count(e);
+        if (n == 0) break;
+        for (int64_t r = 0; r < n; r += chunk) out.push_back({e, plan.offsets[e] + r, std::min(chunk, n - r)});
+    }
+    return out;
+}
+
+// One projection's LoRA as the drivers see it (rank 0 = none).
+struct LoraView {
+    const float *A = nullptr;   // [E, r, in]
+    const float *B = nullptr;   // strided, see kt_lora
+    int64_t r = 0, se = 0, so = 0, sq = 0;
+    float scale = 0.0f;
+    float b(int64_t e, int64_t o, int64_t q) const { return B[e * se + o * so + q * sq]; }
+};
+
+// Checks one kt_lora against the projection [out, in] of E experts and returns its view.
+LoraView lora_view(const kt_lora *lora, int64_t E, int64_t out, int64_t in, const char *name);
+
+// SwiGLU and its derivative on one row: h = silu(g) * u.
+void swiglu_row(float *h, const uint16_t *g, const uint16_t *u, int64_t n);
+
+void forward_layer(const kt_experts &ex, uint16_t *y, uint16_t *saved_gu, float *saved_lgu, float *saved_ld,
+                   const uint16_t *x, const RoutePlan &plan, const LoraView &lgu, const LoraView &ld);
+
+struct BackwardOut {
+    uint16_t *dx;
+    float *dw;
+    const kt_lora_grad *g_gu, *g_d;
+    bool accumulate;
+};
+
+void backward_layer(const kt_experts &ex, const BackwardOut &out, const uint16_t *dy, const uint16_t *x,
+                    const RoutePlan &plan, const uint16_t *saved_gu, const float *saved_lgu,
+                    const float *saved_ld, const LoraView &lgu, const LoraView &ld);
+
+}  // namespace kt

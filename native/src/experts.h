@@ -1,0 +1,26 @@
+// The packed frozen weights of one layer's experts.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "pack.h"
+#include "workspace.h"
+
+struct kt_experts {
+    int64_t E = 0, H = 0, I = 0;
+    int64_t Hp = 0;        // round_up(H, 32): K of the gate_up GEMM, row width of gathered x / dy
+    int64_t Ip = 0;        // round_up(I, 32): K of the down GEMM, row width of h
+    int64_t GUp = 0;       // round_up(2I, 32): row width of the gate_up activations (K of dX)
+    int64_t gu_elems = 0;  // packed [2I, H] per expert
+    int64_t d_elems = 0;   // packed [H, I] per expert
+    kt::Buffer packed;     // E x (gate_up panels, down panels), BF16
+    std::vector<uint8_t> loaded;
+
+    const uint16_t *gate_up(int64_t e) const { return base() + e * (gu_elems + d_elems); }
+    const uint16_t *down(int64_t e) const { return gate_up(e) + gu_elems; }
+    uint16_t *gate_up_mut(int64_t e) { return const_cast<uint16_t *>(gate_up(e)); }
+    uint16_t *down_mut(int64_t e) { return const_cast<uint16_t *>(down(e)); }
+    const uint16_t *base() const { return base_; }
+    uint16_t *base_ = nullptr;
+};

@@ -1,0 +1,48 @@
+// The micro-kernels every ISA path implements. One table per ISA (scalar.cpp, avx2.cpp,
+// avx512.cpp, amx.cpp); dispatch.cpp picks one at runtime. The scalar table is the oracle.
+//
+// Kernels are single-threaded and deterministic: the same inputs give the same bits on one
+// path, whatever thread runs them. Sizes are int64_t; argument order is outputs -> inputs -> sizes.
+#pragma once
+
+#include <cstdint>
+
+namespace kt {
+
+struct Kernels {
+    const char *name;
+
+    // C[m, n] (= or +=) sum_k A[m, k] * W[n, k]                          (FP32 accumulation)
+    //   C  FP32 [M, N], row stride ldc
+    //   A  BF16 [M, Kp], row stride lda; columns K..Kp-1 hold zeros
+    //   Wp BF16, N/16 packed panels (pack.h): panel p at Wp + p * Kp * 16
+    //   M >= 1 (any), N % 16 == 0, Kp % 32 == 0
+    void (*gemm_bf16)(float *C, int64_t ldc, const uint16_t *A, int64_t lda, const uint16_t *Wp,
+                      int64_t M, int64_t N, int64_t Kp, bool accumulate);
+
+    // FP32 GEMMs of the LoRA terms, C (= or +=) alpha * op(A) op(B):
+    //   nt: A [M, K] lda, B [N, K] ldb   (dot products along K)
+    //   nn: A [M, K] lda, B [K, N] ldb
+    //   tn: A [K, M] lda, B [K, N] ldb
+    void (*sgemm_nt)(float *C, int64_t ldc, const float *A, int64_t lda, const float *B, int64_t ldb,
+                     int64_t M, int64_t N, int64_t K, float alpha, bool accumulate);
+    void (*sgemm_nn)(float *C, int64_t ldc, const float *A, int64_t lda, const float *B, int64_t ldb,
+                     int64_t M, int64_t N, int64_t K, float alpha, bool accumulate);
+    void (*sgemm_tn)(float *C, int64_t ldc, const float *A, int64_t lda, const float *B, int64_t ldb,
+                     int64_t M, int64_t N, int64_t K, float alpha, bool accumulate);
+
+    // dst[i] = float(src[i]); dst[i] = bf16(src[i]) rounded to nearest even (NaN stays NaN).
+    void (*bf16_to_f32)(float *dst, const uint16_t *src, int64_t n);
+    void (*f32_to_bf16)(uint16_t *dst, const float *src, int64_t n);
+};
+
+extern const Kernels kernels_scalar;
+extern const Kernels kernels_avx2;
+extern const Kernels kernels_avx512;
+extern const Kernels kernels_amx;
+
+// Per-thread setup a path needs before its first kernel call on a thread (AMX tile config).
+// Returns false when the thread cannot use the path.
+bool amx_thread_init();
+
+}  // namespace kt

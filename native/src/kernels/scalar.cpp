@@ -1,0 +1,42 @@
+// Scalar reference kernels: always built, compiled without ISA flags, the oracle for the others.
+#include "kernels.h"
+
+#include "bf16.h"
+
+namespace kt {
+namespace {
+
+#include "sgemm.inc"
+
+void gemm_bf16(float *C, int64_t ldc, const uint16_t *A, int64_t lda, const uint16_t *Wp, int64_t M,
+               int64_t N, int64_t Kp, bool accumulate) {
+    for (int64_t p = 0; p < N / 16; ++p) {
+        const uint16_t *panel = Wp + p * Kp * 16;
+        for (int64_t m = 0; m < M; ++m) {
+            float acc[16] = {};
+            const uint16_t *a = A + m * lda;
+            for (int64_t q = 0; q < Kp / 2; ++q) {
+                const float a0 = bf16_to_float(a[2 * q]), a1 = bf16_to_float(a[2 * q + 1]);
+                const uint16_t *row = panel + q * 32;
+                for (int c = 0; c < 16; ++c)
+                    acc[c] += a0 * bf16_to_float(row[2 * c]) + a1 * bf16_to_float(row[2 * c + 1]);
+            }
+            float *out = C + m * ldc + p * 16;
+            for (int c = 0; c < 16; ++c) out[c] = accumulate ? out[c] + acc[c] : acc[c];
+        }
+    }
+}
+
+void bf16_to_f32(float *dst, const uint16_t *src, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(src[i]);
+}
+
+void f32_to_bf16(uint16_t *dst, const float *src, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bf16(src[i]);
+}
+
+}  // namespace
+
+const Kernels kernels_scalar = {"scalar", gemm_bf16, sgemm_nt, sgemm_nn, sgemm_tn, bf16_to_f32, f32_to_bf16};
+
+}  // namespace kt

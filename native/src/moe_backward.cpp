@@ -1,0 +1,291 @@
+// [NOTE] Backward of one MoE layer's routed experts, given dY [T, H].
+//
+// For a route (t, j) to expert e with weight w, h = silu(g) * u and W_d,eff = W_d + s B_d A_d:
+//   G    = dY_t W_d,eff                      (unweighted; [I])
+//   dw   = <G, h>  = <dY_t, Expert_e(x_t)>   (no expert output is cached)
+//   dh   = w G;  dg = dh * u * silu'(g);  du = dh * silu(g)
+//   dX_t += [dg | du] W_gu,eff
+//   LoRA: dB_d += s (w dY)^T (h A_d^T), dA_d += s (w dY B_d)^T h,
+//         dB_gu += s dGU^T (x A_gu^T),  dA_gu += s (dGU B_gu)^T x
+// Stages:
+//   1. gather   dY rows (and x rows when A_gu needs a gradient) into expert-sorted BF16 buffers;
+//               LoRA: TY = dY B_d                                                  (row chunks)
+//   2. G        G [Nr, Ip] FP32 = dYs W_d (+ s TY A_d)                               (expert x 64 cols)
+//               W_d is packed for y = h W_d^T, so each item transposes its 64 columns of W_d
+//               into per-thread panels (pack_transposed_block): no second weight copy is kept.
+//   3. act'     dw, dGU [Nr, GUp] BF16; LoRA down gradients; TG = dGU B_gu; LoRA gate_up
+//               gradients                                                            (per expert)
+//   4. dX       DX [T*k, H] FP32 = dGU W_gu (+ s TG A_gu), transposed panels again   (expert x 64 cols)
+//   5. combine  dx[t] = sum_j DX[t*k+j], rounded once to BF16                        (token chunks)
+// Every output element is written by one work item in a fixed order: the result does not depend
+// on the number of threads. LoRA gradients are per expert, accumulated over row chunks in order.
+#include <cmath>
+#include <cstring>
+#include <functional>
+
+#include "driver.h"
+#include "error.h"
+#include "kernels/bf16.h"
+
+namespace kt {
+namespace {
+
+struct BackwardScratch {
+    uint16_t *xs;    // [Nr, Hp]  BF16 gathered x (only when dA_gu is wanted)
+    uint16_t *dys;   // [Nr, Hp]  BF16 gathered dY (unweighted)
+    float *g;        // [Nr, Ip]  FP32 dY W_d,eff
+    uint16_t *dgu;   // [Nr, GUp] BF16 [dg | du]
+    float *ty;       // [Nr, r_d]  dY B_d
+    float *tg;       // [Nr, r_gu] dGU B_gu
+    float *dx;       // [T*k, H]  FP32 per-route input gradients
+    float *bc_d;     // [E, H, r_d]   B_d contiguous
+    float *bc_gu;    // [E, 2I, r_gu] B_gu contiguous
+};
+
+void copy_lora_b(float *bc, const LoraView &l, int64_t E, int64_t out) {
+    ThreadPool::run(E, [&](int64_t e, int) {
+        for (int64_t o = 0; o < out; ++o)
+            for (int64_t q = 0; q < l.r; ++q) bc[(e * out + o) * l.r + q] = l.b(e, o, q);
+    });
+}
+
+void zero_lora_grad(const kt_lora_grad *g, const LoraView &l, int64_t E, int64_t out, int64_t in) {
+    if (!g || l.r == 0) return;
+    if (g->dA) std::memset(g->dA, 0, sizeof(float) * E * l.r * in);
+    if (g->dB)
+        for (int64_t e = 0; e < E; ++e)
+            for (int64_t o = 0; o < out; ++o)
+                for (int64_t q = 0; q < l.r; ++q) g->dB[e * l.se + o * l.so + q * l.sq] = 0.0f;
+}
+
+void gather_stage(const kt_experts &ex, const BackwardScratch &s, const uint16_t *dy, const uint16_t *x,
+                  const RoutePlan &plan, const std::vector<RowChunk> &chunks, const LoraView &ld) {
+    const Kernels &K = *runtime().kernels;
+    ThreadPool::run(static_cast<int64_t>(chunks.size()), [&](int64_t i, int w) {
+        const RowChunk c = chunks[i];
+        for (int64_t r = c.row0; r < c.row0 + c.rows; ++r) {
+            const int64_t t = plan.route[r] / plan.k;
+            std::memcpy(s.dys + r * ex.Hp, dy + t * ex.H, sizeof(uint16_t) * ex.H);
+            std::memset(s.dys + r * ex.Hp + ex.H, 0, sizeof(uint16_t) * (ex.Hp - ex.H));
+            if (s.xs) std::memcpy(s.xs + r * ex.Hp, x + t * ex.H, sizeof(uint16_t) * ex.H);
+        }
+        if (ld.r == 0) return;
+        float *df = workspace().threads[w].rows_a.get<float>(c.rows * ex.H);
+        for (int64_t r = 0; r < c.rows; ++r) K.bf16_to_f32(df + r * ex.H, s.dys + (c.row0 + r) * ex.Hp, ex.H);
+        K.sgemm_nn(s.ty + c.row0 * ld.r, ld.r, df, ex.H, s.bc_d + c.expert * ex.H * ld.r, ld.r, c.rows, ld.r, ex.H,
+                   1.0f, false);
+    });
+}
+
+// rows of C = A . W (W given packed for y = x W^T: transposed panels per item) (+ s L . A_lora).
+void transposed_stage(const kt_experts &ex, const RoutePlan &plan, bool is_down, const uint16_t *A, int64_t lda,
+                      const float *L, const LoraView &l, int64_t out_n,
+                      const std::function<void(int64_t row, int64_t c0, int64_t valid, const float *t)> &store) {
+    const Kernels &K = *runtime().kernels;
+    const int64_t N = round_up(out_n, 16);
+    const int64_t wN = is_down ? ex.H : 2 * ex.I, wK = is_down ? ex.I : ex.H;   // the packed weight [wN, wK]
+    const int64_t Rp = round_up(wN, kKAlign);
+    const BlockItems items = block_items(plan, N, kColBlock);
+    ThreadPool::run(items.size(), [&](int64_t i, int w) {
+        const int64_t e = items.expert[i], c0 = items.col0[i], cn = items.cols[i];
+        const int64_t r0 = plan.offsets[e], rows = plan.count(e), valid = std::min(cn, out_n - c0);
+        ThreadScratch &ts = workspace().threads[w];
+        uint16_t *panels = ts.panels.get<uint16_t>(Rp * kColBlock);
+        pack_transposed_block(panels, is_down ? ex.down(e) : ex.gate_up(e), wN, wK, c0, cn);
+        float *tile = ts.tile.get<float>(kRowBlock * kColBlock);
+        for (int64_t m = 0; m < rows; m += kRowBlock) {
+            const int64_t mr = std::min(kRowBlock, rows - m);
+            K.gemm_bf16(tile, cn, A + (r0 + m) * lda, lda, panels, mr, cn, Rp, false);
+            if (l.r > 0)
+                K.sgemm_nn(tile, cn, L + (r0 + m) * l.r, l.r, l.A + e * l.r * out_n + c0, out_n, mr, valid, l.r,
+                           l.scale, true);
+            for (int64_t row = 0; row < mr; ++row) store(r0 + m + row, c0, valid, tile + row * cn);
+        }
+    });
+}
+
+struct ActInputs {
+    const uint16_t *saved_gu;
+    const float *saved_lgu, *saved_ld;
+    const BackwardOut *out;
+};
+
+// dB (strided) += tmp [out, r].
+void scatter_add_b(float *dB, const LoraView &l, int64_t e, int64_t out, const float *tmp) {
+    for (int64_t o = 0; o < out; ++o)
+        for (int64_t q = 0; q < l.r; ++q) dB[e * l.se + o * l.so + q * l.sq] += tmp[o * l.r + q];
+}
+
+// One chunk of rows: h (as the forward's down GEMM saw it, BF16-rounded) into hf [rows, I],
+// dw, and dGU (BF16) into the scratch.
+void act_rows(const kt_experts &ex, const BackwardScratch &s, const RoutePlan &plan, const RowChunk &c,
+              const ActInputs &in, float *hf) {
+    for (int64_t r = 0; r < c.rows; ++r) {
+        const int64_t row = c.row0 + r, route = plan.route[row];
+        const uint16_t *gu = in.saved_gu + route * 2 * ex.I;
+        const float *grow = s.g + row * ex.Ip;
+        float *h = hf + r * ex.I;
+        swiglu_row(h, gu, gu + ex.I, ex.I);
+        float dwv = 0.0f;
+        for (int64_t i = 0; i < ex.I; ++i) {
+            h[i] = bf16_to_float(float_to_bf16(h[i]));
+            dwv += grow[i] * h[i];
+        }
+        if (in.out->dw) in.out->dw[route] = dwv;
+        const float wt = plan.weight[route];
+        uint16_t *dgu = s.dgu + row * ex.GUp;
+        for (int64_t i = 0; i < ex.I; ++i) {
+            const float g = bf16_to_float(gu[i]), u = bf16_to_float(gu[ex.I + i]);
+            const float sig = 1.0f / (1.0f + std::exp(-g));
+            const float dh = wt * grow[i];
+            dgu[i] = float_to_bf16(dh * u * sig * (1.0f + g * (1.0f - sig)));
+            dgu[ex.I + i] = float_to_bf16(dh * g * sig);
+        }
+        std::memset(dgu + 2 * ex.I, 0, sizeof(uint16_t) * (ex.GUp - 2 * ex.I));
+    }
+}
+
+// Rows of a route-ordered saved buffer [T*k, r] for one chunk, into dst [rows, r].
+void gather_saved(float *dst, const float *saved, int64_t r, const RoutePlan &plan, const RowChunk &c) {
+    for (int64_t i = 0; i < c.rows; ++i)
+        std::memcpy(dst + i * r, saved + plan.route[c.row0 + i] * r, sizeof(float) * r);
+}
+
+// Down-projection LoRA gradients of one chunk: dB_d += s (w dY)^T LH, dA_d += s (w TY)^T h.
+void lora_down_grads(const kt_experts &ex, const BackwardScratch &s, const RoutePlan &plan, const RowChunk &c,
+                     const ActInputs &in, const LoraView &ld, const float *hf, ThreadScratch &ts, float *dBtmp) {
+    const Kernels &K = *runtime().kernels;
+    const kt_lora_grad &g = *in.out->g_d;
+    float *lr = ts.lora_rows.get<float>(c.rows * ld.r * 2);   // [rows, r] LH, then [rows, r] w TY
+    float *wty = lr + c.rows * ld.r;
+    for (int64_t i = 0; i < c.rows; ++i) {
+        const float wt = plan.weight[plan.route[c.row0 + i]];
+        for (int64_t q = 0; q < ld.r; ++q) wty[i * ld.r + q] = wt * s.ty[(c.row0 + i) * ld.r + q];
+    }
+    if (g.dA) K.sgemm_tn(g.dA + c.expert * ld.r * ex.I, ex.I, wty, ld.r, hf, ex.I, ld.r, ex.I, c.rows, ld.scale, true);
+    if (!g.dB) return;
+    gather_saved(lr, in.saved_ld, ld.r, plan, c);
+    float *wdy = ts.rows_b.get<float>(c.rows * ex.H);   // [rows, H] w dY
+    for (int64_t i = 0; i < c.rows; ++i) {
+        const float wt = plan.weight[plan.route[c.row0 + i]];
+        K.bf16_to_f32(wdy + i * ex.H, s.dys + (c.row0 + i) * ex.Hp, ex.H);
+        for (int64_t h = 0; h < ex.H; ++h) wdy[i * ex.H + h] *= wt;
+    }
+    K.sgemm_tn(dBtmp, ld.r, wdy, ex.H, lr, ld.r, ex.H, ld.r, c.rows, ld.scale, true);
+}
+
+// TG = dGU B_gu for one chunk (needed by dX), and when asked dB_gu += s dGU^T LX, dA_gu += s TG^T x.
+void lora_gate_up_terms(const kt_experts &ex, const BackwardScratch &s, const RoutePlan &plan,
+                        const RowChunk &c, const ActInputs &in, const LoraView &lgu, ThreadScratch &ts,
+                        float *dBtmp) {
+    const Kernels &K = *runtime().kernels;
+    const int64_t I2 = 2 * ex.I;
+    float *dguf = ts.rows_b.get<float>(c.rows * I2);   // [rows, 2I]
+    for (int64_t i = 0; i < c.rows; ++i) K.bf16_to_f32(dguf + i * I2, s.dgu + (c.row0 + i) * ex.GUp, I2);
+    float *tg = s.tg + c.row0 * lgu.r;
+    K.sgemm_nn(tg, lgu.r, dguf, I2, s.bc_gu + c.expert * I2 * lgu.r, lgu.r, c.rows, lgu.r, I2, 1.0f, false);
+    const kt_lora_grad *g = in.out->g_gu;
+    if (!g) return;
+    if (g->dB) {
+        float *lx = ts.lora_rows.get<float>(c.rows * lgu.r);
+        gather_saved(lx, in.saved_lgu, lgu.r, plan, c);
+        K.sgemm_tn(dBtmp, lgu.r, dguf, I2, lx, lgu.r, I2, lgu.r, c.rows, lgu.scale, true);
+    }
+    if (g->dA) {
+        float *xf = ts.rows_c.get<float>(c.rows * ex.H);
+        for (int64_t i = 0; i < c.rows; ++i) K.bf16_to_f32(xf + i * ex.H, s.xs + (c.row0 + i) * ex.Hp, ex.H);
+        K.sgemm_tn(g->dA + c.expert * lgu.r * ex.H, ex.H, tg, lgu.r, xf, ex.H, lgu.r, ex.H, c.rows, lgu.scale, true);
+    }
+}
+
+// Per expert (so that no two items write one expert's gradients): dw, dGU, LoRA terms.
+void act_stage(const kt_experts &ex, const BackwardScratch &s, const RoutePlan &plan, const ActInputs &in,
+               const LoraView &lgu, const LoraView &ld) {
+    const BackwardOut &out = *in.out;
+    const bool grad_d = ld.r > 0 && out.g_d && (out.g_d->dA || out.g_d->dB);
+    std::vector<int64_t> experts;
+    for (int64_t e : plan.order)
+        if (plan.count(e) > 0) experts.push_back(e);
+    ThreadPool::run(static_cast<int64_t>(experts.size()), [&](int64_t i, int w) {
+        const int64_t e = experts[i];
+        ThreadScratch &ts = workspace().threads[w];
+        float *dBd = ts.grad_d.get<float>(ex.H * ld.r + 1);
+        float *dBgu = ts.grad_gu.get<float>(2 * ex.I * lgu.r + 1);
+        std::fill(dBd, dBd + ex.H * ld.r, 0.0f);
+        std::fill(dBgu, dBgu + 2 * ex.I * lgu.r, 0.0f);
+        for (int64_t r = 0; r < plan.count(e); r += kRowBlock) {
+            const RowChunk c{e, plan.offsets[e] + r, std::min(kRowBlock, plan.count(e) - r)};
+            float *hf = ts.rows_a.get<float>(c.rows * ex.I);
+            act_rows(ex, s, plan, c, in, hf);
+            if (grad_d) lora_down_grads(ex, s, plan, c, in, ld, hf, ts, dBd);
+            if (lgu.r > 0) lora_gate_up_terms(ex, s, plan, c, in, lgu, ts, dBgu);
+        }
+        if (grad_d && out.g_d->dB) scatter_add_b(out.g_d->dB, ld, e, ex.H, dBd);
+        if (lgu.r > 0 && out.g_gu && out.g_gu->dB) scatter_add_b(out.g_gu->dB, lgu, e, 2 * ex.I, dBgu);
+    });
+}
+
+void combine_stage(const kt_experts &ex, const BackwardScratch &s, const RoutePlan &plan, uint16_t *dx) {
+    const Kernels &K = *runtime().kernels;
+    const int64_t chunk = 16;
+    ThreadPool::run((plan.T + chunk - 1) / chunk, [&](int64_t i, int w) {
+        float *acc = workspace().threads[w].rows_a.get<float>(ex.H);
+        for (int64_t t = i * chunk; t < std::min(plan.T, (i + 1) * chunk); ++t) {
+            std::fill(acc, acc + ex.H, 0.0f);
+            for (int64_t j = 0; j < plan.k; ++j) {
+                const int64_t route = t * plan.k + j;
+                if (plan.row_of[route] < 0) continue;
+                const float *d = s.dx + route * ex.H;
+                for (int64_t h = 0; h < ex.H; ++h) acc[h] += d[h];
+            }
+            K.f32_to_bf16(dx + t * ex.H, acc, ex.H);
+        }
+    });
+}
+
+}  // namespace
+
+void backward_layer(const kt_experts &ex, const BackwardOut &out, const uint16_t *dy, const uint16_t *x,
+                    const RoutePlan &plan, const uint16_t *saved_gu, const float *saved_lgu,
+                    const float *saved_ld, const LoraView &lgu, const LoraView &ld) {
+    Workspace &ws = workspace();
+    ws.ensure_threads(ThreadPool::size());
+    if (!out.accumulate) {
+        zero_lora_grad(out.g_gu, lgu, ex.E, 2 * ex.I, ex.H);
+        zero_lora_grad(out.g_d, ld, ex.E, ex.H, ex.I);
+    }
+    if (out.dw)
+        for (int64_t route = 0; route < plan.T * plan.k; ++route) out.dw[route] = 0.0f;
+    const int64_t Nr = plan.rows();
+    const bool need_x = lgu.r > 0 && out.g_gu && out.g_gu->dA;
+    BackwardScratch s{};
+    s.xs = need_x ? ws.slots[0].get<uint16_t>(Nr * ex.Hp) : nullptr;
+    s.dys = ws.slots[1].get<uint16_t>(Nr * ex.Hp);
+    s.g = ws.slots[2].get<float>(Nr * ex.Ip);
+    s.dgu = ws.slots[3].get<uint16_t>(Nr * ex.GUp);
+    s.ty = ws.slots[4].get<float>(Nr * ld.r + 1);
+    s.tg = ws.slots[5].get<float>(Nr * lgu.r + 1);
+    s.dx = out.dx ? ws.slots[6].get<float>(plan.T * plan.k * ex.H + 1) : nullptr;
+    float *bc = ws.slots[7].get<float>(ex.E * (ex.H * ld.r + 2 * ex.I * lgu.r) + 1);
+    s.bc_d = bc;
+    s.bc_gu = bc + ex.E * ex.H * ld.r;
+    if (ld.r) copy_lora_b(s.bc_d, ld, ex.E, ex.H);
+    if (lgu.r) copy_lora_b(s.bc_gu, lgu, ex.E, 2 * ex.I);
+
+    const std::vector<RowChunk> chunks = row_chunks(plan);
+    gather_stage(ex, s, dy, x, plan, chunks, ld);
+    transposed_stage(ex, plan, true, s.dys, ex.Hp, s.ty, ld, ex.I,
+                     [&](int64_t row, int64_t c0, int64_t valid, const float *t) {
+                         std::memcpy(s.g + row * ex.Ip + c0, t, sizeof(float) * valid);
+                     });
+    const ActInputs in{saved_gu, saved_lgu, saved_ld, &out};
+    act_stage(ex, s, plan, in, lgu, ld);
+    if (!out.dx) return;
+    transposed_stage(ex, plan, false, s.dgu, ex.GUp, s.tg, lgu, ex.H,
+                     [&](int64_t row, int64_t c0, int64_t valid, const float *t) {
+                         std::memcpy(s.dx + plan.route[row] * ex.H + c0, t, sizeof(float) * valid);
+                     });
+    combine_stage(ex, s, plan, out.dx);
+}
+
+}  // namespace kt

@@ -1,0 +1,205 @@
+// [NOTE] Forward of one MoE layer's routed experts.
+//
+//   y[t] = sum_j w[t,j] * down_e( silu(g) * u ),  [g | u] = x W_gu,e^T + s (x A^T) B^T,  e = id[t,j]
+//
+// Stages (each a parallel loop over work items; a barrier between stages):
+//   1. gather   x rows into expert-sorted Xs [Nr, Hp] BF16; LoRA: LX = Xs A_gu^T      (row chunks)
+//   2. gate_up  GU [Nr, 2I] = Xs W_gu^T (+ s LX Bt_gu), rounded to BF16             (expert x 64 cols)
+//   3. act      Hs [Nr, Ip] = silu(g) * u in BF16; LoRA: LH = Hs A_d^T; copies to the caller's
+//               saved buffers in route order                                          (row chunks)
+//   4. down     D [T*k, H] FP32 = Hs W_d^T (+ s LH Bt_d), one row per route          (expert x 64 cols)
+//   5. combine  y[t] = sum_j w[t,j] D[t*k+j], rounded once to BF16                    (token chunks)
+// Differences from the obvious version: work items are (expert, column block), largest experts
+// first, so a column block of an expert's weights is read once from DRAM and reused from L2 by
+// all its tokens; expert outputs go to per-route rows and are summed over j in a fixed order, so
+// results do not depend on the thread count; what backward needs (GU, LX, LH) is written to
+// caller-owned buffers instead of a hidden cache.
+#include <cmath>
+#include <cstring>
+
+#include "driver.h"
+#include "error.h"
+#include "kernels/bf16.h"
+
+namespace kt {
+
+void swiglu_row(float *h, const uint16_t *g, const uint16_t *u, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) {
+        const float gv = bf16_to_float(g[i]);
+        h[i] = gv / (1.0f + std::exp(-gv)) * bf16_to_float(u[i]);
+    }
+}
+
+namespace {
+
+struct ForwardScratch {
+    uint16_t *xs;   // [Nr, Hp]  BF16 gathered tokens, expert-sorted
+    uint16_t *gu;   // [Nr, GUp] BF16 gate | up pre-activations
+    uint16_t *hs;   // [Nr, Ip]  BF16 silu(g) * u
+    float *lx;      // [Nr, r_gu] x A_gu^T
+    float *lh;      // [Nr, r_d]  h A_d^T
+    float *d;       // [T*k, H]  FP32 expert outputs per route
+    float *bt_gu;   // [E, r_gu, N_gu]  B_gu transposed, zero-padded to N_gu = round_up(2I, 16)
+    float *bt_d;    // [E, r_d, N_d]    B_d transposed, N_d = round_up(H, 16)
+};
+
+// Bt[e][q][o] = B_e[o][q], columns out..N-1 zero.
+void transpose_lora_b(float *bt, const LoraView &l, int64_t E, int64_t out, int64_t N) {
+    ThreadPool::run(E, [&](int64_t e, int) {
+        float *dst = bt + e * l.r * N;
+        for (int64_t q = 0; q < l.r; ++q) {
+            for (int64_t o = 0; o < out; ++o) dst[q * N + o] = l.b(e, o, q);
+            for (int64_t o = out; o < N; ++o) dst[q * N + o] = 0.0f;
+        }
+    });
+}
+
+void gather_stage(const kt_experts &ex, const ForwardScratch &s, const uint16_t *x, const RoutePlan &plan,
+                  const std::vector<RowChunk> &chunks, const LoraView &lgu) {
+    const Kernels &K = *runtime().kernels;
+    ThreadPool::run(static_cast<int64_t>(chunks.size()), [&](int64_t i, int w) {
+        const RowChunk c = chunks[i];
+        for (int64_t r = c.row0; r < c.row0 + c.rows; ++r) {
+            uint16_t *dst = s.xs + r * ex.Hp;
+            std::memcpy(dst, x + (plan.route[r] / plan.k) * ex.H, sizeof(uint16_t) * ex.H);
+            std::memset(dst + ex.H, 0, sizeof(uint16_t) * (ex.Hp - ex.H));
+        }
+        if (lgu.r == 0) return;
+        float *xf = workspace().threads[w].rows_a.get<float>(c.rows * ex.H);   // [rows, H]
+        for (int64_t r = 0; r < c.rows; ++r) K.bf16_to_f32(xf + r * ex.H, s.xs + (c.row0 + r) * ex.Hp, ex.H);
+        K.sgemm_nt(s.lx + c.row0 * lgu.r, lgu.r, xf, ex.H, lgu.A + c.expert * lgu.r * ex.H, ex.H, c.rows, lgu.r,
+                   ex.H, 1.0f, false);
+    });
+}
+
+// out rows = A rows . W^T (+ s * L . Bt) for one (expert, column block) item, in row blocks.
+template <typename Store>
+void gemm_item(const Kernels &K, float *tile, const uint16_t *A, int64_t lda, const uint16_t *panels,
+               int64_t Kp, int64_t rows, int64_t cols, const float *L, int64_t r, const float *Bt, int64_t ldbt,
+               float scale, const Store &store) {
+    for (int64_t m = 0; m < rows; m += kRowBlock) {
+        const int64_t mr = std::min(kRowBlock, rows - m);
+        K.gemm_bf16(tile, cols, A + m * lda, lda, panels, mr, cols, Kp, false);
+        if (r > 0) K.sgemm_nn(tile, cols, L + m * r, r, Bt, ldbt, mr, cols, r, scale, true);
+        store(m, mr, tile);
+    }
+}
+
+void gate_up_stage(const kt_experts &ex, const ForwardScratch &s, const RoutePlan &plan, const LoraView &lgu) {
+    const Kernels &K = *runtime().kernels;
+    const int64_t N = round_up(2 * ex.I, 16);
+    const BlockItems items = block_items(plan, N, kColBlock);
+    ThreadPool::run(items.size(), [&](int64_t i, int w) {
+        const int64_t e = items.expert[i], c0 = items.col0[i], cn = items.cols[i];
+        const int64_t r0 = plan.offsets[e];
+        float *tile = workspace().threads[w].tile.get<float>(kRowBlock * kColBlock);
+        gemm_item(K, tile, s.xs + r0 * ex.Hp, ex.Hp, ex.gate_up(e) + (c0 / 16) * ex.Hp * 16, ex.Hp, plan.count(e),
+                  cn, s.lx + r0 * lgu.r, lgu.r, s.bt_gu + e * lgu.r * N + c0, N, lgu.scale,
+                  [&](int64_t m, int64_t mr, const float *t) {
+                      for (int64_t row = 0; row < mr; ++row)
+                          K.f32_to_bf16(s.gu + (r0 + m + row) * ex.GUp + c0, t + row * cn, cn);
+                  });
+    });
+}
+
+void act_stage(const kt_experts &ex, const ForwardScratch &s, const RoutePlan &plan,
+               const std::vector<RowChunk> &chunks, const LoraView &ld, uint16_t *saved_gu, float *saved_lgu,
+               float *saved_ld, int64_t r_gu) {
+    const Kernels &K = *runtime().kernels;
+    ThreadPool::run(static_cast<int64_t>(chunks.size()), [&](int64_t i, int w) {
+        const RowChunk c = chunks[i];
+        float *hf = workspace().threads[w].rows_a.get<float>(c.rows * ex.Ip);   // [rows, Ip]
+        for (int64_t r = 0; r < c.rows; ++r) {
+            const int64_t row = c.row0 + r, route = plan.route[row];
+            const uint16_t *gu = s.gu + row * ex.GUp;
+            float *h = hf + r * ex.Ip;
+            swiglu_row(h, gu, gu + ex.I, ex.I);
+            uint16_t *hb = s.hs + row * ex.Ip;
+            K.f32_to_bf16(hb, h, ex.I);
+            std::memset(hb + ex.I, 0, sizeof(uint16_t) * (ex.Ip - ex.I));
+            K.bf16_to_f32(h, hb, ex.I);   // the rounded h is what the down GEMM sees
+            if (saved_gu) std::memcpy(saved_gu + route * 2 * ex.I, gu, sizeof(uint16_t) * 2 * ex.I);
+            if (saved_lgu) std::memcpy(saved_lgu + route * r_gu, s.lx + row * r_gu, sizeof(float) * r_gu);
+        }
+        if (ld.r == 0) return;
+        float *lh = s.lh + c.row0 * ld.r;
+        K.sgemm_nt(lh, ld.r, hf, ex.Ip, ld.A + c.expert * ld.r * ex.I, ex.I, c.rows, ld.r, ex.I, 1.0f, false);
+        if (saved_ld)
+            for (int64_t r = 0; r < c.rows; ++r)
+                std::memcpy(saved_ld + plan.route[c.row0 + r] * ld.r, lh + r * ld.r, sizeof(float) * ld.r);
+    });
+}
+
+void down_stage(const kt_experts &ex, const ForwardScratch &s, const RoutePlan &plan, const LoraView &ld) {
+    const Kernels &K = *runtime().kernels;
+    const int64_t N = round_up(ex.H, 16);
+    const BlockItems items = block_items(plan, N, kColBlock);
+    ThreadPool::run(items.size(), [&](int64_t i, int w) {
+        const int64_t e = items.expert[i], c0 = items.col0[i], cn = items.cols[i];
+        const int64_t r0 = plan.offsets[e], valid = std::min(cn, ex.H - c0);
+        float *tile = workspace().threads[w].tile.get<float>(kRowBlock * kColBlock);
+        gemm_item(K, tile, s.hs + r0 * ex.Ip, ex.Ip, ex.down(e) + (c0 / 16) * ex.Ip * 16, ex.Ip, plan.count(e),
+                  cn, s.lh + r0 * ld.r, ld.r, s.bt_d + e * ld.r * N + c0, N, ld.scale,
+                  [&](int64_t m, int64_t mr, const float *t) {
+                      for (int64_t row = 0; row < mr; ++row)
+                          std::memcpy(s.d + plan.route[r0 + m + row] * ex.H + c0, t + row * cn, sizeof(float) * valid);
+                  });
+    });
+}
+
+void combine_stage(const kt_experts &ex, const ForwardScratch &s, const RoutePlan &plan, uint16_t *y) {
+    const Kernels &K = *runtime().kernels;
+    const int64_t chunk = 16;
+    ThreadPool::run((plan.T + chunk - 1) / chunk, [&](int64_t i, int w) {
+        float *acc = workspace().threads[w].rows_b.get<float>(ex.H);
+        for (int64_t t = i * chunk; t < std::min(plan.T, (i + 1) * chunk); ++t) {
+            std::fill(acc, acc + ex.H, 0.0f);
+            for (int64_t j = 0; j < plan.k; ++j) {
+                const int64_t route = t * plan.k + j;
+                if (plan.row_of[route] < 0) continue;
+                const float wt = plan.weight[route];
+                const float *d = s.d + route * ex.H;
+                for (int64_t h = 0; h < ex.H; ++h) acc[h] += wt * d[h];
+            }
+            K.f32_to_bf16(y + t * ex.H, acc, ex.H);
+        }
+    });
+}
+
+}  // namespace
+
+void forward_layer(const kt_experts &ex, uint16_t *y, uint16_t *saved_gu, float *saved_lgu, float *saved_ld,
+                   const uint16_t *x, const RoutePlan &plan, const LoraView &lgu, const LoraView &ld) {
+    Workspace &ws = workspace();
+    ws.ensure_threads(ThreadPool::size());
+    const int64_t Nr = plan.rows();
+    const int64_t N_gu = round_up(2 * ex.I, 16), N_d = round_up(ex.H, 16);
+    ForwardScratch s{};
+    s.xs = ws.slots[0].get<uint16_t>(Nr * ex.Hp);
+    s.gu = ws.slots[1].get<uint16_t>(Nr * ex.GUp);
+    s.hs = ws.slots[2].get<uint16_t>(Nr * ex.Ip);
+    s.lx = ws.slots[3].get<float>(Nr * lgu.r + 1);
+    s.lh = ws.slots[4].get<float>(Nr * ld.r + 1);
+    s.d = ws.slots[5].get<float>(plan.T * plan.k * ex.H + 1);
+    s.bt_gu = ws.slots[6].get<float>(ex.E * lgu.r * N_gu + 1);
+    s.bt_d = ws.slots[7].get<float>(ex.E * ld.r * N_d + 1);
+    if (lgu.r) transpose_lora_b(s.bt_gu, lgu, ex.E, 2 * ex.I, N_gu);
+    if (ld.r) transpose_lora_b(s.bt_d, ld, ex.E, ex.H, N_d);
+
+    const std::vector<RowChunk> chunks = row_chunks(plan);
+    gather_stage(ex, s, x, plan, chunks, lgu);
+    gate_up_stage(ex, s, plan, lgu);
+    act_stage(ex, s, plan, chunks, ld, saved_gu, saved_lgu, saved_ld, lgu.r);
+    down_stage(ex, s, plan, ld);
+    combine_stage(ex, s, plan, y);
+
+    // Sentinel routes have no saved rows from the stages above: give them zeros, not garbage.
+    for (int64_t route = 0; route < plan.T * plan.k; ++route) {
+        if (plan.row_of[route] >= 0) continue;
+        if (saved_gu) std::memset(saved_gu + route * 2 * ex.I, 0, sizeof(uint16_t) * 2 * ex.I);
+        if (saved_lgu) std::memset(saved_lgu + route * lgu.r, 0, sizeof(float) * lgu.r);
+        if (saved_ld) std::memset(saved_ld + route * ld.r, 0, sizeof(float) * ld.r);
+    }
+}
+
+}  // namespace kt

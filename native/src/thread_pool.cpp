@@ -1,0 +1,163 @@
+#include "thread_pool.h"
+
+#include <pthread.h>
+#include <sched.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <exception>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace kt {
+namespace {
+
+// Allowed CPUs ordered so that the first entries are one logical CPU per physical core.
+std::vector<int> cpu_order() {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    std::vector<int> primary, siblings;
+    if (sched_getaffinity(0, sizeof set, &set) != 0) return primary;
+    std::vector<int> seen_core;
+    for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
+        if (!CPU_ISSET(cpu, &set)) continue;
+        char path[128];
+        int core = cpu, pkg = 0;
+        std::snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu%d/topology/core_id", cpu);
+        if (FILE *fp = std::fopen(path, "r")) { if (std::fscanf(fp, "%d", &core) != 1) core = cpu; std::fclose(fp); }
+        std::snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu%d/topology/physical_package_id", cpu);
+        if (FILE *fp = std::fopen(path, "r")) { if (std::fscanf(fp, "%d", &pkg) != 1) pkg = 0; std::fclose(fp); }
+        const int key = pkg * 65536 + core;
+        if (std::find(seen_core.begin(), seen_core.end(), key) == seen_core.end()) {
+            seen_core.push_back(key);
+            primary.push_back(cpu);
+        } else {
+            siblings.push_back(cpu);
+        }
+    }
+    primary.insert(primary.end(), siblings.begin(), siblings.end());
+    return primary;
+}
+
+class Pool {
+public:
+    explicit Pool(int threads) : pid_(getpid()) {
+        const std::vector<int> cpus = cpu_order();
+        const bool pin = !cpus.empty() && threads <= static_cast<int>(cpus.size());
+        for (int w = 1; w < threads; ++w) {
+            workers_.emplace_back([this, w] { loop(w); });
+            if (pin) {
+                cpu_set_t one;
+                CPU_ZERO(&one);
+                CPU_SET(cpus[w], &one);
+                pthread_setaffinity_np(workers_.back().native_handle(), sizeof one, &one);
+            }
+        }
+    }
+
+    ~Pool() {
+        {
+            std::lock_guard<std::mutex> lock(mu_);
+            stop_ = true;
+            ++generation_;
+        }
+        wake_.notify_all();
+        for (auto &t : workers_) t.join();
+    }
+
+    int size() const { return static_cast<int>(workers_.size()) + 1; }
+    pid_t owner() const { return pid_; }
+
+    void run(int64_t n_items, const ThreadPool::Task &task) {
+        {
+            std::lock_guard<std::mutex> lock(mu_);
+            task_ = &task;
+            n_items_ = n_items;
+            next_.store(0);
+            pending_ = static_cast<int>(workers_.size());
+            error_ = nullptr;
+            ++generation_;
+        }
+        wake_.notify_all();
+        work(0);
+        std::unique_lock<std::mutex> lock(mu_);
+        done_.wait(lock, [this] { return pending_ == 0; });
+        task_ = nullptr;
+        if (error_) std::rethrow_exception(error_);
+    }
+
+private:
+    void loop(int w) {
+        uint64_t seen = 0;
+        for (;;) {
+            {
+                std::unique_lock<std::mutex> lock(mu_);
+                wake_.wait(lock, [&] { return generation_ != seen; });
+                seen = generation_;
+                if (stop_) return;
+            }
+            work(w);
+            std::lock_guard<std::mutex> lock(mu_);
+            if (--pending_ == 0) done_.notify_one();
+        }
+    }
+
+    void work(int w) {
+        for (;;) {
+            const int64_t item = next_.fetch_add(1);
+            if (item >= n_items_) return;
+            try {
+                (*task_)(item, w);
+            } catch (...) {
+                std::lock_guard<std::mutex> lock(err_mu_);
+                if (!error_) error_ = std::current_exception();
+                next_.store(n_items_);   // stop handing out items
+            }
+        }
+    }
+
+    pid_t pid_;
+    std::vector<std::thread> workers_;
+    std::mutex mu_, err_mu_;
+    std::condition_variable wake_, done_;
+    uint64_t generation_ = 0;
+    bool stop_ = false;
+    const ThreadPool::Task *task_ = nullptr;
+    int64_t n_items_ = 0;
+    std::atomic<int64_t> next_{0};
+    int pending_ = 0;
+    std::exception_ptr error_;
+};
+
+Pool *g_pool = nullptr;
+int g_threads = 1;
+
+Pool &pool() {
+    // After fork() the workers do not exist in the child: forget the parent's pool (its threads
+    // and locks belong to the parent; touching them would hang) and start a fresh one.
+    if (g_pool && g_pool->owner() != getpid()) g_pool = nullptr;
+    if (!g_pool) g_pool = new Pool(g_threads);
+    return *g_pool;
+}
+
+}  // namespace
+
+void ThreadPool::run(int64_t n_items, const Task &task) {
+    if (n_items <= 0) return;
+    pool().run(n_items, task);
+}
+
+void ThreadPool::resize(int threads) {
+    threads = std::max(threads, 1);
+    if (g_pool && g_pool->owner() == getpid() && g_pool->size() == threads) return;
+    if (g_pool && g_pool->owner() == getpid()) delete g_pool;
+    g_pool = nullptr;
+    g_threads = threads;
+}
+
+int ThreadPool::size() { return g_threads; }
+
+}  // namespace kt
