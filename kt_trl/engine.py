@@ -67,11 +67,34 @@ class ExpertEngine:
         if two_i % 2 or tuple(down.shape) != (E, H, two_i // 2):
             raise ValueError(f"down must be [E, H, I] = [{E}, {H}, {two_i // 2}] for gate_up {list(gate_up.shape)}, "
                              f"got {list(down.shape)}")
-        ensure_configured()
-        self.num_experts, self.hidden_size, self.intermediate_size = E, H, two_i // 2
-        self._handle = ops.experts_create(E, H, two_i // 2)
+        self._allocate(E, H, two_i // 2)
         for e in range(E):
             self.load_expert(e, gate_up[e], down[e])
+
+    @classmethod
+    def from_experts(cls, num_experts: int, hidden_size: int, intermediate_size: int, experts) -> "ExpertEngine":
+        """Builds an engine expert by expert, never holding the whole layer in another copy.
+
+        Args:
+            experts (`Iterable[tuple[torch.Tensor, torch.Tensor]]`): ``(gate_up [2I, H], down [H, I])`` for
+                expert 0, 1, ... (any float dtype, CPU, unit column stride for no copy).
+        """
+        engine = cls.__new__(cls)
+        engine._allocate(num_experts, hidden_size, intermediate_size)
+        count = 0
+        for e, (gate_up, down) in enumerate(experts):
+            if e >= num_experts:
+                raise ValueError(f"more than num_experts={num_experts} experts were given")
+            engine.load_expert(e, gate_up, down)
+            count += 1
+        if count != num_experts:
+            raise ValueError(f"{count} experts were given, expected num_experts={num_experts}")
+        return engine
+
+    def _allocate(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        ensure_configured()
+        self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
+        self._handle = ops.experts_create(num_experts, hidden_size, intermediate_size)
 
     @property
     def dims(self) -> tuple[int, int, int]:

@@ -39,3 +39,12 @@ def test_packed_bytes_close_to_bf16_weights(E, H, I):
         assert engine.packed_bytes == bf16_bytes   # model shapes: no padding at all
     else:
         assert bf16_bytes <= engine.packed_bytes <= 1.5 * bf16_bytes   # K padded to 32 only
+
+
+def test_engine_built_expert_by_expert_matches_whole_layer():
+    gate_up, down = torch.randn(3, 64, 32).bfloat16(), torch.randn(3, 32, 32).bfloat16()
+    streamed = ExpertEngine.from_experts(3, 32, 32, ((gate_up[e], down[e]) for e in range(3)))
+    got_gu, got_d = streamed.unpack()
+    assert torch.equal(got_gu, gate_up) and torch.equal(got_d, down)
+    with pytest.raises(ValueError, match="expected num_experts=3"):
+        ExpertEngine.from_experts(3, 32, 32, ((gate_up[e], down[e]) for e in range(2)))
