@@ -190,3 +190,15 @@ def experts_backward(handle, dims, dy, x, ids, weights, saved, lora_gate_up, lor
         lgu, ld)
     check(lib, ffi, status, "kt_experts_backward")
     return dx, dw
+
+
+STAGES = ("plan", "lora_prep", "fwd_gather", "fwd_gate_up", "fwd_act", "fwd_down", "fwd_combine",
+          "bwd_gather", "bwd_down_t", "bwd_act", "bwd_gate_up_t", "bwd_combine")
+
+
+def profile_read(reset: bool = False) -> dict[str, float]:
+    """Milliseconds per engine stage since the last reset (KT_STAGE_* of kt_trl.h)."""
+    ffi, lib = load()
+    buf = ffi.new("double[]", len(STAGES))
+    lib.kt_profile_read(buf, int(reset))
+    return {name: round(buf[i], 3) for i, name in enumerate(STAGES)}

@@ -99,6 +99,23 @@ typedef struct {
     float *dB;
 } kt_lora_grad;
 
+/* Stages of the engine's calls, for kt_profile_read. */
+enum {
+    KT_STAGE_PLAN = 0,
+    KT_STAGE_LORA_PREP = 1,
+    KT_STAGE_FWD_GATHER = 2,
+    KT_STAGE_FWD_GATE_UP = 3,
+    KT_STAGE_FWD_ACT = 4,
+    KT_STAGE_FWD_DOWN = 5,
+    KT_STAGE_FWD_COMBINE = 6,
+    KT_STAGE_BWD_GATHER = 7,
+    KT_STAGE_BWD_DOWN_T = 8,
+    KT_STAGE_BWD_ACT = 9,
+    KT_STAGE_BWD_GATE_UP_T = 10,
+    KT_STAGE_BWD_COMBINE = 11,
+    KT_STAGE_COUNT = 12
+};
+
 typedef struct kt_experts kt_experts;
 
 int32_t kt_abi_version(void);
@@ -113,6 +130,8 @@ int32_t kt_physical_cores(void);
 kt_status kt_runtime_configure(int32_t isa, int32_t threads);
 int32_t kt_runtime_isa(void);
 int32_t kt_runtime_threads(void);
+/* Milliseconds spent in each stage (KT_STAGE_COUNT values) since the last reset, summed over calls. */
+void kt_profile_read(double *ms, int32_t reset);
 
 /* Engine for one layer's experts. Weights are packed expert by expert from any row-strided BF16
  * source: gate_up_e [2I, H] with row stride gate_up_ld, down_e [H, I] with row stride down_ld. */

@@ -101,6 +101,11 @@ KT_API int32_t kt_runtime_threads(void) {
     return runtime().threads;
 }
 
+KT_API void kt_profile_read(double *ms, int32_t reset) {
+    std::lock_guard<std::mutex> lock(runtime_lock());
+    profile_read(ms, reset != 0);
+}
+
 KT_API kt_status kt_experts_create(kt_experts **out, int64_t E, int64_t H, int64_t I) {
     return guarded([&] {
         KT_CHECK(out != nullptr, "output handle pointer is NULL");
@@ -166,7 +171,10 @@ KT_API kt_status kt_experts_forward(kt_experts *ex, uint16_t *y, uint16_t *saved
         std::lock_guard<std::mutex> lock(runtime_lock());
         (void)runtime();
         RoutePlan plan;
-        plan_routes(plan, routing, ex->E);
+        {
+            StageTimer timer(KT_STAGE_PLAN);
+            plan_routes(plan, routing, ex->E);
+        }
         checked_product(plan.T * plan.k, ex->H + 2 * ex->I, 8, "tokens x top_k");
         KT_CHECK(plan.T == 0 || (x && y), "x or y pointer is NULL");
         const LoraView lgu = lora_view(lora_gu, ex->E, 2 * ex->I, ex->H, "gate_up");
@@ -188,7 +196,10 @@ KT_API kt_status kt_experts_backward(kt_experts *ex, uint16_t *dx, float *dw, co
         std::lock_guard<std::mutex> lock(runtime_lock());
         (void)runtime();
         RoutePlan plan;
-        plan_routes(plan, routing, ex->E);
+        {
+            StageTimer timer(KT_STAGE_PLAN);
+            plan_routes(plan, routing, ex->E);
+        }
         checked_product(plan.T * plan.k, ex->H + 2 * ex->I, 8, "tokens x top_k");
         const LoraView lgu = lora_view(lora_gu, ex->E, 2 * ex->I, ex->H, "gate_up");
         const LoraView ld = lora_view(lora_d, ex->E, ex->H, ex->I, "down");

@@ -8,7 +8,7 @@ namespace kt {
 namespace {
 
 bool g_configured = false;
-Runtime g_runtime{&kernels_scalar, KT_ISA_SCALAR, 1};
+Runtime g_runtime{&kernels_scalar, transpose_block_scalar, KT_ISA_SCALAR, 1};
 
 const Kernels *table(int32_t isa) {
     switch (isa) {
@@ -17,6 +17,11 @@ const Kernels *table(int32_t isa) {
         case KT_ISA_AVX2: return &kernels_avx2;
         default: return &kernels_scalar;
     }
+}
+
+TransposeBlockFn transpose_for(int32_t isa) {
+    if (isa == KT_ISA_AMX || isa == KT_ISA_AVX512) return transpose_block_avx512;
+    return isa == KT_ISA_AVX2 ? transpose_block_avx2 : transpose_block_scalar;
 }
 
 const char *isa_name(int32_t isa) {
@@ -62,7 +67,7 @@ void configure(int32_t isa, int32_t threads) {
              isa_name(isa), isa_name(best_isa()));
     const int n = threads > 0 ? threads : physical_cores();
     ThreadPool::resize(n);
-    g_runtime = Runtime{table(isa), isa, n};
+    g_runtime = Runtime{table(isa), transpose_for(isa), isa, n};
     g_configured = true;
 }
 

@@ -6,6 +6,7 @@
 #include <mutex>
 
 #include "kernels.h"
+#include "kernels/transpose.h"
 
 namespace kt {
 
@@ -17,6 +18,7 @@ void configure(int32_t isa, int32_t threads);
 
 struct Runtime {
     const Kernels *kernels;
+    TransposeBlockFn transpose_block;
     int32_t isa;
     int threads;
 };

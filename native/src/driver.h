@@ -32,6 +32,20 @@ inline std::vector<RowChunk> row_chunks(const RoutePlan &plan, int64_t chunk = k
     return out;
 }
 
+// Adds the wall time of a scope to one KT_STAGE_* counter (read by kt_profile_read).
+class StageTimer {
+public:
+    explicit StageTimer(int stage);
+    ~StageTimer();
+    StageTimer(const StageTimer &) = delete;
+    StageTimer &operator=(const StageTimer &) = delete;
+
+private:
+    int stage_;
+    double start_;
+};
+void profile_read(double *ms, bool reset);
+
 // One projection's LoRA as the drivers see it (rank 0 = none).
 struct LoraView {
     const float *A = nullptr;   // [E, r, in]

@@ -82,6 +82,7 @@ void transposed_stage(const kt_experts &ex, const RoutePlan &plan, bool is_down,
                       const float *L, const LoraView &l, int64_t out_n,
                       const std::function<void(int64_t row, int64_t c0, int64_t valid, const float *t)> &store) {
     const Kernels &K = *runtime().kernels;
+    const TransposeBlockFn transpose = runtime().transpose_block;
     const int64_t N = round_up(out_n, 16);
     const int64_t wN = is_down ? ex.H : 2 * ex.I, wK = is_down ? ex.I : ex.H;   // the packed weight [wN, wK]
     const int64_t Rp = round_up(wN, kKAlign);
@@ -91,7 +92,7 @@ void transposed_stage(const kt_experts &ex, const RoutePlan &plan, bool is_down,
         const int64_t r0 = plan.offsets[e], rows = plan.count(e), valid = std::min(cn, out_n - c0);
         ThreadScratch &ts = workspace().threads[w];
         uint16_t *panels = ts.panels.get<uint16_t>(Rp * kColBlock);
-        pack_transposed_block(panels, is_down ? ex.down(e) : ex.gate_up(e), wN, wK, c0, cn);
+        pack_transposed_block(panels, is_down ? ex.down(e) : ex.gate_up(e), wN, wK, c0, cn, transpose);
         float *tile = ts.tile.get<float>(kRowBlock * kColBlock);
         for (int64_t m = 0; m < rows; m += kRowBlock) {
             const int64_t mr = std::min(kRowBlock, rows - m);
@@ -269,23 +270,31 @@ void backward_layer(const kt_experts &ex, const BackwardOut &out, const uint16_t
     float *bc = ws.slots[7].get<float>(ex.E * (ex.H * ld.r + 2 * ex.I * lgu.r) + 1);
     s.bc_d = bc;
     s.bc_gu = bc + ex.E * ex.H * ld.r;
-    if (ld.r) copy_lora_b(s.bc_d, ld, ex.E, ex.H);
-    if (lgu.r) copy_lora_b(s.bc_gu, lgu, ex.E, 2 * ex.I);
-
+    {
+        StageTimer timer(KT_STAGE_LORA_PREP);
+        if (ld.r) copy_lora_b(s.bc_d, ld, ex.E, ex.H);
+        if (lgu.r) copy_lora_b(s.bc_gu, lgu, ex.E, 2 * ex.I);
+    }
     const std::vector<RowChunk> chunks = row_chunks(plan);
-    gather_stage(ex, s, dy, x, plan, chunks, ld);
-    transposed_stage(ex, plan, true, s.dys, ex.Hp, s.ty, ld, ex.I,
-                     [&](int64_t row, int64_t c0, int64_t valid, const float *t) {
-                         std::memcpy(s.g + row * ex.Ip + c0, t, sizeof(float) * valid);
-                     });
+    { StageTimer timer(KT_STAGE_BWD_GATHER); gather_stage(ex, s, dy, x, plan, chunks, ld); }
+    {
+        StageTimer timer(KT_STAGE_BWD_DOWN_T);
+        transposed_stage(ex, plan, true, s.dys, ex.Hp, s.ty, ld, ex.I,
+                         [&](int64_t row, int64_t c0, int64_t valid, const float *t) {
+                             std::memcpy(s.g + row * ex.Ip + c0, t, sizeof(float) * valid);
+                         });
+    }
     const ActInputs in{saved_gu, saved_lgu, saved_ld, &out};
-    act_stage(ex, s, plan, in, lgu, ld);
+    { StageTimer timer(KT_STAGE_BWD_ACT); act_stage(ex, s, plan, in, lgu, ld); }
     if (!out.dx) return;
-    transposed_stage(ex, plan, false, s.dgu, ex.GUp, s.tg, lgu, ex.H,
-                     [&](int64_t row, int64_t c0, int64_t valid, const float *t) {
-                         std::memcpy(s.dx + plan.route[row] * ex.H + c0, t, sizeof(float) * valid);
-                     });
-    combine_stage(ex, s, plan, out.dx);
+    {
+        StageTimer timer(KT_STAGE_BWD_GATE_UP_T);
+        transposed_stage(ex, plan, false, s.dgu, ex.GUp, s.tg, lgu, ex.H,
+                         [&](int64_t row, int64_t c0, int64_t valid, const float *t) {
+                             std::memcpy(s.dx + plan.route[row] * ex.H + c0, t, sizeof(float) * valid);
+                         });
+    }
+    { StageTimer timer(KT_STAGE_BWD_COMBINE); combine_stage(ex, s, plan, out.dx); }
 }
 
 }  // namespace kt

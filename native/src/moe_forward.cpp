@@ -183,15 +183,17 @@ void forward_layer(const kt_experts &ex, uint16_t *y, uint16_t *saved_gu, float 
     s.d = ws.slots[5].get<float>(plan.T * plan.k * ex.H + 1);
     s.bt_gu = ws.slots[6].get<float>(ex.E * lgu.r * N_gu + 1);
     s.bt_d = ws.slots[7].get<float>(ex.E * ld.r * N_d + 1);
-    if (lgu.r) transpose_lora_b(s.bt_gu, lgu, ex.E, 2 * ex.I, N_gu);
-    if (ld.r) transpose_lora_b(s.bt_d, ld, ex.E, ex.H, N_d);
-
+    {
+        StageTimer timer(KT_STAGE_LORA_PREP);
+        if (lgu.r) transpose_lora_b(s.bt_gu, lgu, ex.E, 2 * ex.I, N_gu);
+        if (ld.r) transpose_lora_b(s.bt_d, ld, ex.E, ex.H, N_d);
+    }
     const std::vector<RowChunk> chunks = row_chunks(plan);
-    gather_stage(ex, s, x, plan, chunks, lgu);
-    gate_up_stage(ex, s, plan, lgu);
-    act_stage(ex, s, plan, chunks, ld, saved_gu, saved_lgu, saved_ld, lgu.r);
-    down_stage(ex, s, plan, ld);
-    combine_stage(ex, s, plan, y);
+    { StageTimer timer(KT_STAGE_FWD_GATHER); gather_stage(ex, s, x, plan, chunks, lgu); }
+    { StageTimer timer(KT_STAGE_FWD_GATE_UP); gate_up_stage(ex, s, plan, lgu); }
+    { StageTimer timer(KT_STAGE_FWD_ACT); act_stage(ex, s, plan, chunks, ld, saved_gu, saved_lgu, saved_ld, lgu.r); }
+    { StageTimer timer(KT_STAGE_FWD_DOWN); down_stage(ex, s, plan, ld); }
+    { StageTimer timer(KT_STAGE_FWD_COMBINE); combine_stage(ex, s, plan, y); }
 
     // Sentinel routes have no saved rows from the stages above: give them zeros, not garbage.
     for (int64_t route = 0; route < plan.T * plan.k; ++route) {

@@ -2,6 +2,8 @@
 
 #include <cstring>
 
+#include "kernels/transpose.h"
+
 namespace kt {
 
 void pack_weight(uint16_t *dst, const uint16_t *W, int64_t ld, int64_t N, int64_t K) {
@@ -23,25 +25,46 @@ void unpack_weight(uint16_t *W, int64_t ld, const uint16_t *src, int64_t N, int6
     }
 }
 
-void pack_transposed_block(uint16_t *dst, const uint16_t *src, int64_t N, int64_t K, int64_t k0, int64_t kn) {
+namespace {
+
+// A 16 (n) x 16 (k) block of a packed panel occupies 8 consecutive 64-byte rows (512 bytes), with
+// offset(n, k) = (k / 2) * 32 + n * 2 + k % 2. The same block of the transposed weight has
+// offset(n, k) = (n / 2) * 32 + k * 2 + n % 2: the layout with n and k swapped.
+struct BlockPermutation {
+    uint16_t src[256];
+    constexpr BlockPermutation() : src() {
+        for (int n = 0; n < 16; ++n)
+            for (int k = 0; k < 16; ++k) src[(n / 2) * 32 + k * 2 + n % 2] = static_cast<uint16_t>((k / 2) * 32 + n * 2 + k % 2);
+    }
+};
+constexpr BlockPermutation kBlock;
+
+}  // namespace
+
+void transpose_block_scalar(uint16_t *dst, const uint16_t *src) {
+    for (int i = 0; i < 256; ++i) dst[i] = src[kBlock.src[i]];
+}
+
+void pack_transposed_block(uint16_t *dst, const uint16_t *src, int64_t N, int64_t K, int64_t k0, int64_t kn,
+                           TransposeBlockFn transpose) {
     const int64_t Kp = round_up(K, kKAlign);
     const int64_t Rp = round_up(N, kKAlign);   // reduction length of the transposed view
-    std::memset(dst, 0, sizeof(uint16_t) * Rp * kn);
-    // Walk the source panel by panel, one 64-byte row (16 n x one k pair) at a time.
-    for (int64_t np = 0; np < (N + 15) / 16; ++np) {
-        const uint16_t *panel = src + np * Kp * 16;
-        const int64_t ncount = (N - np * 16) < 16 ? (N - np * 16) : 16;
-        for (int64_t kk = k0; kk < k0 + kn && kk < K; kk += 2) {
-            const uint16_t *row = panel + (kk / 2) * 32;
-            for (int b = 0; b < 2 && kk + b < k0 + kn; ++b) {
-                const int64_t c = kk + b - k0;              // output column of the transposed view
-                uint16_t *out = dst + (c / 16) * Rp * 16 + (c % 16) * 2;
-                for (int64_t i = 0; i < ncount; ++i) {
-                    const int64_t n = np * 16 + i;          // reduction index
-                    out[(n / 2) * 32 + (n % 2)] = row[i * 2 + b];
-                }
+    const int64_t n_panels = (N + 15) / 16;
+    // Source blocks past K (k0 + kn may exceed K up to the next multiple of 16) and reduction rows
+    // past the last source panel are zero.
+    for (int64_t kb = 0; kb < kn; kb += 16) {
+        uint16_t *out_panel = dst + (kb / 16) * Rp * 16;
+        for (int64_t np = 0; np < n_panels; ++np) {
+            uint16_t *out = out_panel + np * 256;             // reduction rows 16np .. 16np+15
+            const int64_t k = k0 + kb;
+            if (k >= Kp) {
+                std::memset(out, 0, 512);
+                continue;
             }
+            const uint16_t *in = src + np * Kp * 16 + (k / 2) * 32;   // 512 contiguous bytes
+            transpose(out, in);
         }
+        if (Rp > n_panels * 16) std::memset(out_panel + n_panels * 256, 0, sizeof(uint16_t) * (Rp - n_panels * 16) * 16);
     }
 }
 

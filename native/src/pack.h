@@ -19,6 +19,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "kernels/transpose.h"
+
 namespace kt {
 
 constexpr int64_t kPanelCols = 16;   // output columns per panel
@@ -42,6 +44,7 @@ void unpack_weight(uint16_t *W, int64_t ld, const uint16_t *src, int64_t N, int6
 // [k0, k0 + kn) of W (kn % 16 == 0 after padding), i.e. a packed [kn, Np] weight whose reduction
 // dimension is W's N. dst holds (kn / 16) panels of round_up(Np, 32) * 16 values.
 // Rows of W past N (padding up to the next multiple of 32) are zero.
-void pack_transposed_block(uint16_t *dst, const uint16_t *src, int64_t N, int64_t K, int64_t k0, int64_t kn);
+void pack_transposed_block(uint16_t *dst, const uint16_t *src, int64_t N, int64_t K, int64_t k0, int64_t kn,
+                           TransposeBlockFn transpose);
 
 }  // namespace kt

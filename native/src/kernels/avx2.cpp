@@ -1,0 +1,126 @@
+// AVX2 + FMA (+ F16C) kernels.
+//
+// gemm_bf16: AVX2 has no BF16 dot product, so each 64-byte panel row (16 columns x one K pair;
+// lane c = W[c, 2q+1] << 16 | W[c, 2q]) is loaded as two ymm of 8 lanes and split into FP32
+// values exactly: even k = lane << 16, odd k = lane & 0xFFFF0000. A is converted to FP32 once per
+// block of rows (thread-local scratch), so its two values per pair are plain vbroadcastss loads.
+// Register block: up to 5 rows x 16 columns = 10 accumulators + 4 converted panel halves + 1
+// broadcast (15 of 16 ymm); the accumulators stay in registers for the whole K loop. Per pair
+// and row: acc = fma(a[2q], even, acc); acc = fma(a[2q+1], odd, acc), the same sequence for every
+// row whatever its block, so a row's result does not depend on M.
+//
+// Conversions: vectorised, bit-identical to bf16.h (round to nearest even, NaN stays NaN).
+// sgemm_*: sgemm.inc compiled with this file's flags.
+#if defined(__GNUC__) && !defined(__clang__)
+// GCC 12 reports its own _mm*_undefined_* intrinsics as maybe-uninitialized (GCC bug 105593).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#include <immintrin.h>
+
+#include <vector>
+
+#include "bf16.h"
+#include "kernels.h"
+
+namespace kt {
+namespace {
+
+#include "sgemm.inc"
+
+constexpr int kMaxRows = 5;
+
+inline __m256 widen_bf16(__m128i h) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)); }
+
+void bf16_to_f32(float *__restrict__ dst, const uint16_t *__restrict__ src, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, widen_bf16(_mm_loadu_si128(reinterpret_cast<const __m128i *>(src + i))));
+    for (; i < n; ++i) dst[i] = bf16_to_float(src[i]);
+}
+
+// float_to_bf16 of bf16.h on 8 lanes; the results (0..0xFFFF) are left in the 32-bit lanes.
+inline __m256i narrow_bf16(__m256i bits) {
+    const __m256i hi = _mm256_srli_epi32(bits, 16);
+    const __m256i lsb = _mm256_and_si256(hi, _mm256_set1_epi32(1));
+    const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+    const __m256i quiet = _mm256_or_si256(hi, _mm256_set1_epi32(0x40));
+    // |x| > inf as integers <=> NaN; both sides are non-negative int32.
+    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(bits, _mm256_set1_epi32(0x7fffffff)),
+                                           _mm256_set1_epi32(0x7f800000));
+    return _mm256_blendv_epi8(rounded, quiet, nan);
+}
+
+// Eight 32-bit lanes holding 16-bit values -> eight packed uint16 (packus never saturates here).
+inline __m128i pack8(__m256i v) { return _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)); }
+
+void f32_to_bf16(uint16_t *__restrict__ dst, const float *__restrict__ src, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128(reinterpret_cast<__m128i *>(dst + i),
+                         pack8(narrow_bf16(_mm256_castps_si256(_mm256_loadu_ps(src + i)))));
+    for (; i < n; ++i) dst[i] = float_to_bf16(src[i]);
+}
+
+// C[0..R, 0..16) (= or +=) Af[0..R, :] x panel W. Af: FP32 rows of stride Kp.
+template <int R>
+void block(float *__restrict__ C, int64_t ldc, const float *__restrict__ Af, const uint16_t *__restrict__ W,
+           int64_t Kp, bool accumulate) {
+    __m256 acc[R][2];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    const __m256i odd_mask = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+    for (int64_t q = 0; q < Kp / 2; ++q) {
+        const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(W + q * 32));
+        const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(W + q * 32 + 16));
+        const __m256 e0 = _mm256_castsi256_ps(_mm256_slli_epi32(v0, 16));
+        const __m256 e1 = _mm256_castsi256_ps(_mm256_slli_epi32(v1, 16));
+        const __m256 o0 = _mm256_castsi256_ps(_mm256_and_si256(v0, odd_mask));
+        const __m256 o1 = _mm256_castsi256_ps(_mm256_and_si256(v1, odd_mask));
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+            const __m256 a0 = _mm256_broadcast_ss(Af + r * Kp + 2 * q);
+            acc[r][0] = _mm256_fmadd_ps(a0, e0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(a0, e1, acc[r][1]);
+            const __m256 a1 = _mm256_broadcast_ss(Af + r * Kp + 2 * q + 1);
+            acc[r][0] = _mm256_fmadd_ps(a1, o0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(a1, o1, acc[r][1]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+        for (int h = 0; h < 2; ++h) {
+            float *out = C + r * ldc + h * 8;
+            _mm256_storeu_ps(out, accumulate ? _mm256_add_ps(_mm256_loadu_ps(out), acc[r][h]) : acc[r][h]);
+        }
+}
+
+using BlockFn = void (*)(float *, int64_t, const float *, const uint16_t *, int64_t, bool);
+constexpr BlockFn kBlocks[kMaxRows] = {block<1>, block<2>, block<3>, block<4>, block<5>};
+
+// FP32 copy of up to kMaxRows rows of A; grows once per thread to the largest Kp seen.
+float *a_scratch(int64_t elems) {
+    thread_local std::vector<float> buf;
+    if (static_cast<int64_t>(buf.size()) < elems) buf.resize(static_cast<size_t>(elems));
+    return buf.data();
+}
+
+void gemm_bf16(float *C, int64_t ldc, const uint16_t *A, int64_t lda, const uint16_t *Wp, int64_t M,
+               int64_t N, int64_t Kp, bool accumulate) {
+    float *af = a_scratch(kMaxRows * Kp);
+    const int64_t nblocks = (M + kMaxRows - 1) / kMaxRows;
+    int64_t m = 0;
+    // Row blocks outer: each block of A is converted once and reused for every panel.
+    for (int64_t b = 0; b < nblocks; ++b) {
+        const int64_t rows = M / nblocks + (b < M % nblocks ? 1 : 0);   // 1..kMaxRows, near-equal
+        for (int64_t r = 0; r < rows; ++r) bf16_to_f32(af + r * Kp, A + (m + r) * lda, Kp);
+        for (int64_t p = 0; p < N / 16; ++p)
+            kBlocks[rows - 1](C + m * ldc + p * 16, ldc, af, Wp + p * Kp * 16, Kp, accumulate);
+        m += rows;
+    }
+}
+
+}  // namespace
+
+const Kernels kernels_avx2 = {"avx2", gemm_bf16, sgemm_nt, sgemm_nn, sgemm_tn, bf16_to_f32, f32_to_bf16};
+
+}  // namespace kt
