@@ -74,25 +74,41 @@ uint32_t cpu_features() {
     return f;
 }
 
-int physical_cores() {
+namespace {
+
+int read_topology(int cpu, const char *field, int fallback) {
+    char path[128];
+    std::snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu%d/topology/%s", cpu, field);
+    int value = fallback;
+    if (FILE *fp = std::fopen(path, "r")) {
+        if (std::fscanf(fp, "%d", &value) != 1) value = fallback;
+        std::fclose(fp);
+    }
+    return value;
+}
+
+}  // namespace
+
+std::vector<int> cpus_by_core() {
     cpu_set_t set;
     CPU_ZERO(&set);
-    if (sched_getaffinity(0, sizeof set, &set) != 0) return 1;
-    std::set<std::pair<int, int>> cores;
-    int logical = 0;
+    std::vector<int> primary, siblings;
+    if (sched_getaffinity(0, sizeof set, &set) != 0) return primary;
+    std::set<std::pair<int, int>> seen;
     for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
         if (!CPU_ISSET(cpu, &set)) continue;
-        ++logical;
-        int pkg = -1, core = -1;
-        char path[128];
-        std::snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu%d/topology/physical_package_id", cpu);
-        if (FILE *fp = std::fopen(path, "r")) { if (std::fscanf(fp, "%d", &pkg) != 1) pkg = -1; std::fclose(fp); }
-        std::snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu%d/topology/core_id", cpu);
-        if (FILE *fp = std::fopen(path, "r")) { if (std::fscanf(fp, "%d", &core) != 1) core = -1; std::fclose(fp); }
-        cores.insert(core < 0 ? std::make_pair(-1, cpu) : std::make_pair(pkg, core));
+        const auto core = std::make_pair(read_topology(cpu, "physical_package_id", 0), read_topology(cpu, "core_id", -1 - cpu));
+        (seen.insert(core).second ? primary : siblings).push_back(cpu);
     }
-    const int n = static_cast<int>(cores.size());
-    return n > 0 ? n : (logical > 0 ? logical : 1);
+    primary.insert(primary.end(), siblings.begin(), siblings.end());
+    return primary;
+}
+
+int physical_cores() {
+    const std::vector<int> cpus = cpus_by_core();
+    std::set<std::pair<int, int>> cores;
+    for (int cpu : cpus) cores.insert({read_topology(cpu, "physical_package_id", 0), read_topology(cpu, "core_id", -1 - cpu)});
+    return cores.empty() ? 1 : static_cast<int>(cores.size());
 }
 
 }  // namespace kt

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 namespace kt {
 
@@ -15,5 +16,8 @@ bool request_amx_permission();
 
 // Physical cores available to this process (distinct core ids among the allowed CPUs).
 int physical_cores();
+
+// The CPUs this process may run on, one per physical core first, then their SMT siblings.
+std::vector<int> cpus_by_core();
 
 }  // namespace kt

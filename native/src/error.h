@@ -18,6 +18,8 @@ struct Error : std::runtime_error {
 void set_last_error(const char *msg);
 const char *last_error();
 
+[[noreturn]] inline void fail(kt_status status, const char *msg) { throw Error(status, msg); }
+
 template <typename... Args>
 [[noreturn]] void fail(kt_status status, const char *fmt, Args... args) {
     char buf[512];

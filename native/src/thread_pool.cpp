@@ -1,5 +1,7 @@
 #include "thread_pool.h"
 
+#include "cpu_features.h"
+
 #include <pthread.h>
 #include <sched.h>
 #include <unistd.h>
@@ -15,37 +17,10 @@
 namespace kt {
 namespace {
 
-// Allowed CPUs ordered so that the first entries are one logical CPU per physical core.
-std::vector<int> cpu_order() {
-    cpu_set_t set;
-    CPU_ZERO(&set);
-    std::vector<int> primary, siblings;
-    if (sched_getaffinity(0, sizeof set, &set) != 0) return primary;
-    std::vector<int> seen_core;
-    for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
-        if (!CPU_ISSET(cpu, &set)) continue;
-        char path[128];
-        int core = cpu, pkg = 0;
-        std::snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu%d/topology/core_id", cpu);
-        if (FILE *fp = std::fopen(path, "r")) { if (std::fscanf(fp, "%d", &core) != 1) core = cpu; std::fclose(fp); }
-        std::snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu%d/topology/physical_package_id", cpu);
-        if (FILE *fp = std::fopen(path, "r")) { if (std::fscanf(fp, "%d", &pkg) != 1) pkg = 0; std::fclose(fp); }
-        const int key = pkg * 65536 + core;
-        if (std::find(seen_core.begin(), seen_core.end(), key) == seen_core.end()) {
-            seen_core.push_back(key);
-            primary.push_back(cpu);
-        } else {
-            siblings.push_back(cpu);
-        }
-    }
-    primary.insert(primary.end(), siblings.begin(), siblings.end());
-    return primary;
-}
-
 class Pool {
 public:
     explicit Pool(int threads) : pid_(getpid()) {
-        const std::vector<int> cpus = cpu_order();
+        const std::vector<int> cpus = cpus_by_core();
         const bool pin = !cpus.empty() && threads <= static_cast<int>(cpus.size());
         for (int w = 1; w < threads; ++w) {
             workers_.emplace_back([this, w] { loop(w); });
