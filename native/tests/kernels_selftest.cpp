@@ -342,14 +342,16 @@ void bench(const std::vector<const Kernels *> &isas) {
         for (const Kernels *k : isas) {
             std::vector<float> C = g.C0;
             const double flops = 2.0 * g.M * g.N * g.Kp;
-            int reps = 1;
-            double secs = 0.0;
-            for (; secs < 0.2; reps *= 2) {
-                const auto t0 = std::chrono::steady_clock::now();
-                for (int r = 0; r < reps; ++r)
-                    k->gemm_bf16(C.data(), g.ldc, g.A.data(), g.lda, g.Wp.data(), g.M, g.N, g.Kp, false);
-                secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / reps;
+            k->gemm_bf16(C.data(), g.ldc, g.A.data(), g.lda, g.Wp.data(), g.M, g.N, g.Kp, false);   // warm-up
+            int64_t reps = 0;
+            double total = 0.0;
+            const auto t0 = std::chrono::steady_clock::now();
+            while (total < 0.25) {   // at least 0.25 s of calls
+                k->gemm_bf16(C.data(), g.ldc, g.A.data(), g.lda, g.Wp.data(), g.M, g.N, g.Kp, false);
+                ++reps;
+                total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
             }
+            const double secs = total / reps;
             std::printf("bench   %-7s gemm_bf16 M=%-3" PRId64 " N=%-3" PRId64 " Kp=%-5" PRId64 " %8.1f GFLOP/s\n",
                         k->name, g.M, g.N, g.Kp, flops / secs * 1e-9);
         }

@@ -42,7 +42,8 @@ void bf16_to_f32(float *__restrict__ dst, const uint16_t *__restrict__ src, int6
 inline __m256i narrow_bf16(__m256i bits) {
     const __m256i hi = _mm256_srli_epi32(bits, 16);
     const __m256i lsb = _mm256_and_si256(hi, _mm256_set1_epi32(1));
-    const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+    const __m256i biased = _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+    const __m256i rounded = _mm256_srli_epi32(biased, 16);
     const __m256i quiet = _mm256_or_si256(hi, _mm256_set1_epi32(0x40));
     // |x| > inf as integers <=> NaN; both sides are non-negative int32.
     const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(bits, _mm256_set1_epi32(0x7fffffff)),

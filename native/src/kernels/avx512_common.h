@@ -8,8 +8,6 @@
 
 #include <cstdint>
 
-#include "bf16.h"
-
 namespace kt {
 namespace {
 namespace avx512 {
