@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from kt_trl._native import configure
+from kt_trl._native.ops import profile_read
 from kt_trl.engine import ExpertEngine, ExpertLoRA
 from kt_trl.reference import routed_experts_reference
 
@@ -107,9 +108,11 @@ def bench_engine(engine, T, E, H, k, lgu, ld, iters):
     def bwd():
         engine.backward(dy, x, ids, w, state["saved"], lora_gate_up=lgu, lora_down=ld)
 
+    profile_read(reset=True)
     f = best_ms(fwd, iters)
     b = best_ms(bwd, iters)
-    return f, b
+    stages = {name: round(ms / (iters + 1), 2) for name, ms in profile_read(reset=True).items() if ms > 0}
+    return f, b, stages
 
 
 def bench_torch(gate_up, down, T, E, H, k, lgu, ld, iters):
@@ -178,7 +181,7 @@ def main() -> None:
         lgu, ld = lora(E, 2 * I, H, r), lora(E, H, I, r)
         full = None
         for T in tokens:
-            (f_ms, f_med), (b_ms, b_med) = bench_engine(engine, T, E, H, k, lgu, ld, args.iters)
+            (f_ms, f_med), (b_ms, b_med), stages = bench_engine(engine, T, E, H, k, lgu, ld, args.iters)
             flops = 6 * T * k * H * I
             rec = {"kind": "result", "shape": name, "T": T, "threads": threads,
                    "fwd_ms": round(f_ms, 2), "bwd_ms": round(b_ms, 2), "step_ms": round(f_ms + b_ms, 2),
@@ -205,6 +208,7 @@ def main() -> None:
                 rec["kt_kernel_step_ms"] = ref["step_ms"]
                 rec["speedup_vs_kt_kernel"] = round(ref["step_ms"] / (f_ms + b_ms), 2)
             emit(rec, records)
+            emit({"kind": "stages_ms", "shape": name, "T": T, **stages}, records)
         del engine, full
     if args.json:
         Path(args.json).write_text("\n".join(json.dumps(r) for r in records) + "\n")

@@ -119,6 +119,9 @@ KT_API kt_status kt_experts_create(kt_experts **out, int64_t E, int64_t H, int64
             ex->Hp = round_up(H, kKAlign);
             ex->Ip = round_up(I, kKAlign);
             ex->GUp = round_up(2 * I, kKAlign);
+            ex->ldx = ex->Hp + kKAlign;
+            ex->ldh = ex->Ip + kKAlign;
+            ex->ldgu = ex->GUp + kKAlign;
             ex->gu_elems = packed_elems(2 * I, H);
             ex->d_elems = packed_elems(H, I);
             const int64_t total = checked_product(E, ex->gu_elems + ex->d_elems, 1, "packed experts");

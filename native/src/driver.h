@@ -58,9 +58,6 @@ struct LoraView {
 // Checks one kt_lora against the projection [out, in] of E experts and returns its view.
 LoraView lora_view(const kt_lora *lora, int64_t E, int64_t out, int64_t in, const char *name);
 
-// SwiGLU and its derivative on one row: h = silu(g) * u.
-void swiglu_row(float *h, const uint16_t *g, const uint16_t *u, int64_t n);
-
 void forward_layer(const kt_experts &ex, uint16_t *y, uint16_t *saved_gu, float *saved_lgu, float *saved_ld,
                    const uint16_t *x, const RoutePlan &plan, const LoraView &lgu, const LoraView &ld);
 

@@ -12,6 +12,10 @@ struct kt_experts {
     int64_t Hp = 0;        // round_up(H, 32): K of the gate_up GEMM, row width of gathered x / dy
     int64_t Ip = 0;        // round_up(I, 32): K of the down GEMM, row width of h
     int64_t GUp = 0;       // round_up(2I, 32): row width of the gate_up activations (K of dX)
+    // Row strides of the gathered GEMM operands (x and dY, h, dGU): the padded width plus 64 bytes,
+    // because a stride that is a multiple of 4 KiB maps all 16 rows of an AMX A tile (or a
+    // register block) to one L1 set.
+    int64_t ldx = 0, ldh = 0, ldgu = 0;
     int64_t gu_elems = 0;  // packed [2I, H] per expert
     int64_t d_elems = 0;   // packed [H, I] per expert
     kt::Buffer packed;     // E x (gate_up panels, down panels), BF16

@@ -19,7 +19,6 @@
 //   5. combine  dx[t] = sum_j DX[t*k+j], rounded once to BF16                        (token chunks)
 // Every output element is written by one work item in a fixed order: the result does not depend
 // on the number of threads. LoRA gradients are per expert, accumulated over row chunks in order.
-#include <cmath>
 #include <cstring>
 #include <functional>
 
@@ -32,9 +31,9 @@ namespace {
 
 struct BackwardScratch {
     uint16_t *xs;    // [Nr, Hp]  BF16 gathered x (only when dA_gu is wanted)
-    uint16_t *dys;   // [Nr, Hp]  BF16 gathered dY (unweighted)
+    uint16_t *dys;   // [Nr, Hp]  BF16 gathered dY (unweighted; row stride ldx, like xs)
     float *g;        // [Nr, Ip]  FP32 dY W_d,eff
-    uint16_t *dgu;   // [Nr, GUp] BF16 [dg | du]
+    uint16_t *dgu;   // [Nr, GUp] BF16 [dg | du] (row stride ldgu)
     float *ty;       // [Nr, r_d]  dY B_d
     float *tg;       // [Nr, r_gu] dGU B_gu
     float *dx;       // [T*k, H]  FP32 per-route input gradients
@@ -42,10 +41,13 @@ struct BackwardScratch {
     float *bc_gu;    // [E, 2I, r_gu] B_gu contiguous
 };
 
+// bc[e][o][q] = B_e[o][q], in blocks of 16 o as in transpose_lora_b (moe_forward.cpp).
 void copy_lora_b(float *bc, const LoraView &l, int64_t E, int64_t out) {
-    ThreadPool::run(E, [&](int64_t e, int) {
-        for (int64_t o = 0; o < out; ++o)
-            for (int64_t q = 0; q < l.r; ++q) bc[(e * out + o) * l.r + q] = l.b(e, o, q);
+    ThreadPool::run((out + 15) / 16, [&](int64_t i, int) {
+        const int64_t o0 = i * 16, o1 = std::min(out, o0 + 16);
+        for (int64_t e = 0; e < E; ++e)
+            for (int64_t o = o0; o < o1; ++o)
+                for (int64_t q = 0; q < l.r; ++q) bc[(e * out + o) * l.r + q] = l.b(e, o, q);
     });
 }
 
@@ -65,13 +67,13 @@ void gather_stage(const kt_experts &ex, const BackwardScratch &s, const uint16_t
         const RowChunk c = chunks[i];
         for (int64_t r = c.row0; r < c.row0 + c.rows; ++r) {
             const int64_t t = plan.route[r] / plan.k;
-            std::memcpy(s.dys + r * ex.Hp, dy + t * ex.H, sizeof(uint16_t) * ex.H);
-            std::memset(s.dys + r * ex.Hp + ex.H, 0, sizeof(uint16_t) * (ex.Hp - ex.H));
-            if (s.xs) std::memcpy(s.xs + r * ex.Hp, x + t * ex.H, sizeof(uint16_t) * ex.H);
+            std::memcpy(s.dys + r * ex.ldx, dy + t * ex.H, sizeof(uint16_t) * ex.H);
+            std::memset(s.dys + r * ex.ldx + ex.H, 0, sizeof(uint16_t) * (ex.Hp - ex.H));
+            if (s.xs) std::memcpy(s.xs + r * ex.ldx, x + t * ex.H, sizeof(uint16_t) * ex.H);
         }
         if (ld.r == 0) return;
         float *df = workspace().threads[w].rows_a.get<float>(c.rows * ex.H);
-        for (int64_t r = 0; r < c.rows; ++r) K.bf16_to_f32(df + r * ex.H, s.dys + (c.row0 + r) * ex.Hp, ex.H);
+        for (int64_t r = 0; r < c.rows; ++r) K.bf16_to_f32(df + r * ex.H, s.dys + (c.row0 + r) * ex.ldx, ex.H);
         K.sgemm_nn(s.ty + c.row0 * ld.r, ld.r, df, ex.H, s.bc_d + c.expert * ex.H * ld.r, ld.r, c.rows, ld.r, ex.H,
                    1.0f, false);
     });
@@ -121,27 +123,14 @@ void scatter_add_b(float *dB, const LoraView &l, int64_t e, int64_t out, const f
 // dw, and dGU (BF16) into the scratch.
 void act_rows(const kt_experts &ex, const BackwardScratch &s, const RoutePlan &plan, const RowChunk &c,
               const ActInputs &in, float *hf) {
+    const Kernels &K = *runtime().kernels;
     for (int64_t r = 0; r < c.rows; ++r) {
         const int64_t row = c.row0 + r, route = plan.route[row];
         const uint16_t *gu = in.saved_gu + route * 2 * ex.I;
-        const float *grow = s.g + row * ex.Ip;
-        float *h = hf + r * ex.I;
-        swiglu_row(h, gu, gu + ex.I, ex.I);
-        float dwv = 0.0f;
-        for (int64_t i = 0; i < ex.I; ++i) {
-            h[i] = bf16_to_float(float_to_bf16(h[i]));
-            dwv += grow[i] * h[i];
-        }
-        if (in.out->dw) in.out->dw[route] = dwv;
-        const float wt = plan.weight[route];
-        uint16_t *dgu = s.dgu + row * ex.GUp;
-        for (int64_t i = 0; i < ex.I; ++i) {
-            const float g = bf16_to_float(gu[i]), u = bf16_to_float(gu[ex.I + i]);
-            const float sig = 1.0f / (1.0f + std::exp(-g));
-            const float dh = wt * grow[i];
-            dgu[i] = float_to_bf16(dh * u * sig * (1.0f + g * (1.0f - sig)));
-            dgu[ex.I + i] = float_to_bf16(dh * g * sig);
-        }
+        uint16_t *dgu = s.dgu + row * ex.ldgu;
+        const float dw = K.swiglu_backward(dgu, dgu + ex.I, hf + r * ex.I, s.g + row * ex.Ip, plan.weight[route],
+                                           gu, gu + ex.I, ex.I);
+        if (in.out->dw) in.out->dw[route] = dw;
         std::memset(dgu + 2 * ex.I, 0, sizeof(uint16_t) * (ex.GUp - 2 * ex.I));
     }
 }
@@ -169,7 +158,7 @@ void lora_down_grads(const kt_experts &ex, const BackwardScratch &s, const Route
     float *wdy = ts.rows_b.get<float>(c.rows * ex.H);   // [rows, H] w dY
     for (int64_t i = 0; i < c.rows; ++i) {
         const float wt = plan.weight[plan.route[c.row0 + i]];
-        K.bf16_to_f32(wdy + i * ex.H, s.dys + (c.row0 + i) * ex.Hp, ex.H);
+        K.bf16_to_f32(wdy + i * ex.H, s.dys + (c.row0 + i) * ex.ldx, ex.H);
         for (int64_t h = 0; h < ex.H; ++h) wdy[i * ex.H + h] *= wt;
     }
     K.sgemm_tn(dBtmp, ld.r, wdy, ex.H, lr, ld.r, ex.H, ld.r, c.rows, ld.scale, true);
@@ -182,7 +171,7 @@ void lora_gate_up_terms(const kt_experts &ex, const BackwardScratch &s, const Ro
     const Kernels &K = *runtime().kernels;
     const int64_t I2 = 2 * ex.I;
     float *dguf = ts.rows_b.get<float>(c.rows * I2);   // [rows, 2I]
-    for (int64_t i = 0; i < c.rows; ++i) K.bf16_to_f32(dguf + i * I2, s.dgu + (c.row0 + i) * ex.GUp, I2);
+    for (int64_t i = 0; i < c.rows; ++i) K.bf16_to_f32(dguf + i * I2, s.dgu + (c.row0 + i) * ex.ldgu, I2);
     float *tg = s.tg + c.row0 * lgu.r;
     K.sgemm_nn(tg, lgu.r, dguf, I2, s.bc_gu + c.expert * I2 * lgu.r, lgu.r, c.rows, lgu.r, I2, 1.0f, false);
     const kt_lora_grad *g = in.out->g_gu;
@@ -194,7 +183,7 @@ void lora_gate_up_terms(const kt_experts &ex, const BackwardScratch &s, const Ro
     }
     if (g->dA) {
         float *xf = ts.rows_c.get<float>(c.rows * ex.H);
-        for (int64_t i = 0; i < c.rows; ++i) K.bf16_to_f32(xf + i * ex.H, s.xs + (c.row0 + i) * ex.Hp, ex.H);
+        for (int64_t i = 0; i < c.rows; ++i) K.bf16_to_f32(xf + i * ex.H, s.xs + (c.row0 + i) * ex.ldx, ex.H);
         K.sgemm_tn(g->dA + c.expert * lgu.r * ex.H, ex.H, tg, lgu.r, xf, ex.H, lgu.r, ex.H, c.rows, lgu.scale, true);
     }
 }
@@ -260,10 +249,10 @@ void backward_layer(const kt_experts &ex, const BackwardOut &out, const uint16_t
     const int64_t Nr = plan.rows();
     const bool need_x = lgu.r > 0 && out.g_gu && out.g_gu->dA;
     BackwardScratch s{};
-    s.xs = need_x ? ws.slots[0].get<uint16_t>(Nr * ex.Hp) : nullptr;
-    s.dys = ws.slots[1].get<uint16_t>(Nr * ex.Hp);
+    s.xs = need_x ? ws.slots[0].get<uint16_t>(Nr * ex.ldx) : nullptr;
+    s.dys = ws.slots[1].get<uint16_t>(Nr * ex.ldx);
     s.g = ws.slots[2].get<float>(Nr * ex.Ip);
-    s.dgu = ws.slots[3].get<uint16_t>(Nr * ex.GUp);
+    s.dgu = ws.slots[3].get<uint16_t>(Nr * ex.ldgu);
     s.ty = ws.slots[4].get<float>(Nr * ld.r + 1);
     s.tg = ws.slots[5].get<float>(Nr * lgu.r + 1);
     s.dx = out.dx ? ws.slots[6].get<float>(plan.T * plan.k * ex.H + 1) : nullptr;
@@ -279,7 +268,7 @@ void backward_layer(const kt_experts &ex, const BackwardOut &out, const uint16_t
     { StageTimer timer(KT_STAGE_BWD_GATHER); gather_stage(ex, s, dy, x, plan, chunks, ld); }
     {
         StageTimer timer(KT_STAGE_BWD_DOWN_T);
-        transposed_stage(ex, plan, true, s.dys, ex.Hp, s.ty, ld, ex.I,
+        transposed_stage(ex, plan, true, s.dys, ex.ldx, s.ty, ld, ex.I,
                          [&](int64_t row, int64_t c0, int64_t valid, const float *t) {
                              std::memcpy(s.g + row * ex.Ip + c0, t, sizeof(float) * valid);
                          });
@@ -289,7 +278,7 @@ void backward_layer(const kt_experts &ex, const BackwardOut &out, const uint16_t
     if (!out.dx) return;
     {
         StageTimer timer(KT_STAGE_BWD_GATE_UP_T);
-        transposed_stage(ex, plan, false, s.dgu, ex.GUp, s.tg, lgu, ex.H,
+        transposed_stage(ex, plan, false, s.dgu, ex.ldgu, s.tg, lgu, ex.H,
                          [&](int64_t row, int64_t c0, int64_t valid, const float *t) {
                              std::memcpy(s.dx + plan.route[row] * ex.H + c0, t, sizeof(float) * valid);
                          });

@@ -14,7 +14,6 @@
 // all its tokens; expert outputs go to per-route rows and are summed over j in a fixed order, so
 // results do not depend on the thread count; what backward needs (GU, LX, LH) is written to
 // caller-owned buffers instead of a hidden cache.
-#include <cmath>
 #include <cstring>
 
 #include "driver.h"
@@ -23,19 +22,12 @@
 
 namespace kt {
 
-void swiglu_row(float *h, const uint16_t *g, const uint16_t *u, int64_t n) {
-    for (int64_t i = 0; i < n; ++i) {
-        const float gv = bf16_to_float(g[i]);
-        h[i] = gv / (1.0f + std::exp(-gv)) * bf16_to_float(u[i]);
-    }
-}
-
 namespace {
 
 struct ForwardScratch {
-    uint16_t *xs;   // [Nr, Hp]  BF16 gathered tokens, expert-sorted
+    uint16_t *xs;   // [Nr, Hp]  BF16 gathered tokens, expert-sorted (row stride ldx)
     uint16_t *gu;   // [Nr, GUp] BF16 gate | up pre-activations
-    uint16_t *hs;   // [Nr, Ip]  BF16 silu(g) * u
+    uint16_t *hs;   // [Nr, Ip]  BF16 silu(g) * u (row stride ldh)
     float *lx;      // [Nr, r_gu] x A_gu^T
     float *lh;      // [Nr, r_d]  h A_d^T
     float *d;       // [T*k, H]  FP32 expert outputs per route
@@ -43,14 +35,16 @@ struct ForwardScratch {
     float *bt_d;    // [E, r_d, N_d]    B_d transposed, N_d = round_up(H, 16)
 };
 
-// Bt[e][q][o] = B_e[o][q], columns out..N-1 zero.
+// Bt[e][q][o] = B_e[o][q], columns out..N-1 zero. Parallel over blocks of 16 o: the block's
+// rows of B (PEFT: [out, r*E]) stay in L2 while each (e, q) writes 16 contiguous floats.
 void transpose_lora_b(float *bt, const LoraView &l, int64_t E, int64_t out, int64_t N) {
-    ThreadPool::run(E, [&](int64_t e, int) {
-        float *dst = bt + e * l.r * N;
-        for (int64_t q = 0; q < l.r; ++q) {
-            for (int64_t o = 0; o < out; ++o) dst[q * N + o] = l.b(e, o, q);
-            for (int64_t o = out; o < N; ++o) dst[q * N + o] = 0.0f;
-        }
+    ThreadPool::run(N / 16, [&](int64_t i, int) {
+        const int64_t o0 = i * 16;
+        for (int64_t e = 0; e < E; ++e)
+            for (int64_t q = 0; q < l.r; ++q) {
+                float *dst = bt + (e * l.r + q) * N + o0;
+                for (int64_t o = 0; o < 16; ++o) dst[o] = o0 + o < out ? l.b(e, o0 + o, q) : 0.0f;
+            }
     });
 }
 
@@ -60,13 +54,13 @@ void gather_stage(const kt_experts &ex, const ForwardScratch &s, const uint16_t 
     ThreadPool::run(static_cast<int64_t>(chunks.size()), [&](int64_t i, int w) {
         const RowChunk c = chunks[i];
         for (int64_t r = c.row0; r < c.row0 + c.rows; ++r) {
-            uint16_t *dst = s.xs + r * ex.Hp;
+            uint16_t *dst = s.xs + r * ex.ldx;
             std::memcpy(dst, x + (plan.route[r] / plan.k) * ex.H, sizeof(uint16_t) * ex.H);
             std::memset(dst + ex.H, 0, sizeof(uint16_t) * (ex.Hp - ex.H));
         }
         if (lgu.r == 0) return;
         float *xf = workspace().threads[w].rows_a.get<float>(c.rows * ex.H);   // [rows, H]
-        for (int64_t r = 0; r < c.rows; ++r) K.bf16_to_f32(xf + r * ex.H, s.xs + (c.row0 + r) * ex.Hp, ex.H);
+        for (int64_t r = 0; r < c.rows; ++r) K.bf16_to_f32(xf + r * ex.H, s.xs + (c.row0 + r) * ex.ldx, ex.H);
         K.sgemm_nt(s.lx + c.row0 * lgu.r, lgu.r, xf, ex.H, lgu.A + c.expert * lgu.r * ex.H, ex.H, c.rows, lgu.r,
                    ex.H, 1.0f, false);
     });
@@ -93,7 +87,7 @@ void gate_up_stage(const kt_experts &ex, const ForwardScratch &s, const RoutePla
         const int64_t e = items.expert[i], c0 = items.col0[i], cn = items.cols[i];
         const int64_t r0 = plan.offsets[e];
         float *tile = workspace().threads[w].tile.get<float>(kRowBlock * kColBlock);
-        gemm_item(K, tile, s.xs + r0 * ex.Hp, ex.Hp, ex.gate_up(e) + (c0 / 16) * ex.Hp * 16, ex.Hp, plan.count(e),
+        gemm_item(K, tile, s.xs + r0 * ex.ldx, ex.ldx, ex.gate_up(e) + (c0 / 16) * ex.Hp * 16, ex.Hp, plan.count(e),
                   cn, s.lx + r0 * lgu.r, lgu.r, s.bt_gu + e * lgu.r * N + c0, N, lgu.scale,
                   [&](int64_t m, int64_t mr, const float *t) {
                       for (int64_t row = 0; row < mr; ++row)
@@ -113,11 +107,9 @@ void act_stage(const kt_experts &ex, const ForwardScratch &s, const RoutePlan &p
             const int64_t row = c.row0 + r, route = plan.route[row];
             const uint16_t *gu = s.gu + row * ex.GUp;
             float *h = hf + r * ex.Ip;
-            swiglu_row(h, gu, gu + ex.I, ex.I);
-            uint16_t *hb = s.hs + row * ex.Ip;
-            K.f32_to_bf16(hb, h, ex.I);
+            uint16_t *hb = s.hs + row * ex.ldh;
+            K.swiglu(hb, h, gu, gu + ex.I, ex.I);   // h = the rounded values the down GEMM sees
             std::memset(hb + ex.I, 0, sizeof(uint16_t) * (ex.Ip - ex.I));
-            K.bf16_to_f32(h, hb, ex.I);   // the rounded h is what the down GEMM sees
             if (saved_gu) std::memcpy(saved_gu + route * 2 * ex.I, gu, sizeof(uint16_t) * 2 * ex.I);
             if (saved_lgu) std::memcpy(saved_lgu + route * r_gu, s.lx + row * r_gu, sizeof(float) * r_gu);
         }
@@ -138,7 +130,7 @@ void down_stage(const kt_experts &ex, const ForwardScratch &s, const RoutePlan &
         const int64_t e = items.expert[i], c0 = items.col0[i], cn = items.cols[i];
         const int64_t r0 = plan.offsets[e], valid = std::min(cn, ex.H - c0);
         float *tile = workspace().threads[w].tile.get<float>(kRowBlock * kColBlock);
-        gemm_item(K, tile, s.hs + r0 * ex.Ip, ex.Ip, ex.down(e) + (c0 / 16) * ex.Ip * 16, ex.Ip, plan.count(e),
+        gemm_item(K, tile, s.hs + r0 * ex.ldh, ex.ldh, ex.down(e) + (c0 / 16) * ex.Ip * 16, ex.Ip, plan.count(e),
                   cn, s.lh + r0 * ld.r, ld.r, s.bt_d + e * ld.r * N + c0, N, ld.scale,
                   [&](int64_t m, int64_t mr, const float *t) {
                       for (int64_t row = 0; row < mr; ++row)
@@ -175,9 +167,9 @@ void forward_layer(const kt_experts &ex, uint16_t *y, uint16_t *saved_gu, float 
     const int64_t Nr = plan.rows();
     const int64_t N_gu = round_up(2 * ex.I, 16), N_d = round_up(ex.H, 16);
     ForwardScratch s{};
-    s.xs = ws.slots[0].get<uint16_t>(Nr * ex.Hp);
+    s.xs = ws.slots[0].get<uint16_t>(Nr * ex.ldx);
     s.gu = ws.slots[1].get<uint16_t>(Nr * ex.GUp);
-    s.hs = ws.slots[2].get<uint16_t>(Nr * ex.Ip);
+    s.hs = ws.slots[2].get<uint16_t>(Nr * ex.ldh);
     s.lx = ws.slots[3].get<float>(Nr * lgu.r + 1);
     s.lh = ws.slots[4].get<float>(Nr * ld.r + 1);
     s.d = ws.slots[5].get<float>(plan.T * plan.k * ex.H + 1);

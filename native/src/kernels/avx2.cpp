@@ -26,6 +26,7 @@ namespace kt {
 namespace {
 
 #include "sgemm.inc"
+#include "act.inc"
 
 constexpr int kMaxRows = 5;
 
@@ -122,6 +123,7 @@ void gemm_bf16(float *C, int64_t ldc, const uint16_t *A, int64_t lda, const uint
 
 }  // namespace
 
-const Kernels kernels_avx2 = {"avx2", gemm_bf16, sgemm_nt, sgemm_nn, sgemm_tn, bf16_to_f32, f32_to_bf16};
+const Kernels kernels_avx2 = {"avx2",      gemm_bf16,   sgemm_nt, sgemm_nn,       sgemm_tn,
+                              bf16_to_f32, f32_to_bf16, swiglu,   swiglu_backward};
 
 }  // namespace kt

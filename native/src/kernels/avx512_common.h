@@ -13,6 +13,7 @@ namespace {
 namespace avx512 {
 
 #include "sgemm.inc"
+#include "act.inc"
 
 // Mask of the first n (0 < n < 16) lanes.
 inline __mmask16 head_mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }

@@ -34,6 +34,13 @@ struct Kernels {
     // dst[i] = float(src[i]); dst[i] = bf16(src[i]) rounded to nearest even (NaN stays NaN).
     void (*bf16_to_f32)(float *dst, const uint16_t *src, int64_t n);
     void (*f32_to_bf16)(uint16_t *dst, const float *src, int64_t n);
+
+    // SwiGLU of one row (act.inc): h = bf16(silu(g) * u), h_f32 = float(h).
+    void (*swiglu)(uint16_t *h, float *h_f32, const uint16_t *g, const uint16_t *u, int64_t n);
+    // Its backward for one route of weight w, G = dY W_d,eff: dg, du (BF16), h_f32 as above;
+    // returns dw = <G, h>.
+    float (*swiglu_backward)(uint16_t *dg, uint16_t *du, float *h_f32, const float *G, float w,
+                             const uint16_t *g, const uint16_t *u, int64_t n);
 };
 
 extern const Kernels kernels_scalar;

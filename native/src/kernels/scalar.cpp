@@ -7,6 +7,7 @@ namespace kt {
 namespace {
 
 #include "sgemm.inc"
+#include "act.inc"
 
 void gemm_bf16(float *C, int64_t ldc, const uint16_t *A, int64_t lda, const uint16_t *Wp, int64_t M,
                int64_t N, int64_t Kp, bool accumulate) {
@@ -37,6 +38,7 @@ void f32_to_bf16(uint16_t *dst, const float *src, int64_t n) {
 
 }  // namespace
 
-const Kernels kernels_scalar = {"scalar", gemm_bf16, sgemm_nt, sgemm_nn, sgemm_tn, bf16_to_f32, f32_to_bf16};
+const Kernels kernels_scalar = {"scalar",    gemm_bf16,   sgemm_nt, sgemm_nn,       sgemm_tn,
+                                bf16_to_f32, f32_to_bf16, swiglu,   swiglu_backward};
 
 }  // namespace kt
