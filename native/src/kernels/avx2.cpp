@@ -25,7 +25,11 @@
 namespace kt {
 namespace {
 
+#define KT_SGEMM_VL 8
+#define KT_SGEMM_NV 2
 #include "sgemm.inc"
+#undef KT_SGEMM_VL
+#undef KT_SGEMM_NV
 #include "act.inc"
 
 constexpr int kMaxRows = 5;

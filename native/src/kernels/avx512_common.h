@@ -12,7 +12,11 @@ namespace kt {
 namespace {
 namespace avx512 {
 
+#define KT_SGEMM_VL 16
+#define KT_SGEMM_NV 4
 #include "sgemm.inc"
+#undef KT_SGEMM_VL
+#undef KT_SGEMM_NV
 #include "act.inc"
 
 // Mask of the first n (0 < n < 16) lanes.

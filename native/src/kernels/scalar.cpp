@@ -6,7 +6,11 @@
 namespace kt {
 namespace {
 
+#define KT_SGEMM_VL 4
+#define KT_SGEMM_NV 2
 #include "sgemm.inc"
+#undef KT_SGEMM_VL
+#undef KT_SGEMM_NV
 #include "act.inc"
 
 void gemm_bf16(float *C, int64_t ldc, const uint16_t *A, int64_t lda, const uint16_t *Wp, int64_t M,

@@ -5,6 +5,11 @@
 // (M[2j][2q], M[2j][2q+1], M[2j+1][2q], M[2j+1][2q+1]); swapping its two middle halfwords gives
 // (M[2j][2q], M[2j+1][2q], M[2j][2q+1], M[2j+1][2q+1]) = qword q of T_j. So: one byte shuffle per
 // row, then an 8 x 8 transpose of qwords (three butterfly stages).
+#if defined(__GNUC__) && !defined(__clang__)
+// GCC 12 reports its own _mm512_undefined_* intrinsics as uninitialized (GCC bug 105593).
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #include <immintrin.h>
 
 #include "transpose.h"
