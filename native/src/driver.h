@@ -14,8 +14,27 @@
 
 namespace kt {
 
-constexpr int64_t kRowBlock = 128;   // rows of A per GEMM call (one expert's tokens, chunked)
-constexpr int64_t kColBlock = 64;    // output columns per work item (4 panels; stays in L2)
+// Blocking of the expert GEMMs. A work item is (expert, column block); inside it the expert's rows
+// go in chunks of kRowBlock and K in slices of kKSlice, so that the A slice of a 32-row band
+// (32 x 512 BF16 = 32 KiB) stays in L1 while it meets every panel of the block, and the block's
+// weight slice (<= 256 columns x 512 = 256 KiB) stays in L2 while every band passes over it.
+constexpr int64_t kRowBlock = 128;
+constexpr int64_t kKSlice = 512;
+constexpr int64_t kMaxColBlock = 256;
+
+// Columns per work item: the item's whole weight block (cols x Kp BF16) should fit in ~1 MiB of
+// L2, since it is read from DRAM once and reused by every row chunk of the expert.
+inline int64_t col_block(int64_t Kp) {
+    const int64_t fit = (int64_t(1) << 20) / (Kp * 2) / 32 * 32;
+    return std::max<int64_t>(64, std::min(kMaxColBlock, fit));
+}
+
+// C [rows, cols] (ldc) = A [rows, Kp] (lda) . W^T, W = `cols / 16` packed panels of stride ldw, K-sliced.
+inline void gemm_rows(const Kernels &K, float *C, int64_t ldc, const uint16_t *A, int64_t lda, const uint16_t *W,
+                      int64_t ldw, int64_t rows, int64_t cols, int64_t Kp) {
+    for (int64_t k0 = 0; k0 < Kp; k0 += kKSlice)
+        K.gemm_bf16(C, ldc, A + k0, lda, W + k0 * 16, ldw, rows, cols, std::min(kKSlice, Kp - k0), k0 > 0);
+}
 
 // A run of sorted rows of one expert: the unit of the row-wise stages.
 struct RowChunk {

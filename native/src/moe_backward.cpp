@@ -10,12 +10,12 @@
 // Stages:
 //   1. gather   dY rows (and x rows when A_gu needs a gradient) into expert-sorted BF16 buffers;
 //               LoRA: TY = dY B_d                                                  (row chunks)
-//   2. G        G [Nr, Ip] FP32 = dYs W_d (+ s TY A_d)                               (expert x 64 cols)
-//               W_d is packed for y = h W_d^T, so each item transposes its 64 columns of W_d
+//   2. G        G [Nr, Ip] FP32 = dYs W_d (+ s TY A_d)                               (expert x col block)
+//               W_d is packed for y = h W_d^T, so each item transposes its columns of W_d
 //               into per-thread panels (pack_transposed_block): no second weight copy is kept.
 //   3. act'     dw, dGU [Nr, GUp] BF16; LoRA down gradients; TG = dGU B_gu; LoRA gate_up
 //               gradients                                                            (per expert)
-//   4. dX       DX [T*k, H] FP32 = dGU W_gu (+ s TG A_gu), transposed panels again   (expert x 64 cols)
+//   4. dX       DX [T*k, H] FP32 = dGU W_gu (+ s TG A_gu), transposed panels again   (expert x col block)
 //   5. combine  dx[t] = sum_j DX[t*k+j], rounded once to BF16                        (token chunks)
 // Every output element is written by one work item in a fixed order: the result does not depend
 // on the number of threads. LoRA gradients are per expert, accumulated over row chunks in order.
@@ -88,17 +88,18 @@ void transposed_stage(const kt_experts &ex, const RoutePlan &plan, bool is_down,
     const int64_t N = round_up(out_n, 16);
     const int64_t wN = is_down ? ex.H : 2 * ex.I, wK = is_down ? ex.I : ex.H;   // the packed weight [wN, wK]
     const int64_t Rp = round_up(wN, kKAlign);
-    const BlockItems items = block_items(plan, N, kColBlock);
+    const int64_t block = col_block(Rp);
+    const BlockItems items = block_items(plan, N, block);
     ThreadPool::run(items.size(), [&](int64_t i, int w) {
         const int64_t e = items.expert[i], c0 = items.col0[i], cn = items.cols[i];
         const int64_t r0 = plan.offsets[e], rows = plan.count(e), valid = std::min(cn, out_n - c0);
         ThreadScratch &ts = workspace().threads[w];
-        uint16_t *panels = ts.panels.get<uint16_t>(Rp * kColBlock);
+        uint16_t *panels = ts.panels.get<uint16_t>(Rp * block);
         pack_transposed_block(panels, is_down ? ex.down(e) : ex.gate_up(e), wN, wK, c0, cn, transpose);
-        float *tile = ts.tile.get<float>(kRowBlock * kColBlock);
+        float *tile = ts.tile.get<float>(kRowBlock * kMaxColBlock);
         for (int64_t m = 0; m < rows; m += kRowBlock) {
             const int64_t mr = std::min(kRowBlock, rows - m);
-            K.gemm_bf16(tile, cn, A + (r0 + m) * lda, lda, panels, mr, cn, Rp, false);
+            gemm_rows(K, tile, cn, A + (r0 + m) * lda, lda, panels, Rp * 16, mr, cn, Rp);
             if (l.r > 0)
                 K.sgemm_nn(tile, cn, L + (r0 + m) * l.r, l.r, l.A + e * l.r * out_n + c0, out_n, mr, valid, l.r,
                            l.scale, true);

@@ -4,14 +4,14 @@
 //
 // Stages (each a parallel loop over work items; a barrier between stages):
 //   1. gather   x rows into expert-sorted Xs [Nr, Hp] BF16; LoRA: LX = Xs A_gu^T      (row chunks)
-//   2. gate_up  GU [Nr, 2I] = Xs W_gu^T (+ s LX Bt_gu), rounded to BF16             (expert x 64 cols)
+//   2. gate_up  GU [Nr, 2I] = Xs W_gu^T (+ s LX Bt_gu), rounded to BF16             (expert x col block)
 //   3. act      Hs [Nr, Ip] = silu(g) * u in BF16; LoRA: LH = Hs A_d^T; copies to the caller's
 //               saved buffers in route order                                          (row chunks)
-//   4. down     D [T*k, H] FP32 = Hs W_d^T (+ s LH Bt_d), one row per route          (expert x 64 cols)
+//   4. down     D [T*k, H] FP32 = Hs W_d^T (+ s LH Bt_d), one row per route          (expert x col block)
 //   5. combine  y[t] = sum_j w[t,j] D[t*k+j], rounded once to BF16                    (token chunks)
 // Differences from the obvious version: work items are (expert, column block), largest experts
 // first, so a column block of an expert's weights is read once from DRAM and reused from L2 by
-// all its tokens; expert outputs go to per-route rows and are summed over j in a fixed order, so
+// all its tokens (K-sliced, driver.h); expert outputs go to per-route rows and are summed over j in a fixed order, so
 // results do not depend on the thread count; what backward needs (GU, LX, LH) is written to
 // caller-owned buffers instead of a hidden cache.
 #include <cstring>
@@ -73,7 +73,7 @@ void gemm_item(const Kernels &K, float *tile, const uint16_t *A, int64_t lda, co
                float scale, const Store &store) {
     for (int64_t m = 0; m < rows; m += kRowBlock) {
         const int64_t mr = std::min(kRowBlock, rows - m);
-        K.gemm_bf16(tile, cols, A + m * lda, lda, panels, mr, cols, Kp, false);
+        gemm_rows(K, tile, cols, A + m * lda, lda, panels, Kp * 16, mr, cols, Kp);
         if (r > 0) K.sgemm_nn(tile, cols, L + m * r, r, Bt, ldbt, mr, cols, r, scale, true);
         store(m, mr, tile);
     }
@@ -82,11 +82,11 @@ void gemm_item(const Kernels &K, float *tile, const uint16_t *A, int64_t lda, co
 void gate_up_stage(const kt_experts &ex, const ForwardScratch &s, const RoutePlan &plan, const LoraView &lgu) {
     const Kernels &K = *runtime().kernels;
     const int64_t N = round_up(2 * ex.I, 16);
-    const BlockItems items = block_items(plan, N, kColBlock);
+    const BlockItems items = block_items(plan, N, col_block(ex.Hp));
     ThreadPool::run(items.size(), [&](int64_t i, int w) {
         const int64_t e = items.expert[i], c0 = items.col0[i], cn = items.cols[i];
         const int64_t r0 = plan.offsets[e];
-        float *tile = workspace().threads[w].tile.get<float>(kRowBlock * kColBlock);
+        float *tile = workspace().threads[w].tile.get<float>(kRowBlock * kMaxColBlock);
         gemm_item(K, tile, s.xs + r0 * ex.ldx, ex.ldx, ex.gate_up(e) + (c0 / 16) * ex.Hp * 16, ex.Hp, plan.count(e),
                   cn, s.lx + r0 * lgu.r, lgu.r, s.bt_gu + e * lgu.r * N + c0, N, lgu.scale,
                   [&](int64_t m, int64_t mr, const float *t) {
@@ -125,11 +125,11 @@ void act_stage(const kt_experts &ex, const ForwardScratch &s, const RoutePlan &p
 void down_stage(const kt_experts &ex, const ForwardScratch &s, const RoutePlan &plan, const LoraView &ld) {
     const Kernels &K = *runtime().kernels;
     const int64_t N = round_up(ex.H, 16);
-    const BlockItems items = block_items(plan, N, kColBlock);
+    const BlockItems items = block_items(plan, N, col_block(ex.Ip));
     ThreadPool::run(items.size(), [&](int64_t i, int w) {
         const int64_t e = items.expert[i], c0 = items.col0[i], cn = items.cols[i];
         const int64_t r0 = plan.offsets[e], valid = std::min(cn, ex.H - c0);
-        float *tile = workspace().threads[w].tile.get<float>(kRowBlock * kColBlock);
+        float *tile = workspace().threads[w].tile.get<float>(kRowBlock * kMaxColBlock);
         gemm_item(K, tile, s.hs + r0 * ex.ldh, ex.ldh, ex.down(e) + (c0 / 16) * ex.Ip * 16, ex.Ip, plan.count(e),
                   cn, s.lh + r0 * ld.r, ld.r, s.bt_d + e * ld.r * N + c0, N, ld.scale,
                   [&](int64_t m, int64_t mr, const float *t) {

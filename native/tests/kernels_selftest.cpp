@@ -126,7 +126,15 @@ GemmCase make_gemm(int64_t M, int64_t N, int64_t Kp, bool accumulate) {
 
 std::vector<float> run_gemm(const Kernels &k, const GemmCase &g) {
     std::vector<float> C = g.C0;
-    k.gemm_bf16(C.data(), g.ldc, g.A.data(), g.lda, g.Wp.data(), g.M, g.N, g.Kp, g.accumulate);
+    k.gemm_bf16(C.data(), g.ldc, g.A.data(), g.lda, g.Wp.data(), g.Kp * 16, g.M, g.N, g.Kp, g.accumulate);
+    return C;
+}
+
+// The K-slice [32, Kp) of the same panels (panel stride stays Kp * 16), as the drivers call it.
+std::vector<float> run_gemm_slice(const Kernels &k, const GemmCase &g) {
+    std::vector<float> C = g.C0;
+    k.gemm_bf16(C.data(), g.ldc, g.A.data() + 32, g.lda, g.Wp.data() + 32 * 16, g.Kp * 16, g.M, g.N, g.Kp - 32,
+                g.accumulate);
     return C;
 }
 
@@ -159,6 +167,11 @@ void test_gemm(const std::vector<const Kernels *> &isas, std::vector<Stats> &sta
                     for (size_t i = 1; i < isas.size(); ++i)
                         record(stats[i], compare(run_gemm(*isas[i], g), g.oracle, g.scale, M, N, g.ldc, stats[i]),
                                g.name);
+                    if (Kp < 64) continue;
+                    const std::vector<float> slice = run_gemm_slice(*isas[0], g);
+                    for (size_t i = 1; i < isas.size(); ++i)
+                        record(stats[i], compare(run_gemm_slice(*isas[i], g), slice, g.scale, M, N, g.ldc, stats[i]),
+                               g.name + " k-slice");
                 }
 }
 
@@ -342,12 +355,12 @@ void bench(const std::vector<const Kernels *> &isas) {
         for (const Kernels *k : isas) {
             std::vector<float> C = g.C0;
             const double flops = 2.0 * g.M * g.N * g.Kp;
-            k->gemm_bf16(C.data(), g.ldc, g.A.data(), g.lda, g.Wp.data(), g.M, g.N, g.Kp, false);   // warm-up
+            k->gemm_bf16(C.data(), g.ldc, g.A.data(), g.lda, g.Wp.data(), g.Kp * 16, g.M, g.N, g.Kp, false);   // warm-up
             int64_t reps = 0;
             double total = 0.0;
             const auto t0 = std::chrono::steady_clock::now();
             while (total < 0.25) {   // at least 0.25 s of calls
-                k->gemm_bf16(C.data(), g.ldc, g.A.data(), g.lda, g.Wp.data(), g.M, g.N, g.Kp, false);
+                k->gemm_bf16(C.data(), g.ldc, g.A.data(), g.lda, g.Wp.data(), g.Kp * 16, g.M, g.N, g.Kp, false);
                 ++reps;
                 total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
             }

@@ -19,6 +19,8 @@ SHAPES = [
     pytest.param(6, 48, 40, 50, 3, 0, 5, {"one_expert": True}, id="all-on-one-expert"),
     pytest.param(12, 96, 80, 5, 2, 8, 8, {}, id="experts-without-tokens"),
     pytest.param(3, 160, 100, 33, 1, 0, 0, {"sentinel": True}, id="H160-I100-k1"),
+    # K longer than one GEMM K-slice (512) and more columns than one work item (driver.h).
+    pytest.param(2, 1056, 600, 40, 2, 4, 4, {}, id="H1056-I600-K-slices"),
 ]
 
 OUTPUTS = ("y", "dx", "dw", "dA_gu", "dB_gu", "dA_d", "dB_d")

@@ -151,9 +151,8 @@ void tiles_1x1(float *C, int64_t ldc, const uint16_t *A, int64_t lda, const uint
 #undef KT_C_INIT
 
 // One band of rows: 32 rows (two_a) or the rows of the active configuration (one A tile).
-void row_band(float *C, int64_t ldc, const uint16_t *A, int64_t lda, const uint16_t *Wp, int64_t N, int64_t Kp,
-              bool accumulate, bool two_a) {
-    const int64_t pstride = Kp * 16;
+void row_band(float *C, int64_t ldc, const uint16_t *A, int64_t lda, const uint16_t *Wp, int64_t pstride,
+              int64_t N, int64_t Kp, bool accumulate, bool two_a) {
     int64_t p = 0;
     for (; (p + 2) * 16 <= N; p += 2) {
         const uint16_t *W0 = Wp + p * pstride;
@@ -166,21 +165,21 @@ void row_band(float *C, int64_t ldc, const uint16_t *A, int64_t lda, const uint1
     }
 }
 
-void gemm_bf16(float *C, int64_t ldc, const uint16_t *A, int64_t lda, const uint16_t *Wp, int64_t M,
-               int64_t N, int64_t Kp, bool accumulate) {
+void gemm_bf16(float *C, int64_t ldc, const uint16_t *A, int64_t lda, const uint16_t *Wp, int64_t ldw,
+               int64_t M, int64_t N, int64_t Kp, bool accumulate) {
     // GCC's tile load intrinsics do not declare the memory they read: make every store the
     // compiler may still hold back (e.g. after inlining into a caller) happen first.
     __asm__ volatile("" ::: "memory");
     _tile_loadconfig(&kConfigs.with_rows[16]);
     int64_t m = 0;
-    for (; m + 32 <= M; m += 32) row_band(C + m * ldc, ldc, A + m * lda, lda, Wp, N, Kp, accumulate, true);
+    for (; m + 32 <= M; m += 32) row_band(C + m * ldc, ldc, A + m * lda, lda, Wp, ldw, N, Kp, accumulate, true);
     if (m + 16 <= M) {
-        row_band(C + m * ldc, ldc, A + m * lda, lda, Wp, N, Kp, accumulate, false);
+        row_band(C + m * ldc, ldc, A + m * lda, lda, Wp, ldw, N, Kp, accumulate, false);
         m += 16;
     }
     if (m < M) {   // 1..15 rows left: C and A tiles of exactly that many rows
         _tile_loadconfig(&kConfigs.with_rows[M - m]);
-        row_band(C + m * ldc, ldc, A + m * lda, lda, Wp, N, Kp, accumulate, false);
+        row_band(C + m * ldc, ldc, A + m * lda, lda, Wp, ldw, N, Kp, accumulate, false);
     }
     _tile_release();
 }

@@ -110,8 +110,8 @@ float *a_scratch(int64_t elems) {
     return buf.data();
 }
 
-void gemm_bf16(float *C, int64_t ldc, const uint16_t *A, int64_t lda, const uint16_t *Wp, int64_t M,
-               int64_t N, int64_t Kp, bool accumulate) {
+void gemm_bf16(float *C, int64_t ldc, const uint16_t *A, int64_t lda, const uint16_t *Wp, int64_t ldw,
+               int64_t M, int64_t N, int64_t Kp, bool accumulate) {
     float *af = a_scratch(kMaxRows * Kp);
     const int64_t nblocks = (M + kMaxRows - 1) / kMaxRows;
     int64_t m = 0;
@@ -120,7 +120,7 @@ void gemm_bf16(float *C, int64_t ldc, const uint16_t *A, int64_t lda, const uint
         const int64_t rows = M / nblocks + (b < M % nblocks ? 1 : 0);   // 1..kMaxRows, near-equal
         for (int64_t r = 0; r < rows; ++r) bf16_to_f32(af + r * Kp, A + (m + r) * lda, Kp);
         for (int64_t p = 0; p < N / 16; ++p)
-            kBlocks[rows - 1](C + m * ldc + p * 16, ldc, af, Wp + p * Kp * 16, Kp, accumulate);
+            kBlocks[rows - 1](C + m * ldc + p * 16, ldc, af, Wp + p * ldw, Kp, accumulate);
         m += rows;
     }
 }

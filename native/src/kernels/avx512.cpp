@@ -32,13 +32,12 @@ constexpr int kMaxPanels = 4;
 // C[0..R, 0..16P) (= or +=) A[0..R, :] x panels W[0..P).
 template <int R, int P>
 void block(float *__restrict__ C, int64_t ldc, const uint16_t *__restrict__ A, int64_t lda,
-           const uint16_t *__restrict__ W, int64_t Kp, bool accumulate) {
+           const uint16_t *__restrict__ W, int64_t pstride, int64_t Kp, bool accumulate) {
     __m512 acc[R][P];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
         for (int p = 0; p < P; ++p) acc[r][p] = _mm512_setzero_ps();
-    const int64_t pstride = Kp * 16;
     for (int64_t q = 0; q < Kp / 2; ++q) {
         __m512bh w[P];
 #pragma GCC unroll 4
@@ -61,7 +60,7 @@ void block(float *__restrict__ C, int64_t ldc, const uint16_t *__restrict__ A, i
         }
 }
 
-using BlockFn = void (*)(float *, int64_t, const uint16_t *, int64_t, const uint16_t *, int64_t, bool);
+using BlockFn = void (*)(float *, int64_t, const uint16_t *, int64_t, const uint16_t *, int64_t, int64_t, bool);
 
 constexpr BlockFn kBlocks[kMaxRows][kMaxPanels] = {
     {block<1, 1>, block<1, 2>, block<1, 3>, block<1, 4>},
@@ -72,8 +71,8 @@ constexpr BlockFn kBlocks[kMaxRows][kMaxPanels] = {
     {block<6, 1>, block<6, 2>, block<6, 3>, block<6, 4>},
 };
 
-void gemm_bf16(float *C, int64_t ldc, const uint16_t *A, int64_t lda, const uint16_t *Wp, int64_t M,
-               int64_t N, int64_t Kp, bool accumulate) {
+void gemm_bf16(float *C, int64_t ldc, const uint16_t *A, int64_t lda, const uint16_t *Wp, int64_t ldw,
+               int64_t M, int64_t N, int64_t Kp, bool accumulate) {
     const int64_t panels = N / 16;
     const int64_t nblocks = (M + kMaxRows - 1) / kMaxRows;
     // Panel groups outer: one group of W (4 panels x Kp) stays cache-hot across the row blocks.
@@ -82,7 +81,7 @@ void gemm_bf16(float *C, int64_t ldc, const uint16_t *A, int64_t lda, const uint
         int64_t m = 0;
         for (int64_t b = 0; b < nblocks; ++b) {
             const int64_t rows = M / nblocks + (b < M % nblocks ? 1 : 0);   // 1..kMaxRows
-            kBlocks[rows - 1][np - 1](C + m * ldc + p * 16, ldc, A + m * lda, lda, Wp + p * Kp * 16, Kp,
+            kBlocks[rows - 1][np - 1](C + m * ldc + p * 16, ldc, A + m * lda, lda, Wp + p * ldw, ldw, Kp,
                                       accumulate);
             m += rows;
         }

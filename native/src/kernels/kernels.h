@@ -14,10 +14,11 @@ struct Kernels {
 
     // C[m, n] (= or +=) sum_k A[m, k] * W[n, k]                          (FP32 accumulation)
     //   C  FP32 [M, N], row stride ldc
-    //   A  BF16 [M, Kp], row stride lda; columns K..Kp-1 hold zeros
-    //   Wp BF16, N/16 packed panels (pack.h): panel p at Wp + p * Kp * 16
+    //   A  BF16 [M, Kp], row stride lda; columns past the weight's true K hold zeros
+    //   Wp BF16, N/16 packed panels (pack.h): panel p at Wp + p * ldw (ldw >= Kp * 16; a K-slice
+    //      [k0, k0 + Kp) of wider panels is Wp = panels + k0 * 16 with ldw = their full Kp * 16)
     //   M >= 1 (any), N % 16 == 0, Kp % 32 == 0
-    void (*gemm_bf16)(float *C, int64_t ldc, const uint16_t *A, int64_t lda, const uint16_t *Wp,
+    void (*gemm_bf16)(float *C, int64_t ldc, const uint16_t *A, int64_t lda, const uint16_t *Wp, int64_t ldw,
                       int64_t M, int64_t N, int64_t Kp, bool accumulate);
 
     // FP32 GEMMs of the LoRA terms, C (= or +=) alpha * op(A) op(B):

@@ -13,10 +13,10 @@ namespace {
 #undef KT_SGEMM_NV
 #include "act.inc"
 
-void gemm_bf16(float *C, int64_t ldc, const uint16_t *A, int64_t lda, const uint16_t *Wp, int64_t M,
-               int64_t N, int64_t Kp, bool accumulate) {
+void gemm_bf16(float *C, int64_t ldc, const uint16_t *A, int64_t lda, const uint16_t *Wp, int64_t ldw,
+               int64_t M, int64_t N, int64_t Kp, bool accumulate) {
     for (int64_t p = 0; p < N / 16; ++p) {
-        const uint16_t *panel = Wp + p * Kp * 16;
+        const uint16_t *panel = Wp + p * ldw;
         for (int64_t m = 0; m < M; ++m) {
             float acc[16] = {};
             const uint16_t *a = A + m * lda;
