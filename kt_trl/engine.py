@@ -152,4 +152,4 @@ def _routing(ids: torch.Tensor, weights: torch.Tensor):
 def _grad_buffers(lora: ExpertLoRA | None):
     if lora is None:
         return None
-    return torch.empty_like(lora.A), torch.empty_strided(lora.B.shape, lora.B.stride(), dtype=torch.float32)
+    return ops.host_empty(lora.A.shape), ops.host_empty(lora.B.shape, stride=lora.B.stride())

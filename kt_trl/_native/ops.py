@@ -32,6 +32,31 @@ def as_ptr(t: torch.Tensor, *, dtype: torch.dtype, shape: tuple[int, ...], name:
     return ffi.cast(_CTYPES[dtype], t.data_ptr())
 
 
+_ELEM_SIZE = {torch.bfloat16: 2, torch.float32: 4}
+
+
+def host_empty(shape, dtype: torch.dtype = torch.float32, stride=None) -> torch.Tensor:
+    """An uninitialised CPU tensor in the engine's cached host memory (no page faults on reuse).
+
+    The memory returns to the cache when the tensor (and every view of it) is freed.
+    """
+    ffi, lib = load()
+    shape = tuple(int(d) for d in shape)
+    stride = tuple(stride) if stride is not None else None
+    if stride is None:
+        numel = 1
+        for d in shape:
+            numel *= d
+    else:   # storage span of a strided layout
+        numel = 1 + sum((d - 1) * st for d, st in zip(shape, stride)) if all(shape) else 0
+    nbytes = numel * _ELEM_SIZE[dtype]
+    out = ffi.new("void **")
+    check(lib, ffi, lib.kt_host_alloc(out, nbytes), "kt_host_alloc")
+    block = ffi.gc(ffi.cast("char *", out[0]), lib.kt_host_free)
+    flat = torch.frombuffer(ffi.buffer(block, max(nbytes, 1)), dtype=torch.uint8)[:nbytes].view(dtype)
+    return flat.view(shape) if stride is None else flat.as_strided(shape, stride)
+
+
 def runtime_configure(isa_code: int, threads: int) -> None:
     ffi, lib = load()
     check(lib, ffi, lib.kt_runtime_configure(isa_code, threads), "configure")
@@ -132,10 +157,10 @@ def experts_forward(handle, dims, x, ids, weights, lora_gate_up, lora_down, save
     routing = _routing(ids, weights, keep)
     lgu = _lora(lora_gate_up, E, 2 * I, H, "gate_up", keep)
     ld = _lora(lora_down, E, H, I, "down", keep)
-    y = torch.empty(T, H, dtype=torch.bfloat16)
-    saved_gu = torch.empty(T * k, 2 * I, dtype=torch.bfloat16) if save else None
-    saved_lgu = torch.empty(T * k, lora_gate_up.A.shape[1]) if save and lora_gate_up is not None else None
-    saved_ld = torch.empty(T * k, lora_down.A.shape[1]) if save and lora_down is not None else None
+    y = host_empty((T, H), torch.bfloat16)
+    saved_gu = host_empty((T * k, 2 * I), torch.bfloat16) if save else None
+    saved_lgu = host_empty((T * k, lora_gate_up.A.shape[1])) if save and lora_gate_up is not None else None
+    saved_ld = host_empty((T * k, lora_down.A.shape[1])) if save and lora_down is not None else None
 
     def ptr(t, dtype):
         return ffi.NULL if t is None else ffi.cast(_CTYPES[dtype], t.data_ptr())
@@ -160,8 +185,8 @@ def experts_backward(handle, dims, dy, x, ids, weights, saved, lora_gate_up, lor
     lgu = _lora(lora_gate_up, E, 2 * I, H, "gate_up", keep)
     ld = _lora(lora_down, E, H, I, "down", keep)
     saved_gu, saved_lgu, saved_ld = saved
-    dx = torch.empty(T, H, dtype=torch.bfloat16) if need_dx else None
-    dw = torch.empty(T, k, dtype=torch.float32) if need_dw else None
+    dx = host_empty((T, H), torch.bfloat16) if need_dx else None
+    dw = host_empty((T, k)) if need_dw else None
 
     def grad(g, lora, name):
         if g is None:

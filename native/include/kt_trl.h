@@ -133,6 +133,13 @@ int32_t kt_runtime_threads(void);
 /* Milliseconds spent in each stage (KT_STAGE_COUNT values) since the last reset, summed over calls. */
 void kt_profile_read(double *ms, int32_t reset);
 
+/* Host memory for engine outputs: blocks freed with kt_host_free are cached (up to the limit,
+ * default 8 GiB) and reused, so repeated calls do not pay page faults on fresh memory. */
+kt_status kt_host_alloc(void **out, int64_t bytes);
+void kt_host_free(void *block);
+void kt_host_cache_limit(int64_t bytes);
+int64_t kt_host_cached_bytes(void);
+
 /* Engine for one layer's experts. Weights are packed expert by expert from any row-strided BF16
  * source: gate_up_e [2I, H] with row stride gate_up_ld, down_e [H, I] with row stride down_ld. */
 kt_status kt_experts_create(kt_experts **out, int64_t num_experts, int64_t hidden, int64_t intermediate);

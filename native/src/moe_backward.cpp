@@ -39,6 +39,8 @@ struct BackwardScratch {
     float *dx;       // [T*k, H]  FP32 per-route input gradients
     float *bc_d;     // [E, H, r_d]   B_d contiguous
     float *bc_gu;    // [E, 2I, r_gu] B_gu contiguous
+    float *db_d;     // [E, H, r_d]   dB_d per expert, before store_lora_b
+    float *db_gu;    // [E, 2I, r_gu] dB_gu per expert
 };
 
 // bc[e][o][q] = B_e[o][q], in blocks of 16 o as in transpose_lora_b (moe_forward.cpp).
@@ -51,13 +53,18 @@ void copy_lora_b(float *bc, const LoraView &l, int64_t E, int64_t out) {
     });
 }
 
-void zero_lora_grad(const kt_lora_grad *g, const LoraView &l, int64_t E, int64_t out, int64_t in) {
-    if (!g || l.r == 0) return;
-    if (g->dA) std::memset(g->dA, 0, sizeof(float) * E * l.r * in);
-    if (g->dB)
-        for (int64_t e = 0; e < E; ++e)
-            for (int64_t o = 0; o < out; ++o)
-                for (int64_t q = 0; q < l.r; ++q) g->dB[e * l.se + o * l.so + q * l.sq] = 0.0f;
+// dB (strided, e.g. PEFT's [out, r*E] with e fastest) (=|+=) db [E, out, r]. Parallel over blocks
+// of 16 rows o: PEFT puts neighbouring experts in one cache line, so splitting by expert would
+// make threads write the same lines.
+void store_lora_b(float *dB, const float *db, const LoraView &l, int64_t E, int64_t out, bool accumulate) {
+    ThreadPool::run((out + 15) / 16, [&](int64_t i, int) {
+        for (int64_t o = i * 16; o < std::min(out, i * 16 + 16); ++o)
+            for (int64_t q = 0; q < l.r; ++q)
+                for (int64_t e = 0; e < E; ++e) {
+                    float &d = dB[e * l.se + o * l.so + q * l.sq];
+                    d = (accumulate ? d : 0.0f) + db[(e * out + o) * l.r + q];
+                }
+    });
 }
 
 void gather_stage(const kt_experts &ex, const BackwardScratch &s, const uint16_t *dy, const uint16_t *x,
@@ -113,12 +120,6 @@ struct ActInputs {
     const float *saved_lgu, *saved_ld;
     const BackwardOut *out;
 };
-
-// dB (strided) += tmp [out, r].
-void scatter_add_b(float *dB, const LoraView &l, int64_t e, int64_t out, const float *tmp) {
-    for (int64_t o = 0; o < out; ++o)
-        for (int64_t q = 0; q < l.r; ++q) dB[e * l.se + o * l.so + q * l.sq] += tmp[o * l.r + q];
-}
 
 // One chunk of rows: h (as the forward's down GEMM saw it, BF16-rounded) into hf [rows, I],
 // dw, and dGU (BF16) into the scratch.
@@ -189,31 +190,30 @@ void lora_gate_up_terms(const kt_experts &ex, const BackwardScratch &s, const Ro
     }
 }
 
-// Per expert (so that no two items write one expert's gradients): dw, dGU, LoRA terms.
+// Per expert (so that no two items write one expert's gradients): dw, dGU, LoRA terms. Experts
+// without tokens only initialise their gradients.
 void act_stage(const kt_experts &ex, const BackwardScratch &s, const RoutePlan &plan, const ActInputs &in,
                const LoraView &lgu, const LoraView &ld) {
     const BackwardOut &out = *in.out;
     const bool grad_d = ld.r > 0 && out.g_d && (out.g_d->dA || out.g_d->dB);
-    std::vector<int64_t> experts;
-    for (int64_t e : plan.order)
-        if (plan.count(e) > 0) experts.push_back(e);
-    ThreadPool::run(static_cast<int64_t>(experts.size()), [&](int64_t i, int w) {
-        const int64_t e = experts[i];
+    const bool grad_gu = lgu.r > 0 && out.g_gu;
+    ThreadPool::run(ex.E, [&](int64_t i, int w) {
+        const int64_t e = plan.order[i];
         ThreadScratch &ts = workspace().threads[w];
-        float *dBd = ts.grad_d.get<float>(ex.H * ld.r + 1);
-        float *dBgu = ts.grad_gu.get<float>(2 * ex.I * lgu.r + 1);
-        std::fill(dBd, dBd + ex.H * ld.r, 0.0f);
-        std::fill(dBgu, dBgu + 2 * ex.I * lgu.r, 0.0f);
+        if (grad_d && out.g_d->dB) std::fill_n(s.db_d + e * ex.H * ld.r, ex.H * ld.r, 0.0f);
+        if (grad_gu && out.g_gu->dB) std::fill_n(s.db_gu + e * 2 * ex.I * lgu.r, 2 * ex.I * lgu.r, 0.0f);
+        if (!out.accumulate && grad_d && out.g_d->dA) std::fill_n(out.g_d->dA + e * ld.r * ex.I, ld.r * ex.I, 0.0f);
+        if (!out.accumulate && grad_gu && out.g_gu->dA) std::fill_n(out.g_gu->dA + e * lgu.r * ex.H, lgu.r * ex.H, 0.0f);
         for (int64_t r = 0; r < plan.count(e); r += kRowBlock) {
             const RowChunk c{e, plan.offsets[e] + r, std::min(kRowBlock, plan.count(e) - r)};
             float *hf = ts.rows_a.get<float>(c.rows * ex.I);
             act_rows(ex, s, plan, c, in, hf);
-            if (grad_d) lora_down_grads(ex, s, plan, c, in, ld, hf, ts, dBd);
-            if (lgu.r > 0) lora_gate_up_terms(ex, s, plan, c, in, lgu, ts, dBgu);
+            if (grad_d) lora_down_grads(ex, s, plan, c, in, ld, hf, ts, s.db_d + e * ex.H * ld.r);
+            if (lgu.r > 0) lora_gate_up_terms(ex, s, plan, c, in, lgu, ts, s.db_gu + e * 2 * ex.I * lgu.r);
         }
-        if (grad_d && out.g_d->dB) scatter_add_b(out.g_d->dB, ld, e, ex.H, dBd);
-        if (lgu.r > 0 && out.g_gu && out.g_gu->dB) scatter_add_b(out.g_gu->dB, lgu, e, 2 * ex.I, dBgu);
     });
+    if (grad_d && out.g_d->dB) store_lora_b(out.g_d->dB, s.db_d, ld, ex.E, ex.H, out.accumulate);
+    if (grad_gu && out.g_gu->dB) store_lora_b(out.g_gu->dB, s.db_gu, lgu, ex.E, 2 * ex.I, out.accumulate);
 }
 
 void combine_stage(const kt_experts &ex, const BackwardScratch &s, const RoutePlan &plan, uint16_t *dx) {
@@ -241,10 +241,6 @@ void backward_layer(const kt_experts &ex, const BackwardOut &out, const uint16_t
                     const float *saved_ld, const LoraView &lgu, const LoraView &ld) {
     Workspace &ws = workspace();
     ws.ensure_threads(ThreadPool::size());
-    if (!out.accumulate) {
-        zero_lora_grad(out.g_gu, lgu, ex.E, 2 * ex.I, ex.H);
-        zero_lora_grad(out.g_d, ld, ex.E, ex.H, ex.I);
-    }
     if (out.dw)
         for (int64_t route = 0; route < plan.T * plan.k; ++route) out.dw[route] = 0.0f;
     const int64_t Nr = plan.rows();
@@ -260,6 +256,8 @@ void backward_layer(const kt_experts &ex, const BackwardOut &out, const uint16_t
     float *bc = ws.slots[7].get<float>(ex.E * (ex.H * ld.r + 2 * ex.I * lgu.r) + 1);
     s.bc_d = bc;
     s.bc_gu = bc + ex.E * ex.H * ld.r;
+    s.db_d = ws.slots[8].get<float>(ex.E * ex.H * ld.r + 1);
+    s.db_gu = ws.slots[9].get<float>(ex.E * 2 * ex.I * lgu.r + 1);
     {
         StageTimer timer(KT_STAGE_LORA_PREP);
         if (ld.r) copy_lora_b(s.bc_d, ld, ex.E, ex.H);

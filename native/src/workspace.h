@@ -35,12 +35,10 @@ struct ThreadScratch {
     Buffer rows_b;     // FP32 [rows, width] converted gradient rows (w dY, dGU)
     Buffer rows_c;     // FP32 [rows, width] third operand rows (x in backward)
     Buffer lora_rows;  // FP32 [rows, 2r] saved LoRA intermediates of one chunk
-    Buffer grad_d;     // FP32 [H, r_d]  dB_d of one expert before the strided scatter
-    Buffer grad_gu;    // FP32 [2I, r_gu] dB_gu of one expert before the strided scatter
 };
 
 struct Workspace {
-    Buffer slots[8];                      // large per-call buffers; the drivers name their uses
+    Buffer slots[10];                     // large per-call buffers; the drivers name their uses
     std::vector<ThreadScratch> threads;   // one per worker
     void ensure_threads(int n) { if (static_cast<int>(threads.size()) < n) threads.resize(n); }
 };

@@ -1,0 +1,45 @@
+"""Engine outputs live in cached host memory that is recycled once torch frees them."""
+
+from __future__ import annotations
+
+import gc
+
+import torch
+
+from kt_trl._native import ops
+from kt_trl._native.ffi import load
+
+
+def cached_bytes() -> int:
+    return load()[1].kt_host_cached_bytes()
+
+
+def test_freed_blocks_are_cached_and_reused():
+    gc.collect()
+    before = cached_bytes()
+    t = ops.host_empty((1 << 20,))   # 4 MiB
+    t.fill_(3.0)
+    del t
+    gc.collect()
+    assert cached_bytes() >= before + (4 << 20)
+    again = ops.host_empty((1 << 20,))
+    assert cached_bytes() == before + (4 << 20) - (4 << 20) or cached_bytes() < before + (4 << 20)
+    del again
+
+
+def test_views_keep_the_block_alive():
+    base = ops.host_empty((64, 64))
+    base.fill_(1.0)
+    view = base[10:20]
+    del base
+    gc.collect()
+    other = ops.host_empty((64, 64))   # must not receive the block the view still uses
+    other.fill_(5.0)
+    assert torch.all(view == 1.0)
+
+
+def test_strided_layout_matches_request():
+    t = ops.host_empty((4, 6, 2), stride=(1, 8, 4))
+    assert t.shape == (4, 6, 2) and t.stride() == (1, 8, 4)
+    t.fill_(2.0)
+    assert float(t.sum()) == 96.0
