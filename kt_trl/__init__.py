@@ -1,0 +1,28 @@
+"""kt_trl: LoRA fine-tuning of huge MoE LLMs on one GPU plus a big CPU, with stock TRL.
+
+Public API: `KTSFTTrainer`, `KTConfig`. Imports are lazy: `import kt_trl` loads neither trl nor the
+native engine.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+__all__ = ["KTConfig", "KTSFTTrainer", "__version__"]
+
+if TYPE_CHECKING:
+    from .config import KTConfig
+    from .trainer import KTSFTTrainer
+
+
+def __getattr__(name: str):
+    if name == "KTSFTTrainer":
+        from .trainer import KTSFTTrainer
+
+        return KTSFTTrainer
+    if name == "KTConfig":
+        from .config import KTConfig
+
+        return KTConfig
+    raise AttributeError(f"module 'kt_trl' has no attribute {name!r}")

@@ -1,0 +1,57 @@
+"""`KTConfig`: the settings kt_trl adds on top of `trl.SFTConfig`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ISA_CHOICES = ("auto", "amx", "avx512", "avx2", "scalar")
+
+
+@dataclass(frozen=True)
+class KTConfig:
+    """Settings of the CPU expert engine and of how the trainer uses it.
+
+    Everything else (batch size, learning rate, gradient checkpointing, ...) stays in `trl.SFTConfig`.
+
+    Args:
+        isa (`str`, *optional*, defaults to `"auto"`):
+            Instruction-set path of the native engine: `"auto"` picks the best the CPU supports
+            (AMX-BF16 → AVX-512-BF16 → AVX2 → scalar); a named one is used or refused with an error,
+            never silently replaced.
+        threads (`int`, *optional*):
+            Worker threads of the engine. Defaults to one per physical core.
+        reuse_checkpointed_activations (`bool`, *optional*, defaults to `True`):
+            With gradient checkpointing (TRL's default), keep what the expert backward needs from the
+            first forward instead of running the CPU expert forward a second time during backward.
+            Costs `T·k·2I` BF16 values per MoE layer of host RAM per micro-batch; set `False` to
+            recompute instead.
+        freeze_experts (`bool`, *optional*, defaults to `False`):
+            The engine holds the routed experts' base weights frozen. A model whose expert weights
+            still require gradients (no PEFT, full fine-tuning) is refused unless this is `True`, in
+            which case they are frozen and everything else trains.
+        max_pending_activations (`int`, *optional*, defaults to `8`):
+            Per MoE layer, how many first-forward activations may wait for their recomputation
+            (micro-batches forwarded before one backward). Older ones are dropped with a warning.
+
+    Example:
+
+    ```python
+    >>> from kt_trl import KTConfig
+    >>> KTConfig(isa="avx2", threads=2)
+    KTConfig(isa='avx2', threads=2, reuse_checkpointed_activations=True, freeze_experts=False, max_pending_activations=8)
+    ```
+    """
+
+    isa: str = "auto"
+    threads: int | None = None
+    reuse_checkpointed_activations: bool = True
+    freeze_experts: bool = False
+    max_pending_activations: int = 8
+
+    def __post_init__(self) -> None:
+        if self.isa not in ISA_CHOICES:
+            raise ValueError(f"KTConfig(isa={self.isa!r}) is not one of {ISA_CHOICES}; use 'auto' to let the engine pick.")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ValueError(f"KTConfig(threads={self.threads!r}) must be a positive int, or None for one per physical core.")
+        if self.max_pending_activations < 1:
+            raise ValueError("KTConfig(max_pending_activations=...) must be >= 1.")

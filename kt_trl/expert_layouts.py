@@ -1,0 +1,195 @@
+"""The architecture registry: where each MoE family keeps its routed experts, as data.
+
+Every family transformers 5 ships with fused experts stores them in one module with 3-D parameters
+(see DESIGN §1). The standard layout, which the CPU engine runs, is
+
+    gate_up_proj [E, 2I, H]   gate rows first, then up rows (not interleaved), no bias
+    down_proj    [E, H, I]
+    Expert_e(x) = down_e(silu(gate_e(x)) * up_e(x))
+
+Families differ only in where the MoE block sits in a decoder layer, what its router and shared
+experts are called, and (gpt-oss) in the expert layout itself. One frozen `ExpertLayout` per family
+records that; `match_layout` finds the entry with a first-match chain of small `match_*` functions
+and refuses dense or unknown models with a `ValueError` that lists what is supported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """How one model family stores its routed experts.
+
+    Args:
+        family: Display name, e.g. `"Qwen3-MoE"`.
+        model_types: `config.model_type` values of the family.
+        experts_class: Class name of the fused experts module (checked before packing).
+        block_attr: Decoder-layer attribute holding the MoE block (`"mlp"`, Granite: `"block_sparse_moe"`).
+        router_attr: MoE-block attribute of the router (stays on the GPU, trains there).
+        shared_attrs: MoE-block attributes of shared experts (stay on the GPU).
+        gate_up / down: Layout of the two 3-D parameters in the DESIGN's notation.
+        interleaved: Gate and up rows alternate (`x[..., ::2]`, `x[..., 1::2]`).
+        bias: The experts have bias parameters.
+        act: Activation of the gate half.
+        unsupported: When set, why the engine cannot run this family yet, and what to do instead.
+    """
+
+    family: str
+    model_types: tuple[str, ...]
+    experts_class: str
+    block_attr: str = "mlp"
+    router_attr: str = "gate"
+    shared_attrs: tuple[str, ...] = ()
+    gate_up: str = "[E, 2I, H]"
+    down: str = "[E, H, I]"
+    interleaved: bool = False
+    bias: bool = False
+    act: str = "silu"
+    unsupported: str | None = None
+
+
+REGISTRY: tuple[ExpertLayout, ...] = (
+    ExpertLayout("Qwen3-MoE", ("qwen3_moe",), "Qwen3MoeExperts"),
+    ExpertLayout(
+        "Qwen2-MoE", ("qwen2_moe",), "Qwen2MoeExperts", shared_attrs=("shared_expert", "shared_expert_gate")
+    ),
+    ExpertLayout("Mixtral", ("mixtral",), "MixtralExperts"),
+    ExpertLayout("OLMoE", ("olmoe",), "OlmoeExperts"),
+    ExpertLayout("DeepSeek-V3", ("deepseek_v3", "kimi_k2"), "DeepseekV3Experts", shared_attrs=("shared_experts",)),
+    ExpertLayout("DeepSeek-V2", ("deepseek_v2",), "DeepseekV2Experts", shared_attrs=("shared_experts",)),
+    ExpertLayout("GLM4-MoE", ("glm4_moe",), "Glm4MoeExperts", shared_attrs=("shared_experts",)),
+    ExpertLayout("ERNIE-4.5-MoE", ("ernie4_5_moe",), "Ernie4_5_MoeExperts", shared_attrs=("shared_experts",)),
+    ExpertLayout("MiniMax-M2", ("minimax_m2",), "MiniMaxM2Experts"),
+    ExpertLayout("HunYuan-V1-MoE", ("hunyuan_v1_moe",), "HunYuanMoEV1Experts", shared_attrs=("shared_mlp",)),
+    ExpertLayout("Granite-MoE", ("granitemoe",), "GraniteMoeExperts", block_attr="block_sparse_moe", router_attr="router"),
+    ExpertLayout(
+        "gpt-oss",
+        ("gpt_oss",),
+        "GptOssExperts",
+        router_attr="router",
+        gate_up="[E, H, 2I]",
+        down="[E, I, H]",
+        interleaved=True,
+        bias=True,
+        act="clamped swiglu",
+        unsupported=(
+            "gpt-oss experts (transposed [E, H, 2I] / [E, I, H], interleaved gate/up rows, biases, clamped "
+            "SwiGLU) are not supported by the CPU engine yet; train gpt-oss with plain trl.SFTTrainer for now."
+        ),
+    ),
+)
+
+
+def supported_families() -> list[str]:
+    """Families the engine runs today, in registry order."""
+    return [layout.family for layout in REGISTRY if layout.unsupported is None]
+
+
+def _model_type(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text_config, "model_type", None)
+
+
+def match_model_type(model: nn.Module) -> ExpertLayout | None:
+    """The entry whose `model_types` contains `model.config.model_type`."""
+    model_type = _model_type(model)
+    return next((layout for layout in REGISTRY if model_type in layout.model_types), None)
+
+
+def match_experts_class(model: nn.Module) -> ExpertLayout | None:
+    """The entry whose experts class occurs in the model (covers renamed model types of one family)."""
+    names = {type(module).__name__ for module in model.modules()}
+    return next((layout for layout in REGISTRY if layout.experts_class in names), None)
+
+
+MATCHERS = (match_model_type, match_experts_class)
+
+
+def _fused_experts_classes(model: nn.Module) -> list[str]:
+    found = []
+    for module in model.modules():
+        param = getattr(module, "gate_up_proj", None)
+        if isinstance(param, torch.Tensor) and param.dim() == 3 and type(module).__name__ not in found:
+            found.append(type(module).__name__)
+    return found
+
+
+def match_layout(model: nn.Module) -> ExpertLayout:
+    """Find the registry entry for an (unwrapped) transformers model.
+
+    Raises:
+        ValueError: for a dense model, a MoE family not in the registry, or a family the engine
+            cannot run yet; the message names the family and lists the supported ones.
+    """
+    supported = ", ".join(supported_families())
+    layout = next((found for matcher in MATCHERS if (found := matcher(model)) is not None), None)
+    model_type = _model_type(model)
+    if layout is None:
+        fused = _fused_experts_classes(model)
+        if fused:
+            raise ValueError(
+                f"MoE family {model_type!r} ({', '.join(fused)}) is not in kt_trl's registry; supported families: "
+                f"{supported}. Train it with plain trl.SFTTrainer, or add an ExpertLayout entry to "
+                "kt_trl/expert_layouts.py after checking its experts use the standard [E, 2I, H] SwiGLU layout."
+            )
+        raise ValueError(
+            f"{type(model).__name__} (model_type {model_type!r}) has no routed experts: kt_trl moves only MoE "
+            f"experts to the CPU engine. Use plain trl.SFTTrainer for dense models; supported MoE families: {supported}."
+        )
+    if layout.unsupported is not None:
+        raise ValueError(f"{layout.family}: {layout.unsupported} Supported families: {supported}.")
+    return layout
+
+
+def _is_silu(act: object) -> bool:
+    """True when `act` computes SiLU (transformers has two SiLU classes, so probe the values)."""
+    if not callable(act):
+        return False
+    probe = torch.tensor([-3.0, -0.5, 0.0, 0.7, 4.0])
+    with torch.no_grad():
+        return bool(torch.allclose(act(probe), torch.nn.functional.silu(probe)))
+
+
+def check_experts_module(layout: ExpertLayout, experts: nn.Module, *, where: str) -> None:
+    """Refuse an experts module whose structure differs from what `layout` promises.
+
+    Args:
+        layout: The family's registry entry.
+        experts: The base (unwrapped) fused experts module.
+        where: Its qualified name, for messages.
+    """
+    name = type(experts).__name__
+    problems = []
+    if name != layout.experts_class:
+        problems.append(f"class {name}, expected {layout.experts_class}")
+    gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+    if not (isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor)):
+        problems.append("no 3-D gate_up_proj / down_proj parameters")
+    elif gate_up.dim() != 3 or down.dim() != 3:
+        problems.append(f"gate_up_proj {tuple(gate_up.shape)} / down_proj {tuple(down.shape)} are not 3-D")
+    else:
+        num_experts, two_inter, hidden = gate_up.shape
+        if tuple(down.shape) != (num_experts, hidden, two_inter // 2) or two_inter % 2:
+            problems.append(
+                f"gate_up_proj {tuple(gate_up.shape)} and down_proj {tuple(down.shape)} do not form "
+                f"{layout.gate_up} / {layout.down}"
+            )
+    for flag, expected in (("has_bias", False), ("is_transposed", False), ("is_concatenated", True), ("has_gate", True)):
+        if getattr(experts, flag, expected) != expected:
+            problems.append(f"{flag}={getattr(experts, flag)}")
+    act = getattr(experts, "act_fn", None)
+    if not _is_silu(act):
+        problems.append(f"activation {type(act).__name__} (config.hidden_act must be 'silu')")
+    if problems:
+        raise ValueError(
+            f"{where} ({layout.family}) does not have the standard SwiGLU experts layout the CPU engine runs: "
+            f"{'; '.join(problems)}. Train this model with plain trl.SFTTrainer."
+        )

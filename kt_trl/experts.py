@@ -1,0 +1,278 @@
+"""Routing one layer's fused experts through the CPU engine.
+
+`CPUExperts` owns a layer's packed experts (an `ExpertEngine`) and runs them through
+`RoutedExpertsFunction`, a `torch.autograd.Function` over the engine's forward/backward. It hangs off
+the HF experts module as `_kt_experts`; transformers reaches it through the official plug point
+(`ExpertsInterface.register("kt_cpu", kt_experts_forward)` + `model.set_experts_implementation`), PEFT
+through the forward `kt_trl.lora` binds on the outer `ParamWrapper`.
+
+Gradient checkpointing (TRL's default) runs a checkpointed decoder layer's forward twice: once
+without keeping activations and once more inside backward. The second CPU expert forward is pure
+waste when we can keep what the backward needs, so by default (`KTConfig.reuse_checkpointed_activations`)
+the first forward of a checkpointed layer parks `(ids, y, saved)` in `CPUExperts.pending`, and the
+recomputation inside backward takes them back instead of calling the engine.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+import types
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import KTConfig
+
+logger = logging.getLogger(__name__)
+
+KT_IMPLEMENTATION = "kt_cpu"
+# Phases of one call: inside a checkpointed layer's first forward / its recomputation in backward;
+# a forward no backward follows (nothing to save); or None, a plain training forward.
+FIRST, RECOMPUTE, INFERENCE = "first", "recompute", "inference"
+
+
+@dataclass
+class _Pending:
+    """A checkpointed layer's first-forward result, waiting for its recomputation."""
+
+    ids: torch.Tensor  # [T, k]
+    y: torch.Tensor  # [T, H]
+    saved: Any
+
+
+def _in_backward() -> bool:
+    # torch has no public "is autograd's engine running" query; the graph-task id is -1 outside
+    # backward in every torch 2.x release.
+    return torch._C._current_graph_task_id() != -1
+
+
+def _reentrant(layer: nn.Module) -> bool:
+    """Whether `layer` is checkpointed with `use_reentrant=True` (transformers binds the kwargs with partial)."""
+    function = getattr(layer, "_gradient_checkpointing_func", None)
+    return bool(getattr(function, "keywords", {}).get("use_reentrant", False))
+
+
+class CPUExperts:
+    """One MoE layer's routed experts on the CPU engine.
+
+    Args:
+        engine: The layer's `ExpertEngine` (packed BF16 weights in native memory).
+        layer: The decoder layer holding the block (tells whether it is gradient-checkpointed).
+        name: Qualified name, for messages.
+        config: `KTConfig`.
+    """
+
+    def __init__(self, engine: Any, *, layer: nn.Module, name: str, config: KTConfig) -> None:
+        self.engine = engine
+        self.name = name
+        self.config = config
+        self._layer = weakref.ref(layer)
+        self.pending: collections.deque[_Pending] = collections.deque()
+        self.forward_calls = 0
+        self.backward_calls = 0
+        self.reused_forwards = 0
+        self.forward_seconds = 0.0
+        self.backward_seconds = 0.0
+
+    def __call__(self, hidden_states, top_k_index, top_k_weights, *, lora_gate_up=None, lora_down=None):
+        """Routed experts `y [T, H]` for `hidden_states [T, H]`, `top_k_index [T, k]`, `top_k_weights [T, k]`.
+
+        `lora_gate_up` / `lora_down` are `ExpertLoRA` views of PEFT parameters (or None).
+        """
+        scales, factors = [0.0, 0.0], [None] * 4
+        for slot, lora in enumerate((lora_gate_up, lora_down)):
+            if lora is not None:
+                scales[slot], factors[2 * slot], factors[2 * slot + 1] = float(lora.scale), lora.A, lora.B
+        inputs = (hidden_states, top_k_weights, *factors)
+        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+        phase = self._phase(needs_grad)
+        return RoutedExpertsFunction.apply(self, phase, hidden_states, top_k_weights, top_k_index, tuple(scales), *factors)
+
+    def _phase(self, needs_grad: bool) -> str | None:
+        """FIRST / RECOMPUTE inside a checkpointed layer (when reusing activations), INFERENCE or None."""
+        layer = self._layer()
+        checkpointed = (
+            self.config.reuse_checkpointed_activations
+            and layer is not None
+            and getattr(layer, "gradient_checkpointing", False)
+            and layer.training
+        )
+        if checkpointed:
+            if _in_backward():
+                return RECOMPUTE
+            # reentrant checkpointing runs the first forward under no_grad
+            if torch.is_grad_enabled() or _reentrant(layer):
+                return FIRST
+        return None if needs_grad else INFERENCE
+
+    def forward(self, phase, x, ids, w, lora_gate_up, lora_down):
+        """`(y [T, H] bf16, ExpertActivations)` for `x [T, H]` (bf16, CPU), from the engine, or
+        from the first forward when this is its recomputation."""
+        if phase == RECOMPUTE:
+            entry = self._take_pending(ids)
+            if entry is not None:
+                self.reused_forwards += 1
+                return entry.y, entry.saved
+            logger.warning(
+                "%s: no kept activations match this gradient-checkpointing recomputation; running the CPU "
+                "expert forward again.", self.name,
+            )
+        self.forward_calls += 1
+        start = time.perf_counter()
+        y, saved = self.engine.forward(
+            x, ids, w, lora_gate_up=lora_gate_up, lora_down=lora_down, save=phase != INFERENCE
+        )
+        self.forward_seconds += time.perf_counter() - start
+        if phase == FIRST:
+            self._park(_Pending(ids.detach().clone(), y.detach().clone(), saved))
+        return y, saved
+
+    def backward(self, dy, x, ids, w, saved, **kwargs):
+        """The engine's backward (see `ExpertEngine.backward`), counted and timed."""
+        self.backward_calls += 1
+        start = time.perf_counter()
+        try:
+            return self.engine.backward(dy, x, ids, w, saved, **kwargs)
+        finally:
+            self.backward_seconds += time.perf_counter() - start
+
+    def _park(self, entry: _Pending) -> None:
+        if len(self.pending) >= self.config.max_pending_activations:
+            self.pending.popleft()
+            logger.warning(
+                "%s: more than %d checkpointed forwards without a backward; dropped the oldest kept activations "
+                "(its backward will recompute). Raise KTConfig(max_pending_activations=...) if this is intended.",
+                self.name, self.config.max_pending_activations,
+            )
+        self.pending.append(entry)
+
+    def _take_pending(self, ids: torch.Tensor) -> _Pending | None:
+        for i in range(len(self.pending) - 1, -1, -1):  # newest first: backward runs in reverse
+            entry = self.pending[i]
+            if entry.ids.shape == ids.shape and torch.equal(entry.ids, ids):
+                del self.pending[i]
+                return entry
+        return None
+
+    def clear_pending(self) -> None:
+        self.pending.clear()
+
+
+def _lora_for_engine(factor_a, factor_b, scale):
+    """`ExpertLoRA` the engine accepts (CPU, FP32, contiguous A) over detached factors, or None."""
+    if factor_a is None:
+        return None
+    from .engine import ExpertLoRA
+
+    a = factor_a.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    b = factor_b.detach().to(device="cpu", dtype=torch.float32)  # keeps PEFT's permuted strides
+    return ExpertLoRA(A=a, B=b, scale=scale)
+
+
+class RoutedExpertsFunction(torch.autograd.Function):
+    """Autograd over the engine: gradients to hidden states, routing weights and expert LoRA A/B.
+
+    Inputs: runner, checkpoint phase, x [T, H], w [T, k], ids [T, k], (scale_gate_up, scale_down),
+    then A_gate_up [E, r, H], B_gate_up [E, 2I, r], A_down [E, r, I], B_down [E, H, r] (or None).
+    """
+
+    @staticmethod
+    def forward(ctx, runner, phase, x, w, ids, scales, a_gate_up, b_gate_up, a_down, b_down):
+        x_cpu = x.detach().to(device="cpu", dtype=torch.bfloat16).contiguous()
+        lora_gate_up = _lora_for_engine(a_gate_up, b_gate_up, scales[0])
+        lora_down = _lora_for_engine(a_down, b_down, scales[1])
+        y, saved = runner.forward(phase, x_cpu, ids, w, lora_gate_up, lora_down)
+        ctx.runner, ctx.loras = runner, (lora_gate_up, lora_down)
+        ctx.metas = [(t.device, t.dtype) if t is not None else None for t in (x, w, a_gate_up, b_gate_up, a_down, b_down)]
+        if phase == INFERENCE:
+            ctx.kt_saved = None
+        elif phase is None:
+            ctx.kt_saved = None
+            ctx.save_for_backward(x_cpu, w, ids, *saved.as_tuple())
+        else:
+            # Inside a checkpointed layer the activations stay on ctx, outside checkpoint's
+            # saved-tensor hooks: keeping them is the point (the recomputation reuses them).
+            ctx.kt_saved = saved
+            ctx.save_for_backward(x_cpu, w, ids)
+        return y.to(device=x.device, dtype=x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        from .engine import ExpertActivations
+
+        x_cpu, w, ids, *rest = ctx.saved_tensors
+        saved, ctx.kt_saved = (ctx.kt_saved or ExpertActivations(*rest)), None
+        need = ctx.needs_input_grad
+        lora_gate_up, lora_down = ctx.loras
+        dx, dw, g_gate_up, g_down = ctx.runner.backward(
+            dy.detach().to(device="cpu", dtype=torch.bfloat16).contiguous(), x_cpu, ids, w, saved,
+            lora_gate_up=lora_gate_up, lora_down=lora_down, need_dx=need[2], need_dw=need[3],
+            need_lora_grads=any(need[6:]),
+        )
+        grads = [dx, dw, *(g_gate_up or (None, None)), *(g_down or (None, None))]
+        out = [
+            g.to(*meta) if g is not None and meta is not None and n else None
+            for g, meta, n in zip(grads, ctx.metas, (need[2], need[3], *need[6:]))
+        ]
+        return (None, None, out[0], out[1], None, None, *out[2:])
+
+
+def kt_experts_forward(self: nn.Module, hidden_states, top_k_index, top_k_weights):
+    """The `"kt_cpu"` entry of transformers' `ExpertsInterface` (experts without expert LoRA)."""
+    runner = getattr(self, "_kt_experts", None)
+    if runner is None:
+        raise RuntimeError(
+            f"{type(self).__name__} runs experts_implementation='{KT_IMPLEMENTATION}' but was not prepared by "
+            "kt_trl.prepare.prepare_model; prepare the model (KTSFTTrainer does) or call "
+            "model.set_experts_implementation('grouped_mm') on a model that still holds its expert weights."
+        )
+    return runner(hidden_states, top_k_index, top_k_weights)
+
+
+def register_experts_implementation() -> None:
+    """Register `kt_experts_forward` as `"kt_cpu"` with transformers (idempotent)."""
+    from transformers.integrations.moe import ExpertsInterface
+
+    if ExpertsInterface._global_mapping.get(KT_IMPLEMENTATION) is not kt_experts_forward:
+        ExpertsInterface.register(KT_IMPLEMENTATION, kt_experts_forward)
+
+
+def _stay_on_cpu(self: nn.Module, fn, recurse: bool = True) -> nn.Module:
+    """`Module._apply` for a module whose tensors live in host memory: moves and casts pass it by."""
+    return self
+
+
+def keep_on_cpu(module: nn.Module) -> None:
+    """Make `.to()/.cuda()/.half()` leave `module` (and everything under it) where it is."""
+    if not getattr(module, "_kt_stays_on_cpu", False):
+        module._apply = types.MethodType(_stay_on_cpu, module)
+        module._kt_stays_on_cpu = True
+
+
+def release_expert_weights(experts: nn.Module) -> None:
+    """Replace the HF 3-D expert parameters by zero-byte placeholders of the same shape and dtype.
+
+    The engine holds the only copy; the placeholders keep PEFT (which reads the shapes), parameter
+    counts and `state_dict` keys working, and fail loudly on writes (they are zero-stride).
+    """
+    for name in ("gate_up_proj", "down_proj"):
+        param = getattr(experts, name)
+        placeholder = torch.zeros((), dtype=param.dtype).expand(param.shape)
+        new = nn.Parameter(placeholder, requires_grad=False)
+        new._kt_placeholder = True
+        setattr(experts, name, new)
+
+
+def pack_experts(experts: nn.Module):
+    """Pack an experts module's `gate_up_proj [E, 2I, H]` and `down_proj [E, H, I]` into an `ExpertEngine`."""
+    from .engine import ExpertEngine
+
+    with torch.no_grad():
+        gate_up = experts.gate_up_proj.detach().to("cpu")
+        down = experts.down_proj.detach().to("cpu")
+        return ExpertEngine(gate_up, down)

@@ -1,0 +1,133 @@
+"""PEFT LoRA on fused experts, computed by the CPU engine instead of PEFT.
+
+PEFT (>= 0.17) adapts fused experts with `target_parameters=["mlp.experts.gate_up_proj",
+"mlp.experts.down_proj"]`: two `lora.ParamWrapper`s nest around the experts module (outer = the last
+one targeted, usually down_proj). Each holds, per adapter,
+
+    lora_A.weight [r*E, in]   -> A = view(E, r, in)                     A_e = A[e]
+    lora_B.weight [out, r*E]  -> B = view(out, r, E).permute(2, 0, 1)   B_e = B[e]  ([E, out, r], column k*E + e)
+    delta W_e = scaling * B_e @ A_e      (for gate_up: in = H, out = 2I; for down: in = I, out = H)
+
+PEFT's own forward materialises `W + delta W` for every expert on every call. We never run it: the
+outer wrapper *instance* gets a bound forward that hands `ExpertLoRA` views of the same parameters to
+the engine, so the optimizer, `save_pretrained` and `PeftModel.from_pretrained` keep working.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+
+import torch
+from torch import nn
+
+from .containers import MoEBlock
+
+logger = logging.getLogger(__name__)
+
+EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
+_V4_EXPERT_NAMES = ("gate_proj", "up_proj", "w1", "w2", "w3")
+
+
+def requested_expert_lora(peft_config) -> bool:
+    """Whether a PEFT config asks for LoRA on the routed experts.
+
+    True for `target_parameters` naming an expert parameter, and for `target_modules="all-linear"`
+    (PEFT maps it onto the fused experts for most families; where it does not, the user must hear it).
+    """
+    if peft_config is None:
+        return False
+    params = getattr(peft_config, "target_parameters", None) or ()
+    if any(str(p).rsplit(".", 1)[-1] in EXPERT_PARAMETERS for p in params):
+        return True
+    modules = getattr(peft_config, "target_modules", None)
+    return isinstance(modules, str) and modules.lower() == "all-linear"
+
+
+def expert_lora_factors(wrapper: nn.Module, adapter: str):
+    """`ExpertLoRA` views (`A [E, r, in]`, `B [E, out, r]`, scale) of one `ParamWrapper` adapter."""
+    from .engine import ExpertLoRA
+
+    num_experts, rank = wrapper.num_experts, wrapper.r[adapter]
+    weight_a = wrapper.lora_A[adapter].weight  # [r*E, in]
+    weight_b = wrapper.lora_B[adapter].weight  # [out, r*E]
+    a = weight_a.view(num_experts, rank, weight_a.shape[1])
+    b = weight_b.view(weight_b.shape[0], rank, num_experts).permute(2, 0, 1)
+    return ExpertLoRA(A=a, B=b, scale=float(wrapper.scaling[adapter]))
+
+
+def _active_adapter(wrapper: nn.Module) -> str | None:
+    active = [name for name in wrapper.active_adapters if name in wrapper.lora_A]
+    if len(active) > 1:
+        raise ValueError(
+            f"{len(active)} adapters {active} are active on CPU-routed experts; the engine runs one. "
+            "Activate one with model.set_adapter(name)."
+        )
+    return active[0] if active else None
+
+
+def _routed_lora_forward(self: nn.Module, hidden_states, top_k_index, top_k_weights):
+    """Forward bound on PEFT's outer expert `ParamWrapper`: the engine computes base + LoRA."""
+    wrappers = self._kt_wrappers
+    experts = self.get_base_layer()
+    if any(w.merged for w in wrappers.values()):
+        raise ValueError(
+            "Merged LoRA adapters cannot be applied to CPU-routed experts (the engine holds the frozen base "
+            "weights); call model.unmerge_adapter() before training or evaluating with kt_trl."
+        )
+    loras = {}
+    if not self.disable_adapters:
+        for name, wrapper in wrappers.items():
+            adapter = _active_adapter(wrapper)
+            if adapter is not None:
+                loras[name] = expert_lora_factors(wrapper, adapter)
+    return experts._kt_experts(
+        hidden_states, top_k_index, top_k_weights,
+        lora_gate_up=loras.get("gate_up_proj"), lora_down=loras.get("down_proj"),
+    )
+
+
+def _check_wrappers(block: MoEBlock) -> dict[str, nn.Module]:
+    by_name = {w.parameter_name: w for w in block.wrappers}
+    unknown = sorted(set(by_name) - set(EXPERT_PARAMETERS))
+    if unknown or len(by_name) != len(block.wrappers):
+        raise ValueError(
+            f"{block.name}: LoRA on expert parameter(s) {unknown or list(by_name)} is not supported by the CPU "
+            f"engine; target only {list(EXPERT_PARAMETERS)} in target_parameters."
+        )
+    for name, wrapper in by_name.items():
+        if not getattr(wrapper, "_did_swap_in_out_features", False):
+            raise ValueError(f"{block.name}.{name}: transposed expert LoRA layout is not supported.")
+        if any(wrapper.lora_bias.get(a, False) for a in wrapper.lora_A):
+            raise ValueError(f"{block.name}.{name}: lora_bias=True is not supported on experts; set lora_bias=False.")
+    return by_name
+
+
+def _to_fp32_cpu(wrapper: nn.Module) -> None:
+    """Expert LoRA masters live in host memory in FP32 (the engine's input format)."""
+    for param in wrapper.lora_A.parameters():
+        if param.dtype != torch.float32 or param.device.type != "cpu":
+            param.data = param.data.to("cpu", torch.float32)
+    for param in wrapper.lora_B.parameters():
+        if param.dtype != torch.float32 or param.device.type != "cpu":
+            param.data = param.data.to("cpu", torch.float32)
+
+
+def bind_expert_lora(block: MoEBlock) -> bool:
+    """Bind the engine-backed forward on `block`'s outer `ParamWrapper` (idempotent).
+
+    Returns:
+        True when the block has expert LoRA wrappers (bound now or before).
+    """
+    if not block.wrappers:
+        return False
+    outer = block.wrappers[0]
+    if getattr(outer, "_kt_routed", False):
+        return True
+    by_name = _check_wrappers(block)
+    for wrapper in by_name.values():
+        _to_fp32_cpu(wrapper)
+    outer._kt_wrappers = by_name
+    outer.forward = types.MethodType(_routed_lora_forward, outer)
+    outer._kt_routed = True
+    return True

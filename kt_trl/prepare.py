@@ -1,0 +1,181 @@
+"""`prepare_model`: route a transformers MoE model's experts through the CPU engine.
+
+unwrap containers → match the family in the registry → find the MoE blocks → per block: pack the
+experts into an `ExpertEngine`, release the HF tensors, keep the module on the CPU, bind expert
+LoRA → switch the model to the `"kt_cpu"` experts implementation → `RoutingReport`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+from .config import KTConfig
+from .containers import MoEBlock, find_decoder_layers, find_moe_blocks, is_peft_model, unwrap_model
+from .expert_state import attach_state_hooks
+from .expert_layouts import ExpertLayout, check_experts_module, match_layout
+from .experts import (
+    KT_IMPLEMENTATION,
+    CPUExperts,
+    keep_on_cpu,
+    pack_experts,
+    register_experts_implementation,
+    release_expert_weights,
+)
+from .lora import bind_expert_lora, requested_expert_lora
+from .report import RoutingReport, adapter_groups
+
+logger = logging.getLogger(__name__)
+
+
+def prepare_model(
+    model: nn.Module, config: KTConfig | None = None, *, expert_lora_requested: bool | None = None
+) -> RoutingReport:
+    """Route the routed experts of `model` through the native CPU engine, in place.
+
+    Runs after PEFT wrapping and before device placement; idempotent (a second call returns the
+    same report, binding expert LoRA wrappers added since).
+
+    Args:
+        model (`nn.Module`):
+            A transformers MoE causal LM, possibly inside `PeftModel`, DDP/FSDP or value-head wrappers.
+        config (`KTConfig`, *optional*):
+            Engine settings; defaults to `KTConfig()`.
+        expert_lora_requested (`bool`, *optional*):
+            Whether the user asked for LoRA on the experts; read from the `PeftModel`'s config when
+            not given. If asked and no expert got an adapter, this raises.
+
+    Returns:
+        `RoutingReport`
+
+    Example:
+
+    ```python
+    >>> from kt_trl.prepare import prepare_model
+    >>> report = prepare_model(model)          # a transformers Qwen3-MoE / Mixtral / ... model
+    >>> report.layers_routed
+    (0, 1)
+    ```
+    """
+    config = config or KTConfig()
+    base = unwrap_model(model)
+    previous = getattr(base, "_kt_report", None)
+    if previous is not None and not _unbound_wrappers(base):
+        return previous
+    layout = match_layout(base)
+    blocks = find_moe_blocks(find_decoder_layers(base), layout)
+    if not blocks:
+        raise ValueError(
+            f"{layout.family}: no decoder layer has a '{layout.block_attr}.experts' module; nothing to route."
+        )
+    if previous is None:
+        # a PEFT save keeps adapter keys only: unpacking the experts into every state_dict() would be waste
+        _route_blocks(base, blocks, layout, config, unpack_on_save=not is_peft_model(model))
+    adapted = [bind_expert_lora(block) for block in blocks]
+    for block in blocks:  # the outermost module at `block.experts` owns host-only tensors
+        keep_on_cpu(block.slot)
+    if expert_lora_requested is None:
+        expert_lora_requested = any(requested_expert_lora(c) for c in (getattr(model, "peft_config", None) or {}).values())
+    if expert_lora_requested and not any(adapted):
+        raise ValueError(_no_expert_lora_message(layout))
+    report = _build_report(model, base, blocks, layout, config)
+    base._kt_report = report
+    logger.info(report.summary())
+    return report
+
+
+def _route_blocks(
+    base: nn.Module, blocks: list[MoEBlock], layout: ExpertLayout, config: KTConfig, *, unpack_on_save: bool
+) -> None:
+    for block in blocks:
+        check_experts_module(layout, block.experts, where=block.name)
+    _check_expert_grads(blocks, config)
+    _configure_runtime(config)
+    _switch_experts_implementation(base, blocks)
+    for block in blocks:
+        engine = pack_experts(block.experts)
+        release_expert_weights(block.experts)
+        block.experts._kt_experts = CPUExperts(engine, layer=block.layer, name=block.name, config=config)
+        attach_state_hooks(block.experts, unpack_on_save=unpack_on_save)
+
+
+def _switch_experts_implementation(base: nn.Module, blocks: list[MoEBlock]) -> None:
+    """`set_experts_implementation("kt_cpu")`, checked on every block before any weight moves."""
+    register_experts_implementation()
+    previous = base.config._experts_implementation
+    base.set_experts_implementation(KT_IMPLEMENTATION)
+    for block in blocks:
+        implementation = getattr(getattr(block.experts, "config", None), "_experts_implementation", None)
+        if implementation != KT_IMPLEMENTATION:
+            base.set_experts_implementation(previous)
+            raise ValueError(
+                f"{block.name}: set_experts_implementation('{KT_IMPLEMENTATION}') does not reach this experts "
+                f"module (it would run {implementation!r}), so kt_trl cannot route it; nothing was changed. "
+                "Please report this model class to kt_trl."
+            )
+
+
+def _check_expert_grads(blocks: list[MoEBlock], config: KTConfig) -> None:
+    trainable = [b.name for b in blocks if any(p.requires_grad for p in (b.experts.gate_up_proj, b.experts.down_proj))]
+    if not trainable:
+        return
+    if not config.freeze_experts:
+        raise ValueError(
+            f"The routed experts' base weights require gradients ({trainable[0]}, ...), but the CPU engine holds "
+            "them frozen. Train LoRA on them (peft_config=LoraConfig(target_parameters=['mlp.experts.gate_up_proj', "
+            "'mlp.experts.down_proj'], ...)), or pass kt_config=KTConfig(freeze_experts=True) to freeze them and "
+            "train the rest of the model."
+        )
+    # release_expert_weights replaces them by frozen placeholders: that is the freezing
+    logger.info("kt_trl: freezing the routed experts' base weights of %d layer(s) (KTConfig.freeze_experts).", len(blocks))
+
+
+def _configure_runtime(config: KTConfig) -> dict:
+    from ._native import configure, runtime_info
+
+    configure(isa=config.isa, threads=config.threads)
+    return runtime_info()
+
+
+def _unbound_wrappers(base: nn.Module) -> bool:
+    layout = match_layout(base)
+    blocks = find_moe_blocks(find_decoder_layers(base), layout)
+    return any(b.wrappers and not getattr(b.wrappers[0], "_kt_routed", False) for b in blocks)
+
+
+def _no_expert_lora_message(layout: ExpertLayout) -> str:
+    target = f"['{layout.block_attr}.experts.gate_up_proj', '{layout.block_attr}.experts.down_proj']"
+    return (
+        f"LoRA on the routed experts was requested, but PEFT adapted no expert of this {layout.family} model "
+        f"(target_modules='all-linear' reaches the fused experts only for some families). Add "
+        f"target_parameters={target} to your LoraConfig to train expert LoRA, or list target_modules explicitly "
+        "(e.g. ['q_proj', 'k_proj', 'v_proj', 'o_proj']) to train without it."
+    )
+
+
+def _build_report(model, base, blocks, layout, config) -> RoutingReport:
+    from ._native import runtime_info
+
+    info = runtime_info()
+    expert_lora = tuple(
+        (name, p.numel())
+        for name, p in model.named_parameters()
+        if p.requires_grad and ".experts." in f".{name}." and ".lora_" in name
+    )
+    params = list(model.parameters())
+    adapters, untrained = adapter_groups(model, layout)
+    return RoutingReport(
+        family=layout.family,
+        layers_routed=tuple(b.index for b in blocks),
+        experts_per_layer=tuple(b.experts._kt_experts.engine.num_experts for b in blocks),
+        isa=str(info.get("isa")),
+        threads=int(info.get("threads") or 0),
+        packed_bytes=sum(int(b.experts._kt_experts.engine.packed_bytes) for b in blocks),
+        expert_lora=expert_lora,
+        adapters=adapters,
+        untrained_groups=untrained,
+        trainable_parameters=sum(p.numel() for p in params if p.requires_grad),
+        total_parameters=sum(p.numel() for p in params),
+        reuse_checkpointed_activations=config.reuse_checkpointed_activations,
+    )

@@ -1,0 +1,72 @@
+"""`KTSFTTrainer`: trl's `SFTTrainer` with the routed experts on the native CPU engine."""
+
+from __future__ import annotations
+
+from torch import nn
+from trl import SFTTrainer
+
+from .config import KTConfig
+from .lora import requested_expert_lora
+from .prepare import prepare_model
+from .report import RoutingReport
+
+
+class KTSFTTrainer(SFTTrainer):
+    """`trl.SFTTrainer` whose MoE model computes its routed experts (and their LoRA) on the CPU.
+
+    The experts' forward and backward, expert LoRA included, run in kt_trl's native engine; the
+    router, shared experts, attention, embeddings, norms and lm_head train on the accelerator as
+    usual. Everything `SFTTrainer` accepts keeps working; only the additions are documented here.
+
+    Args:
+        model (`str`, `PreTrainedModel` or `PeftModel`):
+            A transformers MoE causal LM of a supported family (see `kt_trl.expert_layouts`), or a
+            name/path `SFTTrainer` loads.
+        args (`trl.SFTConfig`, *optional*):
+            As for `SFTTrainer`.
+        train_dataset (`datasets.Dataset` or `IterableDataset`):
+            As for `SFTTrainer`. Third positional argument, as TRL users write it.
+        kt_config (`KTConfig`, *optional*):
+            Engine settings (ISA, threads, activation reuse under gradient checkpointing).
+        **kwargs:
+            Any other `SFTTrainer` keyword (`peft_config`, `processing_class`, `eval_dataset`, ...).
+
+    Example:
+
+    ```python
+    >>> from kt_trl import KTSFTTrainer
+    >>> from peft import LoraConfig
+    >>> from trl import SFTConfig
+    >>> trainer = KTSFTTrainer(model, SFTConfig(output_dir="out"), train_dataset,
+    ...                        peft_config=LoraConfig(r=16, target_modules="all-linear"))
+    >>> trainer.train()
+    >>> trainer.kt_report.layers_routed
+    ```
+    """
+
+    _tag_names = ["trl", "sft", "kt_trl"]
+    _name = "KT-SFT"
+
+    def __init__(self, model, args=None, train_dataset=None, *, kt_config: KTConfig | None = None, **kwargs):
+        self.kt_config = kt_config if kt_config is not None else KTConfig()
+        self.kt_report: RoutingReport | None = None
+        # PEFT rewrites the config in place (e.g. resolves "all-linear"), so read the intent first.
+        self._kt_expert_lora_requested = requested_expert_lora(kwargs.get("peft_config"))
+        super().__init__(model, args, train_dataset=train_dataset, **kwargs)
+        # Trainer skips placement for DeepSpeed, FSDP, model parallel and *_full_eval; prepare anyway.
+        self._prepare_model(self.model)
+
+    def _prepare_model(self, model: nn.Module) -> RoutingReport:
+        """Route `model`'s experts through the CPU engine (idempotent; `prepare_model` logs the report once)."""
+        requested = self._kt_expert_lora_requested or None
+        self.kt_report = prepare_model(model, self.kt_config, expert_lora_requested=requested)
+        return self.kt_report
+
+    def _move_model_to_device(self, model: nn.Module, device) -> None:
+        # The one point after PEFT wrapping and before any placement (DESIGN §1).
+        self._prepare_model(model)
+        super()._move_model_to_device(model, device)
+
+    def _wrap_model(self, model: nn.Module, training: bool = True, dataloader=None) -> nn.Module:
+        self._prepare_model(model)
+        return super()._wrap_model(model, training=training, dataloader=dataloader)

@@ -1,0 +1,144 @@
+"""The engine-backed experts path: single-step gradients, gradient-checkpointing reuse, placement."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from kt_trl.config import KTConfig
+from kt_trl.experts import kt_experts_forward
+from kt_trl.prepare import prepare_model
+from tests.tiny_models import VOCAB, expert_targets, tiny_model
+
+# BF16 compute vs FP32 (same BF16-rounded weights): relative error of a whole gradient tensor.
+GRAD_RTOL = 3e-2
+
+
+def runners(model):
+    return [m._kt_experts for m in model.modules() if hasattr(m, "_kt_experts")]
+
+
+def peft_pair(family: str, *, router: bool = True):
+    """(plain, kt) PeftModels with random non-zero LoRA on o_proj, router and experts."""
+    targets = ["o_proj"] + (["gate"] if router and family != "granitemoe" else [])
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, target_parameters=expert_targets(family),
+                        init_lora_weights=False)
+    torch.manual_seed(1)
+    plain = get_peft_model(tiny_model(family), config)
+    kt = copy.deepcopy(plain)
+    prepare_model(kt)
+    return plain, kt
+
+
+def batch(seed: int = 0, shape=(2, 24)):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, shape, generator=generator)
+    return {"input_ids": ids, "labels": ids}
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "granitemoe"])
+def test_single_step_gradients_match_fp32(family):
+    plain, kt = peft_pair(family)
+    inputs = batch()
+    losses = []
+    for model in (plain, kt):
+        model.train()
+        loss = model(**inputs).loss
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], rtol=2e-3, atol=0.0)
+    checked = assert_grads_close(plain, kt)
+    assert sum(".experts." in name for name in checked) == 4 * len(runners(kt))  # A, B of gate_up and down
+
+
+def assert_grads_close(plain, kt) -> list[str]:
+    """Every trainable parameter's gradient within GRAD_RTOL (relative norm); returns the names."""
+    kt_params = dict(kt.named_parameters())
+    names = []
+    for name, param in plain.named_parameters():
+        if not param.requires_grad:
+            continue
+        grad, reference = kt_params[name].grad, param.grad
+        assert grad is not None, f"{name} got no gradient"
+        error = ((grad - reference).norm() / reference.norm()).item()
+        assert error < GRAD_RTOL, f"{name}: gradient relative error {error:.4f}"
+        names.append(name)
+    return names
+
+
+def _train_step(model, inputs):
+    model(**inputs).loss.backward()
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_checkpointing_reuses_first_forward(reentrant):
+    plain, kt = peft_pair("qwen3_moe", router=False)
+    kt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    kt.enable_input_require_grads()
+    kt.train()
+    for step in range(2):
+        _train_step(kt, batch(step))
+    for runner in runners(kt):
+        assert (runner.forward_calls, runner.reused_forwards, runner.backward_calls) == (2, 2, 2)
+        assert not runner.pending
+    # gradients equal those of the model without checkpointing
+    plain.train()
+    for step in range(2):
+        _train_step(plain, batch(step))
+    assert_grads_close(plain, kt)
+
+
+def test_checkpointing_recompute_switch():
+    kt = get_peft_model(tiny_model("qwen3_moe"), LoraConfig(target_parameters=expert_targets("qwen3_moe")))
+    prepare_model(kt, KTConfig(reuse_checkpointed_activations=False))
+    kt.gradient_checkpointing_enable()
+    kt.train()
+    _train_step(kt, batch())
+    assert all((r.forward_calls, r.reused_forwards) == (2, 0) for r in runners(kt))
+
+
+def test_no_kept_activations_outside_training():
+    _, kt = peft_pair("qwen3_moe", router=False)
+    kt.gradient_checkpointing_enable()
+    kt.eval()
+    kt(**batch())
+    kt.train()
+    with torch.no_grad():
+        kt(**batch())
+    assert all(not r.pending and r.forward_calls == 2 for r in runners(kt))
+
+
+def test_pending_activations_are_bounded(caplog):
+    kt = get_peft_model(tiny_model("qwen3_moe"), LoraConfig(target_parameters=expert_targets("qwen3_moe")))
+    prepare_model(kt, KTConfig(max_pending_activations=2))
+    kt.gradient_checkpointing_enable()
+    kt.train()
+    with caplog.at_level(logging.WARNING, logger="kt_trl.experts"):
+        for step in range(3):
+            kt(**batch(step))
+    assert all(len(r.pending) == 2 for r in runners(kt))
+    assert "max_pending_activations" in caplog.text
+
+
+def test_unprepared_experts_module_refuses():
+    experts = tiny_model("qwen3_moe").model.layers[0].mlp.experts
+    with pytest.raises(RuntimeError, match="not prepared by kt_trl"):
+        kt_experts_forward(experts, torch.zeros(3, 32), torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2))
+
+
+def test_forward_without_backward_saves_nothing(monkeypatch):
+    _, kt = peft_pair("qwen3_moe", router=False)
+    saves = []
+    for runner in runners(kt):
+        forward = runner.engine.forward
+        monkeypatch.setattr(runner.engine, "forward", lambda *a, _f=forward, **k: saves.append(k["save"]) or _f(*a, **k))
+    kt.eval()
+    with torch.no_grad():
+        kt(**batch())
+    kt.train()
+    kt(**batch())
+    assert saves == [False, False, True, True]

@@ -1,0 +1,65 @@
+"""On the GPU host: the non-expert part on the GPU, the experts (and their LoRA) on the CPU engine.
+
+Skipped without CUDA. Both trainers run TRL's defaults (bf16 autocast, gradient checkpointing), so
+the tolerance is that of BF16 training on both sides.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig
+from trl import SFTTrainer
+
+from kt_trl import KTSFTTrainer
+from tests.tiny_models import expert_targets, sft_args, step_losses, tiny_model
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs on the GPU test host)"),
+]
+
+
+def gpu_args(output_dir, **overrides):
+    return sft_args(output_dir, use_cpu=False, bf16=True, gradient_accumulation_steps=2, **overrides)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "mixtral"])
+def test_gpu_parity_and_placement(family, tmp_path, tokenizer, dataset):
+    model = tiny_model(family)
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"], target_parameters=expert_targets(family))
+    plain = SFTTrainer(copy.deepcopy(model), gpu_args(tmp_path / "plain", family=family), train_dataset=dataset,
+                       processing_class=copy.deepcopy(tokenizer), peft_config=copy.deepcopy(peft_config))
+    plain.train()
+    kt = KTSFTTrainer(copy.deepcopy(model), gpu_args(tmp_path / "kt", family=family), dataset,
+                      processing_class=copy.deepcopy(tokenizer), peft_config=copy.deepcopy(peft_config))
+    _assert_placement(kt.model)
+    kt.train()
+    _assert_placement(kt.model)
+    torch.testing.assert_close(torch.tensor(step_losses(kt)), torch.tensor(step_losses(plain)), rtol=2e-2, atol=0.0)
+    for param, state in kt.optimizer.state.items():
+        for value in state.values():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                assert value.device == param.device  # expert LoRA moments stay on the CPU with their params
+    if "amx" in _cpu_features():  # the GPU host's Xeon: the engine must pick its AMX path
+        assert kt.kt_report.isa == "amx"
+
+
+def _assert_placement(model):
+    on_gpu = on_cpu = 0
+    for name, param in model.named_parameters():
+        if ".experts." in name:
+            assert param.device.type == "cpu", f"{name} is on {param.device}"
+            on_cpu += 1
+        else:
+            assert param.device.type == "cuda", f"{name} is on {param.device}"
+            on_gpu += 1
+    assert on_cpu and on_gpu
+
+
+def _cpu_features():
+    from kt_trl._native import runtime_info
+
+    return " ".join(runtime_info().get("cpu_features", []))

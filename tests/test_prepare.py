@@ -1,0 +1,161 @@
+"""prepare_model: idempotency, the RoutingReport, released weights, placement, refusals."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+from peft import LoraConfig, get_peft_model
+
+from kt_trl import KTConfig, KTSFTTrainer
+from kt_trl.prepare import prepare_model
+from tests.tiny_models import VOCAB, expert_targets, sft_args, tiny_model
+
+
+def all_linear(model):
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+
+
+def experts_modules(model):
+    return [m for m in model.modules() if hasattr(m, "_kt_experts")]
+
+
+def test_prepare_twice_is_a_noop():
+    model = all_linear(tiny_model("qwen3_moe"))
+    report = prepare_model(model)
+    engines = [m._kt_experts.engine for m in experts_modules(model)]
+    forwards = [m.forward for m in model.modules() if getattr(m, "_kt_routed", False)]
+    assert prepare_model(model) is report
+    assert [m._kt_experts.engine for m in experts_modules(model)] == engines
+    assert [m.forward for m in model.modules() if getattr(m, "_kt_routed", False)] == forwards
+
+
+def test_report_lists_what_was_routed_and_what_trains():
+    model = all_linear(tiny_model("deepseek_v3"))  # layer 0 is dense (first_k_dense_replace=1)
+    report = prepare_model(model)
+    assert report.family == "DeepSeek-V3"
+    assert report.layers_routed == (1, 2) and report.experts_per_layer == (8, 8)
+    assert report.packed_bytes >= 2 * 8 * (2 * 16 * 32 + 32 * 16) * 2  # two layers of BF16 experts
+    assert report.isa in ("amx", "avx512", "avx2", "scalar")
+    expert_lora = {n: p.numel() for n, p in model.named_parameters() if ".experts." in n and "lora_" in n}
+    assert dict(report.expert_lora) == expert_lora and len(expert_lora) == 2 * 4  # 2 layers x (A, B) x 2
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert report.trainable_parameters == trainable  # expert LoRA included
+    groups = dict(report.adapters)
+    assert groups["experts"] == sum(expert_lora.values())
+    # PEFT 0.21 turns "all-linear" on DeepSeek into target_parameters for the experts and router and
+    # drops the shared experts and the dense MLP of layer 0: the report says so
+    assert set(groups) == {"attention", "router", "experts"}
+    assert report.untrained_groups == ("shared experts", "dense mlp")
+    line = report.adapters_line()
+    assert "experts 11,264" in line and "no adapters on shared experts, dense mlp" in line and f"{trainable:,}" in line
+
+
+def test_expert_weights_are_released():
+    model = tiny_model("mixtral")
+    original = model.model.layers[0].mlp.experts.gate_up_proj.detach().clone()
+    prepare_model(model, KTConfig(freeze_experts=True))
+    experts = model.model.layers[0].mlp.experts
+    for param in (experts.gate_up_proj, experts.down_proj):
+        assert param.stride() == (0, 0, 0) and param.untyped_storage().nbytes() <= 4
+    gate_up, _ = experts._kt_experts.engine.unpack()
+    torch.testing.assert_close(gate_up.float(), original, rtol=0, atol=0)  # BF16-exact values went in
+
+
+def test_experts_stay_on_cpu_through_moves_and_casts():
+    model = all_linear(tiny_model("qwen3_moe"))
+    prepare_model(model)
+    model.to(torch.float64)
+    model.to("meta")  # stands in for .to("cuda") on a machine without a GPU
+    for name, param in model.named_parameters():
+        if ".experts." in name:
+            assert param.device.type == "cpu", name
+            assert param.dtype == torch.float32, name  # not cast to float64 either
+        else:
+            assert param.device.type == "meta", name
+
+
+def test_generation_runs_after_prepare():
+    model = tiny_model("qwen3_moe")
+    prepare_model(model, KTConfig(freeze_experts=True))
+    out = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 7)
+
+
+def test_adapters_added_after_prepare_are_bound():
+    model = tiny_model("qwen3_moe")
+    model.requires_grad_(False)
+    first = prepare_model(model)
+    peft_model = get_peft_model(model, LoraConfig(target_parameters=expert_targets("qwen3_moe")))
+    second = prepare_model(peft_model)
+    assert second is not first and second.expert_lora_parameters > 0
+    assert all(getattr(m.mlp.experts, "_kt_routed", False) for m in model.model.layers)
+
+
+def test_dense_model_is_refused():
+    config = transformers.Qwen3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    with pytest.raises(ValueError, match="has no routed experts.*plain trl.SFTTrainer.*Qwen3-MoE"):
+        prepare_model(transformers.AutoModelForCausalLM.from_config(config))
+
+
+def test_unknown_moe_family_is_refused():
+    config = transformers.PhimoeConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=16, num_hidden_layers=1,
+                                       num_attention_heads=4, num_key_value_heads=2)
+    with pytest.raises(ValueError, match="'phimoe'.*not in kt_trl's registry; supported families: Qwen3-MoE"):
+        prepare_model(transformers.AutoModelForCausalLM.from_config(config))
+
+
+def test_gpt_oss_is_refused_for_now():
+    config = transformers.GptOssConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4,
+                                       layer_types=["sliding_attention", "full_attention"])
+    with pytest.raises(ValueError, match="gpt-oss.*not supported by the CPU engine yet"):
+        prepare_model(transformers.AutoModelForCausalLM.from_config(config))
+
+
+def test_non_silu_experts_are_refused():
+    with pytest.raises(ValueError, match="standard SwiGLU.*hidden_act must be 'silu'"):
+        prepare_model(tiny_model("mixtral", hidden_act="gelu"), KTConfig(freeze_experts=True))
+
+
+def test_trainable_expert_weights_are_refused_unless_frozen():
+    model = tiny_model("olmoe")
+    with pytest.raises(ValueError, match="require gradients.*KTConfig\\(freeze_experts=True\\)"):
+        prepare_model(model)
+    assert model.model.layers[0].mlp.experts.gate_up_proj.stride() != (0, 0, 0)  # refused before touching it
+    report = prepare_model(model, KTConfig(freeze_experts=True))
+    assert "experts" not in dict(report.adapters)
+
+
+def test_all_linear_without_expert_lora_is_refused(tmp_path, tokenizer, dataset):
+    # PEFT 0.21 maps "all-linear" onto the fused experts for Qwen3-MoE, Mixtral, ... but not Qwen2-MoE
+    with pytest.raises(ValueError, match="adapted no expert of this Qwen2-MoE model.*target_parameters="):
+        KTSFTTrainer(tiny_model("qwen2_moe"), sft_args(tmp_path), dataset, processing_class=copy.deepcopy(tokenizer),
+                     peft_config=LoraConfig(target_modules="all-linear"))
+
+
+def test_unwrapped_value_head_container():
+    class ValueHead(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.pretrained_model = model
+            self.v_head = torch.nn.Linear(32, 1)
+
+    model = all_linear(tiny_model("qwen3_moe"))
+    report = prepare_model(ValueHead(model))
+    assert report.layers_routed == (0, 1) and prepare_model(model) is report
+
+
+
+def test_experts_the_implementation_switch_cannot_reach_are_refused_untouched():
+    model = tiny_model("qwen3_moe")
+    experts = model.model.layers[1].mlp.experts
+    experts.config = copy.deepcopy(model.config)  # a config set_experts_implementation does not update
+    before = model.config._experts_implementation
+    with pytest.raises(ValueError, match="layers.1.*does not reach this experts module.*nothing was changed"):
+        prepare_model(model, KTConfig(freeze_experts=True))
+    assert model.config._experts_implementation == before
+    assert all(layer.mlp.experts.gate_up_proj.stride() != (0, 0, 0) for layer in model.model.layers)
