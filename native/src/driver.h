@@ -21,6 +21,8 @@ namespace kt {
 constexpr int64_t kRowBlock = 128;
 constexpr int64_t kKSlice = 512;
 constexpr int64_t kMaxColBlock = 256;
+// Rows per chunk of the row-wise stages: their FP32 row buffers (rows x H) stay in L2.
+constexpr int64_t kChunkRows = 32;
 
 // Columns per work item: the item's whole weight block (cols x Kp BF16) should fit in ~1 MiB of
 // L2, since it is read from DRAM once and reused by every row chunk of the expert.
@@ -41,7 +43,7 @@ struct RowChunk {
     int64_t expert, row0, rows;
 };
 
-inline std::vector<RowChunk> row_chunks(const RoutePlan &plan, int64_t chunk = kRowBlock) {
+inline std::vector<RowChunk> row_chunks(const RoutePlan &plan, int64_t chunk = kChunkRows) {
     std::vector<RowChunk> out;
     for (int64_t e : plan.order) {
         const int64_t n = plan.count(e);

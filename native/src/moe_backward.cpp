@@ -8,7 +8,7 @@
 //   LoRA: dB_d += s (w dY)^T (h A_d^T), dA_d += s (w dY B_d)^T h,
 //         dB_gu += s dGU^T (x A_gu^T),  dA_gu += s (dGU B_gu)^T x
 // Stages:
-//   1. gather   dY rows (and x rows when A_gu needs a gradient) into expert-sorted BF16 buffers;
+//   1. gather   dY rows into an expert-sorted BF16 buffer;
 //               LoRA: TY = dY B_d                                                  (row chunks)
 //   2. G        G [Nr, Ip] FP32 = dYs W_d (+ s TY A_d)                               (expert x col block)
 //               W_d is packed for y = h W_d^T, so each item transposes its columns of W_d
@@ -30,7 +30,6 @@ namespace kt {
 namespace {
 
 struct BackwardScratch {
-    uint16_t *xs;    // [Nr, Hp]  BF16 gathered x (only when dA_gu is wanted)
     uint16_t *dys;   // [Nr, Hp]  BF16 gathered dY (unweighted; row stride ldx, like xs)
     float *g;        // [Nr, Ip]  FP32 dY W_d,eff
     uint16_t *dgu;   // [Nr, GUp] BF16 [dg | du] (row stride ldgu)
@@ -67,8 +66,7 @@ void store_lora_b(float *dB, const float *db, const LoraView &l, int64_t E, int6
     });
 }
 
-void gather_stage(const kt_experts &ex, const BackwardScratch &s, const uint16_t *dy, const uint16_t *x,
-                  const RoutePlan &plan, const std::vector<RowChunk> &chunks, const LoraView &ld) {
+void gather_stage(const kt_experts &ex, const BackwardScratch &s, const uint16_t *dy, const RoutePlan &plan, const std::vector<RowChunk> &chunks, const LoraView &ld) {
     const Kernels &K = *runtime().kernels;
     ThreadPool::run(static_cast<int64_t>(chunks.size()), [&](int64_t i, int w) {
         const RowChunk c = chunks[i];
@@ -76,7 +74,6 @@ void gather_stage(const kt_experts &ex, const BackwardScratch &s, const uint16_t
             const int64_t t = plan.route[r] / plan.k;
             std::memcpy(s.dys + r * ex.ldx, dy + t * ex.H, sizeof(uint16_t) * ex.H);
             std::memset(s.dys + r * ex.ldx + ex.H, 0, sizeof(uint16_t) * (ex.Hp - ex.H));
-            if (s.xs) std::memcpy(s.xs + r * ex.ldx, x + t * ex.H, sizeof(uint16_t) * ex.H);
         }
         if (ld.r == 0) return;
         float *df = workspace().threads[w].rows_a.get<float>(c.rows * ex.H);
@@ -116,6 +113,7 @@ void transposed_stage(const kt_experts &ex, const RoutePlan &plan, bool is_down,
 }
 
 struct ActInputs {
+    const uint16_t *x;   // [T, H], read by route for the gate_up LoRA A gradient
     const uint16_t *saved_gu;
     const float *saved_lgu, *saved_ld;
     const BackwardOut *out;
@@ -185,7 +183,8 @@ void lora_gate_up_terms(const kt_experts &ex, const BackwardScratch &s, const Ro
     }
     if (g->dA) {
         float *xf = ts.rows_c.get<float>(c.rows * ex.H);
-        for (int64_t i = 0; i < c.rows; ++i) K.bf16_to_f32(xf + i * ex.H, s.xs + (c.row0 + i) * ex.ldx, ex.H);
+        for (int64_t i = 0; i < c.rows; ++i)
+            K.bf16_to_f32(xf + i * ex.H, in.x + (plan.route[c.row0 + i] / plan.k) * ex.H, ex.H);
         K.sgemm_tn(g->dA + c.expert * lgu.r * ex.H, ex.H, tg, lgu.r, xf, ex.H, lgu.r, ex.H, c.rows, lgu.scale, true);
     }
 }
@@ -204,8 +203,8 @@ void act_stage(const kt_experts &ex, const BackwardScratch &s, const RoutePlan &
         if (grad_gu && out.g_gu->dB) std::fill_n(s.db_gu + e * 2 * ex.I * lgu.r, 2 * ex.I * lgu.r, 0.0f);
         if (!out.accumulate && grad_d && out.g_d->dA) std::fill_n(out.g_d->dA + e * ld.r * ex.I, ld.r * ex.I, 0.0f);
         if (!out.accumulate && grad_gu && out.g_gu->dA) std::fill_n(out.g_gu->dA + e * lgu.r * ex.H, lgu.r * ex.H, 0.0f);
-        for (int64_t r = 0; r < plan.count(e); r += kRowBlock) {
-            const RowChunk c{e, plan.offsets[e] + r, std::min(kRowBlock, plan.count(e) - r)};
+        for (int64_t r = 0; r < plan.count(e); r += kChunkRows) {
+            const RowChunk c{e, plan.offsets[e] + r, std::min(kChunkRows, plan.count(e) - r)};
             float *hf = ts.rows_a.get<float>(c.rows * ex.I);
             act_rows(ex, s, plan, c, in, hf);
             if (grad_d) lora_down_grads(ex, s, plan, c, in, ld, hf, ts, s.db_d + e * ex.H * ld.r);
@@ -244,9 +243,7 @@ void backward_layer(const kt_experts &ex, const BackwardOut &out, const uint16_t
     if (out.dw)
         for (int64_t route = 0; route < plan.T * plan.k; ++route) out.dw[route] = 0.0f;
     const int64_t Nr = plan.rows();
-    const bool need_x = lgu.r > 0 && out.g_gu && out.g_gu->dA;
     BackwardScratch s{};
-    s.xs = need_x ? ws.slots[0].get<uint16_t>(Nr * ex.ldx) : nullptr;
     s.dys = ws.slots[1].get<uint16_t>(Nr * ex.ldx);
     s.g = ws.slots[2].get<float>(Nr * ex.Ip);
     s.dgu = ws.slots[3].get<uint16_t>(Nr * ex.ldgu);
@@ -264,7 +261,7 @@ void backward_layer(const kt_experts &ex, const BackwardOut &out, const uint16_t
         if (lgu.r) copy_lora_b(s.bc_gu, lgu, ex.E, 2 * ex.I);
     }
     const std::vector<RowChunk> chunks = row_chunks(plan);
-    { StageTimer timer(KT_STAGE_BWD_GATHER); gather_stage(ex, s, dy, x, plan, chunks, ld); }
+    { StageTimer timer(KT_STAGE_BWD_GATHER); gather_stage(ex, s, dy, plan, chunks, ld); }
     {
         StageTimer timer(KT_STAGE_BWD_DOWN_T);
         transposed_stage(ex, plan, true, s.dys, ex.ldx, s.ty, ld, ex.I,
@@ -272,7 +269,7 @@ void backward_layer(const kt_experts &ex, const BackwardOut &out, const uint16_t
                              std::memcpy(s.g + row * ex.Ip + c0, t, sizeof(float) * valid);
                          });
     }
-    const ActInputs in{saved_gu, saved_lgu, saved_ld, &out};
+    const ActInputs in{x, saved_gu, saved_lgu, saved_ld, &out};
     { StageTimer timer(KT_STAGE_BWD_ACT); act_stage(ex, s, plan, in, lgu, ld); }
     if (!out.dx) return;
     {
