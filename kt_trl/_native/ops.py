@@ -148,15 +148,20 @@ def _lora(lora, num_experts: int, out_features: int, in_features: int, name: str
     return l
 
 
+def _call_inputs(dims, ids, weights, lora_gate_up, lora_down, keep: list):
+    """The routing and LoRA descriptors that forward and backward both pass."""
+    E, H, I = dims
+    return (_routing(ids, weights, keep), _lora(lora_gate_up, E, 2 * I, H, "gate_up", keep),
+            _lora(lora_down, E, H, I, "down", keep))
+
+
 def experts_forward(handle, dims, x, ids, weights, lora_gate_up, lora_down, save: bool):
     """``(y [T, H] BF16, saved)``; ``saved`` = (gate_up [T*k, 2I] BF16, lora_gu [T*k, r] | None, lora_d | None)."""
     ffi, lib = load()
     E, H, I = dims
     T, k = ids.shape
     keep: list = []
-    routing = _routing(ids, weights, keep)
-    lgu = _lora(lora_gate_up, E, 2 * I, H, "gate_up", keep)
-    ld = _lora(lora_down, E, H, I, "down", keep)
+    routing, lgu, ld = _call_inputs(dims, ids, weights, lora_gate_up, lora_down, keep)
     y = host_empty((T, H), torch.bfloat16)
     saved_gu = host_empty((T * k, 2 * I), torch.bfloat16) if save else None
     saved_lgu = host_empty((T * k, lora_gate_up.A.shape[1])) if save and lora_gate_up is not None else None
@@ -181,9 +186,7 @@ def experts_backward(handle, dims, dy, x, ids, weights, saved, lora_gate_up, lor
     E, H, I = dims
     T, k = ids.shape
     keep: list = []
-    routing = _routing(ids, weights, keep)
-    lgu = _lora(lora_gate_up, E, 2 * I, H, "gate_up", keep)
-    ld = _lora(lora_down, E, H, I, "down", keep)
+    routing, lgu, ld = _call_inputs(dims, ids, weights, lora_gate_up, lora_down, keep)
     saved_gu, saved_lgu, saved_ld = saved
     dx = host_empty((T, H), torch.bfloat16) if need_dx else None
     dw = host_empty((T, k)) if need_dw else None

@@ -52,6 +52,24 @@ void check_experts(const kt_experts *ex) {
         KT_CHECK(ex->loaded[e], "expert %lld has no weights yet; call kt_experts_load for every expert", (long long)e);
 }
 
+// What forward and backward both check first: the engine, the routing and the two LoRAs.
+struct CallInputs {
+    RoutePlan plan;
+    LoraView lgu, ld;
+};
+
+void check_call(CallInputs &in, const kt_experts *ex, const kt_routing *routing, const kt_lora *lora_gu,
+                const kt_lora *lora_d) {
+    check_experts(ex);
+    {
+        StageTimer timer(KT_STAGE_PLAN);
+        plan_routes(in.plan, routing, ex->E);
+    }
+    checked_product(in.plan.T * in.plan.k, ex->H + 2 * ex->I, 8, "tokens x top_k");
+    in.lgu = lora_view(lora_gu, ex->E, 2 * ex->I, ex->H, "gate_up");
+    in.ld = lora_view(lora_d, ex->E, ex->H, ex->I, "down");
+}
+
 }  // namespace
 
 LoraView lora_view(const kt_lora *l, int64_t E, int64_t out, int64_t in, const char *name) {
@@ -170,18 +188,13 @@ KT_API kt_status kt_experts_forward(kt_experts *ex, uint16_t *y, uint16_t *saved
                                     float *saved_ld, const uint16_t *x, const kt_routing *routing,
                                     const kt_lora *lora_gu, const kt_lora *lora_d) {
     return guarded([&] {
-        check_experts(ex);
         std::lock_guard<std::mutex> lock(runtime_lock());
         (void)runtime();
-        RoutePlan plan;
-        {
-            StageTimer timer(KT_STAGE_PLAN);
-            plan_routes(plan, routing, ex->E);
-        }
-        checked_product(plan.T * plan.k, ex->H + 2 * ex->I, 8, "tokens x top_k");
+        CallInputs in;
+        check_call(in, ex, routing, lora_gu, lora_d);
+        const RoutePlan &plan = in.plan;
+        const LoraView &lgu = in.lgu, &ld = in.ld;
         KT_CHECK(plan.T == 0 || (x && y), "x or y pointer is NULL");
-        const LoraView lgu = lora_view(lora_gu, ex->E, 2 * ex->I, ex->H, "gate_up");
-        const LoraView ld = lora_view(lora_d, ex->E, ex->H, ex->I, "down");
         KT_CHECK(lgu.r > 0 || !saved_lgu, "saved_lora_gate_up must be NULL without a gate_up LoRA");
         KT_CHECK(ld.r > 0 || !saved_ld, "saved_lora_down must be NULL without a down LoRA");
         if (plan.T == 0) return;
@@ -195,17 +208,12 @@ KT_API kt_status kt_experts_backward(kt_experts *ex, uint16_t *dx, float *dw, co
                                      const float *saved_lgu, const float *saved_ld, const kt_lora *lora_gu,
                                      const kt_lora *lora_d) {
     return guarded([&] {
-        check_experts(ex);
         std::lock_guard<std::mutex> lock(runtime_lock());
         (void)runtime();
-        RoutePlan plan;
-        {
-            StageTimer timer(KT_STAGE_PLAN);
-            plan_routes(plan, routing, ex->E);
-        }
-        checked_product(plan.T * plan.k, ex->H + 2 * ex->I, 8, "tokens x top_k");
-        const LoraView lgu = lora_view(lora_gu, ex->E, 2 * ex->I, ex->H, "gate_up");
-        const LoraView ld = lora_view(lora_d, ex->E, ex->H, ex->I, "down");
+        CallInputs in;
+        check_call(in, ex, routing, lora_gu, lora_d);
+        const RoutePlan &plan = in.plan;
+        const LoraView &lgu = in.lgu, &ld = in.ld;
         KT_CHECK(!grad_gu || lgu.r > 0, "grad_gate_up given without a gate_up LoRA");
         KT_CHECK(!grad_d || ld.r > 0, "grad_down given without a down LoRA");
         KT_CHECK(plan.T == 0 || (dy && saved_gu), "dy or saved_gate_up pointer is NULL");

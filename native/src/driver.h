@@ -79,6 +79,10 @@ struct LoraView {
 // Checks one kt_lora against the projection [out, in] of E experts and returns its view.
 LoraView lora_view(const kt_lora *lora, int64_t E, int64_t out, int64_t in, const char *name);
 
+// out[t] = bf16(sum_j c_j rows[t * k + j]) over the token's routes that are not the sentinel,
+// j increasing, c_j = w[t, j] when weighted and 1 otherwise: the one rounding of y and dx.
+void sum_routes(uint16_t *out, const float *rows, const RoutePlan &plan, int64_t H, bool weighted);
+
 void forward_layer(const kt_experts &ex, uint16_t *y, uint16_t *saved_gu, float *saved_lgu, float *saved_ld,
                    const uint16_t *x, const RoutePlan &plan, const LoraView &lgu, const LoraView &ld);
 

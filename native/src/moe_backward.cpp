@@ -215,24 +215,6 @@ void act_stage(const kt_experts &ex, const BackwardScratch &s, const RoutePlan &
     if (grad_gu && out.g_gu->dB) store_lora_b(out.g_gu->dB, s.db_gu, lgu, ex.E, 2 * ex.I, out.accumulate);
 }
 
-void combine_stage(const kt_experts &ex, const BackwardScratch &s, const RoutePlan &plan, uint16_t *dx) {
-    const Kernels &K = *runtime().kernels;
-    const int64_t chunk = 16;
-    ThreadPool::run((plan.T + chunk - 1) / chunk, [&](int64_t i, int w) {
-        float *acc = workspace().threads[w].rows_a.get<float>(ex.H);
-        for (int64_t t = i * chunk; t < std::min(plan.T, (i + 1) * chunk); ++t) {
-            std::fill(acc, acc + ex.H, 0.0f);
-            for (int64_t j = 0; j < plan.k; ++j) {
-                const int64_t route = t * plan.k + j;
-                if (plan.row_of[route] < 0) continue;
-                const float *d = s.dx + route * ex.H;
-                for (int64_t h = 0; h < ex.H; ++h) acc[h] += d[h];
-            }
-            K.f32_to_bf16(dx + t * ex.H, acc, ex.H);
-        }
-    });
-}
-
 }  // namespace
 
 void backward_layer(const kt_experts &ex, const BackwardOut &out, const uint16_t *dy, const uint16_t *x,
@@ -279,7 +261,7 @@ void backward_layer(const kt_experts &ex, const BackwardOut &out, const uint16_t
                              std::memcpy(s.dx + plan.route[row] * ex.H + c0, t, sizeof(float) * valid);
                          });
     }
-    { StageTimer timer(KT_STAGE_BWD_COMBINE); combine_stage(ex, s, plan, out.dx); }
+    { StageTimer timer(KT_STAGE_BWD_COMBINE); sum_routes(out.dx, s.dx, plan, ex.H, false); }
 }
 
 }  // namespace kt

@@ -139,26 +139,26 @@ void down_stage(const kt_experts &ex, const ForwardScratch &s, const RoutePlan &
     });
 }
 
-void combine_stage(const kt_experts &ex, const ForwardScratch &s, const RoutePlan &plan, uint16_t *y) {
+}  // namespace
+
+void sum_routes(uint16_t *out, const float *rows, const RoutePlan &plan, int64_t H, bool weighted) {
     const Kernels &K = *runtime().kernels;
     const int64_t chunk = 16;
     ThreadPool::run((plan.T + chunk - 1) / chunk, [&](int64_t i, int w) {
-        float *acc = workspace().threads[w].rows_b.get<float>(ex.H);
+        float *acc = workspace().threads[w].rows_b.get<float>(H);
         for (int64_t t = i * chunk; t < std::min(plan.T, (i + 1) * chunk); ++t) {
-            std::fill(acc, acc + ex.H, 0.0f);
+            std::fill(acc, acc + H, 0.0f);
             for (int64_t j = 0; j < plan.k; ++j) {
                 const int64_t route = t * plan.k + j;
                 if (plan.row_of[route] < 0) continue;
-                const float wt = plan.weight[route];
-                const float *d = s.d + route * ex.H;
-                for (int64_t h = 0; h < ex.H; ++h) acc[h] += wt * d[h];
+                const float c = weighted ? plan.weight[route] : 1.0f;
+                const float *d = rows + route * H;
+                for (int64_t h = 0; h < H; ++h) acc[h] += c * d[h];
             }
-            K.f32_to_bf16(y + t * ex.H, acc, ex.H);
+            K.f32_to_bf16(out + t * H, acc, H);
         }
     });
 }
-
-}  // namespace
 
 void forward_layer(const kt_experts &ex, uint16_t *y, uint16_t *saved_gu, float *saved_lgu, float *saved_ld,
                    const uint16_t *x, const RoutePlan &plan, const LoraView &lgu, const LoraView &ld) {
@@ -185,7 +185,7 @@ void forward_layer(const kt_experts &ex, uint16_t *y, uint16_t *saved_gu, float 
     { StageTimer timer(KT_STAGE_FWD_GATE_UP); gate_up_stage(ex, s, plan, lgu); }
     { StageTimer timer(KT_STAGE_FWD_ACT); act_stage(ex, s, plan, chunks, ld, saved_gu, saved_lgu, saved_ld, lgu.r); }
     { StageTimer timer(KT_STAGE_FWD_DOWN); down_stage(ex, s, plan, ld); }
-    { StageTimer timer(KT_STAGE_FWD_COMBINE); combine_stage(ex, s, plan, y); }
+    { StageTimer timer(KT_STAGE_FWD_COMBINE); sum_routes(y, s.d, plan, ex.H, true); }
 
     // Sentinel routes have no saved rows from the stages above: give them zeros, not garbage.
     for (int64_t route = 0; route < plan.T * plan.k; ++route) {
