@@ -14,12 +14,12 @@ class KTConfig:
     Everything else (batch size, learning rate, gradient checkpointing, ...) stays in `trl.SFTConfig`.
 
     Args:
-        isa (`str`, *optional*, defaults to `"auto"`):
+        isa (`str`, *optional*):
             Instruction-set path of the native engine: `"auto"` picks the best the CPU supports
             (AMX-BF16 → AVX-512-BF16 → AVX2 → scalar); a named one is used or refused with an error,
-            never silently replaced.
+            never silently replaced. Defaults to the `KT_TRL_ISA` environment variable, else `"auto"`.
         threads (`int`, *optional*):
-            Worker threads of the engine. Defaults to one per physical core.
+            Worker threads of the engine. Defaults to `KT_TRL_THREADS`, else one per physical core.
         reuse_checkpointed_activations (`bool`, *optional*, defaults to `True`):
             With gradient checkpointing (TRL's default), keep what the expert backward needs from the
             first forward instead of running the CPU expert forward a second time during backward.
@@ -39,17 +39,19 @@ class KTConfig:
     >>> from kt_trl import KTConfig
     >>> KTConfig(isa="avx2", threads=2)
     KTConfig(isa='avx2', threads=2, reuse_checkpointed_activations=True, freeze_experts=False, max_pending_activations=8)
+    >>> KTConfig().isa is None  # KT_TRL_ISA or "auto"
+    True
     ```
     """
 
-    isa: str = "auto"
+    isa: str | None = None
     threads: int | None = None
     reuse_checkpointed_activations: bool = True
     freeze_experts: bool = False
     max_pending_activations: int = 8
 
     def __post_init__(self) -> None:
-        if self.isa not in ISA_CHOICES:
+        if self.isa is not None and self.isa not in ISA_CHOICES:
             raise ValueError(f"KTConfig(isa={self.isa!r}) is not one of {ISA_CHOICES}; use 'auto' to let the engine pick.")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ValueError(f"KTConfig(threads={self.threads!r}) must be a positive int, or None for one per physical core.")

@@ -148,7 +148,7 @@ def _parse(argv):
     parser = argparse.ArgumentParser(prog="python -m kt_trl.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps (default 60)")
     parser.add_argument("--output-dir", default=None, help="where to save the adapter (default: a temp dir)")
-    parser.add_argument("--isa", default="auto", help="engine ISA: auto, amx, avx512, avx2, scalar")
+    parser.add_argument("--isa", default=None, help="engine ISA: auto, amx, avx512, avx2, scalar (default: KT_TRL_ISA or auto)")
     parser.add_argument("--threads", type=int, default=None, help="engine threads (default: physical cores)")
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)

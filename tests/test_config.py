@@ -11,7 +11,7 @@ from kt_trl import KTConfig
 
 def test_defaults():
     config = KTConfig()
-    assert config.isa == "auto" and config.threads is None and config.reuse_checkpointed_activations
+    assert config.isa is None and config.threads is None and config.reuse_checkpointed_activations
 
 
 @pytest.mark.parametrize(

@@ -44,6 +44,6 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch, capsys):
     assert namespace["losses"][-1] < namespace["losses"][0]
 
 
-@pytest.mark.parametrize("source", _code_cells())
+@pytest.mark.parametrize("source", _code_cells(), ids=lambda source: source.splitlines()[0][:30])
 def test_notebook_cells_compile(source):
     compile(source, str(NOTEBOOK), "exec")
