@@ -26,7 +26,14 @@ namespace {
 
 struct ForwardScratch {
     uint16_t *xs;   // [Nr, Hp]  BF16 gathered tokens, expert-sorted (row stride ldx)
-    uint16_t *gu;   // [Nr, GUp] BF16 gate | up pre-activations
+    uint16_t *gu;   // [Nr, GUp] BF16 gate | up pre-activations, when the caller saves none
+    uint16_t *saved_gu;   // [T*k, 2I] the caller's buffer (route order), or NULL
+
+    // Where the gate | up row of sorted row `row` lives: written once, straight to the caller's
+    // saved buffer when there is one.
+    uint16_t *gu_row(const RoutePlan &plan, int64_t row, int64_t I, int64_t GUp) const {
+        return saved_gu ? saved_gu + plan.route[row] * 2 * I : gu + row * GUp;
+    }
     uint16_t *hs;   // [Nr, Ip]  BF16 silu(g) * u (row stride ldh)
     float *lx;      // [Nr, r_gu] x A_gu^T
     float *lh;      // [Nr, r_d]  h A_d^T
@@ -90,27 +97,27 @@ void gate_up_stage(const kt_experts &ex, const ForwardScratch &s, const RoutePla
         gemm_item(K, tile, s.xs + r0 * ex.ldx, ex.ldx, ex.gate_up(e) + (c0 / 16) * ex.Hp * 16, ex.Hp, plan.count(e),
                   cn, s.lx + r0 * lgu.r, lgu.r, s.bt_gu + e * lgu.r * N + c0, N, lgu.scale,
                   [&](int64_t m, int64_t mr, const float *t) {
+                      const int64_t valid = std::min(cn, 2 * ex.I - c0);
                       for (int64_t row = 0; row < mr; ++row)
-                          K.f32_to_bf16(s.gu + (r0 + m + row) * ex.GUp + c0, t + row * cn, cn);
+                          K.f32_to_bf16(s.gu_row(plan, r0 + m + row, ex.I, ex.GUp) + c0, t + row * cn, valid);
                   });
     });
 }
 
 void act_stage(const kt_experts &ex, const ForwardScratch &s, const RoutePlan &plan,
-               const std::vector<RowChunk> &chunks, const LoraView &ld, uint16_t *saved_gu, float *saved_lgu,
-               float *saved_ld, int64_t r_gu) {
+               const std::vector<RowChunk> &chunks, const LoraView &ld, float *saved_lgu, float *saved_ld,
+               int64_t r_gu) {
     const Kernels &K = *runtime().kernels;
     ThreadPool::run(static_cast<int64_t>(chunks.size()), [&](int64_t i, int w) {
         const RowChunk c = chunks[i];
         float *hf = workspace().threads[w].rows_a.get<float>(c.rows * ex.Ip);   // [rows, Ip]
         for (int64_t r = 0; r < c.rows; ++r) {
             const int64_t row = c.row0 + r, route = plan.route[row];
-            const uint16_t *gu = s.gu + row * ex.GUp;
+            const uint16_t *gu = s.gu_row(plan, row, ex.I, ex.GUp);
             float *h = hf + r * ex.Ip;
             uint16_t *hb = s.hs + row * ex.ldh;
             K.swiglu(hb, h, gu, gu + ex.I, ex.I);   // h = the rounded values the down GEMM sees
             std::memset(hb + ex.I, 0, sizeof(uint16_t) * (ex.Ip - ex.I));
-            if (saved_gu) std::memcpy(saved_gu + route * 2 * ex.I, gu, sizeof(uint16_t) * 2 * ex.I);
             if (saved_lgu) std::memcpy(saved_lgu + route * r_gu, s.lx + row * r_gu, sizeof(float) * r_gu);
         }
         if (ld.r == 0) return;
@@ -168,7 +175,8 @@ void forward_layer(const kt_experts &ex, uint16_t *y, uint16_t *saved_gu, float 
     const int64_t N_gu = round_up(2 * ex.I, 16), N_d = round_up(ex.H, 16);
     ForwardScratch s{};
     s.xs = ws.slots[0].get<uint16_t>(Nr * ex.ldx);
-    s.gu = ws.slots[1].get<uint16_t>(Nr * ex.GUp);
+    s.saved_gu = saved_gu;
+    s.gu = saved_gu ? nullptr : ws.slots[1].get<uint16_t>(Nr * ex.GUp);
     s.hs = ws.slots[2].get<uint16_t>(Nr * ex.ldh);
     s.lx = ws.slots[3].get<float>(Nr * lgu.r + 1);
     s.lh = ws.slots[4].get<float>(Nr * ld.r + 1);
@@ -183,7 +191,7 @@ void forward_layer(const kt_experts &ex, uint16_t *y, uint16_t *saved_gu, float 
     const std::vector<RowChunk> chunks = row_chunks(plan);
     { StageTimer timer(KT_STAGE_FWD_GATHER); gather_stage(ex, s, x, plan, chunks, lgu); }
     { StageTimer timer(KT_STAGE_FWD_GATE_UP); gate_up_stage(ex, s, plan, lgu); }
-    { StageTimer timer(KT_STAGE_FWD_ACT); act_stage(ex, s, plan, chunks, ld, saved_gu, saved_lgu, saved_ld, lgu.r); }
+    { StageTimer timer(KT_STAGE_FWD_ACT); act_stage(ex, s, plan, chunks, ld, saved_lgu, saved_ld, lgu.r); }
     { StageTimer timer(KT_STAGE_FWD_DOWN); down_stage(ex, s, plan, ld); }
     { StageTimer timer(KT_STAGE_FWD_COMBINE); sum_routes(y, s.d, plan, ex.H, true); }
 

@@ -104,3 +104,17 @@ def test_gradient_accumulation_adds(use_isa, isa):
     for acc, single in zip(acc_gu + acc_d, g1 + d1):
         # Same terms added onto a non-zero buffer: equal up to FP32 re-association.
         torch.testing.assert_close(acc, 2 * single, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("isa", isa_params())
+def test_forward_without_saving_gives_the_same_output(use_isa, isa):
+    use_isa(isa)
+    case = make_case(6, 48, 40, 30, 3, 2, 2, sentinel=True)
+    from .moe_case import engine_loras
+
+    engine = ExpertEngine(case.gate_up, case.down)
+    lgu, ld = engine_loras(case)
+    y_saved, saved = engine.forward(case.x, case.ids, case.w, lora_gate_up=lgu, lora_down=ld)
+    y_plain, nothing = engine.forward(case.x, case.ids, case.w, lora_gate_up=lgu, lora_down=ld, save=False)
+    assert torch.equal(y_saved, y_plain)
+    assert saved.gate_up is not None and nothing.gate_up is None
