@@ -51,6 +51,12 @@ class ExpertEngine:
     Args:
         gate_up (`torch.Tensor`): ``[E, 2I, H]`` (gate rows, then up rows), any float dtype, CPU.
         down (`torch.Tensor`): ``[E, H, I]``.
+        activation (`str`, *optional*, defaults to `"silu"`): ``"silu"`` (``silu(g) * u``) or
+            ``"clamped_swiglu"`` (gpt-oss: ``(clamp(u, +-limit) + 1) * g' * sigmoid(alpha g')``,
+            ``g' = min(g, limit)``).
+        alpha, limit (`float`, *optional*): parameters of ``"clamped_swiglu"``.
+        gate_up_bias (`torch.Tensor`, *optional*): ``[E, 2I]`` (gate then up), frozen.
+        down_bias (`torch.Tensor`, *optional*): ``[E, H]``, frozen.
 
     The weights are converted to bfloat16 and packed expert by expert; the caller may free its
     tensors afterwards.
@@ -60,7 +66,9 @@ class ExpertEngine:
         >>> y, saved = engine.forward(torch.randn(5, 32).bfloat16(), torch.randint(0, 4, (5, 2)), torch.rand(5, 2))
     """
 
-    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor):
+    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, *, activation: str = "silu", alpha: float = 1.702,
+                 limit: float = 7.0, gate_up_bias: torch.Tensor | None = None,
+                 down_bias: torch.Tensor | None = None):
         if gate_up.dim() != 3 or down.dim() != 3:
             raise ValueError(f"gate_up must be [E, 2I, H] and down [E, H, I], got {list(gate_up.shape)} and {list(down.shape)}")
         E, two_i, H = gate_up.shape
@@ -68,24 +76,36 @@ class ExpertEngine:
             raise ValueError(f"down must be [E, H, I] = [{E}, {H}, {two_i // 2}] for gate_up {list(gate_up.shape)}, "
                              f"got {list(down.shape)}")
         self._allocate(E, H, two_i // 2)
+        ops.experts_set_activation(self._handle, activation, alpha, limit)
         for e in range(E):
             self.load_expert(e, gate_up[e], down[e])
+        if (gate_up_bias is None) != (down_bias is None):
+            raise ValueError("give both gate_up_bias [E, 2I] and down_bias [E, H], or neither")
+        if gate_up_bias is not None:
+            for e in range(E):
+                self.load_bias(e, gate_up_bias[e], down_bias[e])
 
     @classmethod
-    def from_experts(cls, num_experts: int, hidden_size: int, intermediate_size: int, experts) -> "ExpertEngine":
+    def from_experts(cls, num_experts: int, hidden_size: int, intermediate_size: int, experts, *,
+                     activation: str = "silu", alpha: float = 1.702, limit: float = 7.0) -> "ExpertEngine":
         """Builds an engine expert by expert, never holding the whole layer in another copy.
 
         Args:
-            experts (`Iterable[tuple[torch.Tensor, torch.Tensor]]`): ``(gate_up [2I, H], down [H, I])`` for
-                expert 0, 1, ... (any float dtype, CPU, unit column stride for no copy).
+            experts (`Iterable[tuple]`): ``(gate_up [2I, H], down [H, I])`` for expert 0, 1, ... (any
+                float dtype, CPU, unit column stride for no copy), or with the expert's biases
+                ``(gate_up, down, gate_up_bias [2I], down_bias [H])``.
+            activation, alpha, limit: as for the constructor.
         """
         engine = cls.__new__(cls)
         engine._allocate(num_experts, hidden_size, intermediate_size)
+        ops.experts_set_activation(engine._handle, activation, alpha, limit)
         count = 0
-        for e, (gate_up, down) in enumerate(experts):
+        for e, weights in enumerate(experts):
             if e >= num_experts:
                 raise ValueError(f"more than num_experts={num_experts} experts were given")
-            engine.load_expert(e, gate_up, down)
+            engine.load_expert(e, weights[0], weights[1])
+            if len(weights) == 4:
+                engine.load_bias(e, weights[2], weights[3])
             count += 1
         if count != num_experts:
             raise ValueError(f"{count} experts were given, expected num_experts={num_experts}")
@@ -109,6 +129,12 @@ class ExpertEngine:
         gu = gate_up if gate_up.dtype == torch.bfloat16 and gate_up.stride(-1) == 1 else _as_cpu(gate_up, torch.bfloat16)
         dn = down if down.dtype == torch.bfloat16 and down.stride(-1) == 1 else _as_cpu(down, torch.bfloat16)
         ops.experts_load(self._handle, expert, gu, dn, self.hidden_size, self.intermediate_size)
+
+    def load_bias(self, expert: int, gate_up_bias: torch.Tensor, down_bias: torch.Tensor) -> None:
+        """Frozen biases of one expert: ``gate_up_bias [2I]`` (gate then up), ``down_bias [H]``."""
+        ops.experts_load_bias(self._handle, expert, _as_cpu(gate_up_bias, torch.float32).contiguous(),
+                              _as_cpu(down_bias, torch.float32).contiguous(), self.hidden_size,
+                              self.intermediate_size)
 
     def unpack(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The packed weights back in the HF layout: ``gate_up [E, 2I, H]``, ``down [E, H, I]`` (bf16)."""

@@ -98,6 +98,27 @@ def experts_load(handle, expert: int, gate_up: torch.Tensor, down: torch.Tensor,
     check(lib, ffi, status, "kt_experts_load")
 
 
+ACTIVATIONS = {"silu": 0, "clamped_swiglu": 1}
+
+
+def experts_set_activation(handle, activation: str, alpha: float, limit: float) -> None:
+    ffi, lib = load()
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; use one of {sorted(ACTIVATIONS)}")
+    check(lib, ffi, lib.kt_experts_set_activation(handle, ACTIVATIONS[activation], alpha, limit),
+          "kt_experts_set_activation")
+
+
+def experts_load_bias(handle, expert: int, gate_up_bias: torch.Tensor, down_bias: torch.Tensor, hidden: int,
+                      intermediate: int) -> None:
+    """Frozen FP32 biases of one expert: ``gate_up_bias [2I]`` (gate then up), ``down_bias [H]``."""
+    ffi, lib = load()
+    status = lib.kt_experts_load_bias(
+        handle, expert, as_ptr(gate_up_bias, dtype=torch.float32, shape=(2 * intermediate,), name="gate_up_bias"),
+        as_ptr(down_bias, dtype=torch.float32, shape=(hidden,), name="down_bias"))
+    check(lib, ffi, status, "kt_experts_load_bias")
+
+
 def experts_unpack(handle, expert: int, hidden: int, intermediate: int) -> tuple[torch.Tensor, torch.Tensor]:
     ffi, lib = load()
     gate_up = torch.empty(2 * intermediate, hidden, dtype=torch.bfloat16)

@@ -3,7 +3,7 @@
  *
  * One MoE layer: E experts, hidden size H, expert intermediate size I, top-k routing, T tokens.
  *   y[t] = sum_j w[t,j] * Expert_{id[t,j]}(x[t])
- *   Expert_e(x) = down_e( silu(gate_e(x)) * up_e(x) )
+ *   Expert_e(x) = down_e( act(gate_e(x), up_e(x)) ),  act(g, u) = silu(g) * u by default
  *   p_e(x) = x W_e^T + s * (x A_e^T) B_e^T     for p in {gate_up, down}, s = alpha / r
  * Base weights are BF16 in the transformers 5 layout: gate_up [E, 2I, H] (gate rows, then up rows),
  * down [E, H, I]. An id equal to E is the "not on this rank" sentinel and contributes nothing.
@@ -28,7 +28,7 @@ extern "C" {
 typedef int32_t kt_status;
 
 enum {
-    KT_ABI_VERSION = 1
+    KT_ABI_VERSION = 2
 };
 
 enum {
@@ -99,6 +99,13 @@ typedef struct {
     float *dB;
 } kt_lora_grad;
 
+/* Gated activations (kt_experts_set_activation). CLAMPED_SWIGLU is gpt-oss's:
+ * g' = min(g, limit), u' = clamp(u, -limit, limit), act = (u' + 1) * g' * sigmoid(alpha * g'). */
+enum {
+    KT_ACT_SILU = 0,
+    KT_ACT_CLAMPED_SWIGLU = 1
+};
+
 /* Stages of the engine's calls, for kt_profile_read. */
 enum {
     KT_STAGE_PLAN = 0,
@@ -146,6 +153,10 @@ kt_status kt_experts_create(kt_experts **out, int64_t num_experts, int64_t hidde
 void kt_experts_destroy(kt_experts *experts);
 kt_status kt_experts_load(kt_experts *experts, int64_t expert, const uint16_t *gate_up,
                           int64_t gate_up_ld, const uint16_t *down, int64_t down_ld);
+/* Optional: the activation (default KT_ACT_SILU) and frozen FP32 biases, added to gate_up
+ * ([2I], gate then up) and down ([H]) outputs; experts whose biases were never loaded have zeros. */
+kt_status kt_experts_set_activation(kt_experts *experts, int32_t kind, float alpha, float limit);
+kt_status kt_experts_load_bias(kt_experts *experts, int64_t expert, const float *gate_up_bias, const float *down_bias);
 kt_status kt_experts_unpack(const kt_experts *experts, uint16_t *gate_up, uint16_t *down, int64_t expert);
 int64_t kt_experts_packed_bytes(const kt_experts *experts);
 

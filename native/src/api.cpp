@@ -1,5 +1,7 @@
 // The extern "C" boundary: every argument is checked here, every exception becomes a kt_status
 // plus a thread-local message. Nothing below this file sees an unchecked pointer or size.
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <mutex>
@@ -166,6 +168,32 @@ KT_API kt_status kt_experts_load(kt_experts *ex, int64_t e, const uint16_t *gate
         pack_weight(ex->gate_up_mut(e), gate_up, gate_up_ld, 2 * ex->I, ex->H);
         pack_weight(ex->down_mut(e), down, down_ld, ex->H, ex->I);
         ex->loaded[e] = 1;
+    });
+}
+
+KT_API kt_status kt_experts_set_activation(kt_experts *ex, int32_t kind, float alpha, float limit) {
+    return guarded([&] {
+        KT_CHECK(ex != nullptr, "experts handle is NULL");
+        KT_CHECK(kind == KT_ACT_SILU || kind == KT_ACT_CLAMPED_SWIGLU, "unknown activation kind %d", kind);
+        KT_CHECK(std::isfinite(alpha) && std::isfinite(limit) && limit > 0.0f,
+                 "activation alpha and limit must be finite and limit > 0 (got %g, %g)", alpha, limit);
+        ex->act = Activation{kind, alpha, limit};
+    });
+}
+
+KT_API kt_status kt_experts_load_bias(kt_experts *ex, int64_t e, const float *gate_up_bias, const float *down_bias) {
+    return guarded([&] {
+        KT_CHECK(ex != nullptr, "experts handle is NULL");
+        KT_CHECK(e >= 0 && e < ex->E, "expert index %lld is out of range [0, %lld)", (long long)e, (long long)ex->E);
+        KT_CHECK(gate_up_bias && down_bias, "gate_up_bias or down_bias pointer is NULL");
+        if (!ex->has_bias) {
+            const int64_t n = ex->E * (2 * ex->I + ex->H);
+            ex->bias_base_ = ex->bias.get<float>(n);
+            std::fill_n(ex->bias_base_, n, 0.0f);
+            ex->has_bias = true;
+        }
+        std::copy_n(gate_up_bias, 2 * ex->I, ex->bias_base_ + e * 2 * ex->I);
+        std::copy_n(down_bias, ex->H, ex->bias_base_ + ex->E * 2 * ex->I + e * ex->H);
     });
 }
 

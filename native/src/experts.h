@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "kernels.h"
 #include "pack.h"
 #include "workspace.h"
 
@@ -19,6 +20,12 @@ struct kt_experts {
     int64_t gu_elems = 0;  // packed [2I, H] per expert
     int64_t d_elems = 0;   // packed [H, I] per expert
     kt::Buffer packed;     // E x (gate_up panels, down panels), BF16
+    kt::Activation act;
+    kt::Buffer bias;       // FP32 [E, 2I] gate_up then [E, H] down, when has_bias
+    bool has_bias = false;
+    const float *bias_gate_up(int64_t e) const { return bias_base_ + e * 2 * I; }
+    const float *bias_down(int64_t e) const { return bias_base_ + E * 2 * I + e * H; }
+    float *bias_base_ = nullptr;
     std::vector<uint8_t> loaded;
 
     const uint16_t *gate_up(int64_t e) const { return base() + e * (gu_elems + d_elems); }

@@ -128,8 +128,13 @@ void act_rows(const kt_experts &ex, const BackwardScratch &s, const RoutePlan &p
         const int64_t row = c.row0 + r, route = plan.route[row];
         const uint16_t *gu = in.saved_gu + route * 2 * ex.I;
         uint16_t *dgu = s.dgu + row * ex.ldgu;
-        const float dw = K.swiglu_backward(dgu, dgu + ex.I, hf + r * ex.I, s.g + row * ex.Ip, plan.weight[route],
-                                           gu, gu + ex.I, ex.I);
+        float dw = K.glu_backward(dgu, dgu + ex.I, hf + r * ex.I, s.g + row * ex.Ip, plan.weight[route], gu,
+                                  gu + ex.I, ex.I, ex.act);
+        if (ex.has_bias) {   // the expert output includes the down bias: dw += <dY_t, b_d>
+            const uint16_t *dy = s.dys + row * ex.ldx;
+            const float *b = ex.bias_down(c.expert);
+            for (int64_t h = 0; h < ex.H; ++h) dw += bf16_to_float(dy[h]) * b[h];
+        }
         if (in.out->dw) in.out->dw[route] = dw;
         std::memset(dgu + 2 * ex.I, 0, sizeof(uint16_t) * (ex.GUp - 2 * ex.I));
     }

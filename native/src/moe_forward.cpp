@@ -73,6 +73,12 @@ void gather_stage(const kt_experts &ex, const ForwardScratch &s, const uint16_t 
     });
 }
 
+// t[row, c] += bias[c] for the valid columns of a GEMM output block.
+void add_bias(float *t, int64_t ldt, int64_t rows, int64_t cols, const float *bias) {
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < cols; ++c) t[r * ldt + c] += bias[c];
+}
+
 // out rows = A rows . W^T (+ s * L . Bt) for one (expert, column block) item, in row blocks.
 template <typename Store>
 void gemm_item(const Kernels &K, float *tile, const uint16_t *A, int64_t lda, const uint16_t *panels,
@@ -96,8 +102,9 @@ void gate_up_stage(const kt_experts &ex, const ForwardScratch &s, const RoutePla
         float *tile = workspace().threads[w].tile.get<float>(kRowBlock * kMaxColBlock);
         gemm_item(K, tile, s.xs + r0 * ex.ldx, ex.ldx, ex.gate_up(e) + (c0 / 16) * ex.Hp * 16, ex.Hp, plan.count(e),
                   cn, s.lx + r0 * lgu.r, lgu.r, s.bt_gu + e * lgu.r * N + c0, N, lgu.scale,
-                  [&](int64_t m, int64_t mr, const float *t) {
+                  [&](int64_t m, int64_t mr, float *t) {
                       const int64_t valid = std::min(cn, 2 * ex.I - c0);
+                      if (ex.has_bias) add_bias(t, cn, mr, valid, ex.bias_gate_up(e) + c0);
                       for (int64_t row = 0; row < mr; ++row)
                           K.f32_to_bf16(s.gu_row(plan, r0 + m + row, ex.I, ex.GUp) + c0, t + row * cn, valid);
                   });
@@ -116,7 +123,7 @@ void act_stage(const kt_experts &ex, const ForwardScratch &s, const RoutePlan &p
             const uint16_t *gu = s.gu_row(plan, row, ex.I, ex.GUp);
             float *h = hf + r * ex.Ip;
             uint16_t *hb = s.hs + row * ex.ldh;
-            K.swiglu(hb, h, gu, gu + ex.I, ex.I);   // h = the rounded values the down GEMM sees
+            K.glu(hb, h, gu, gu + ex.I, ex.I, ex.act);   // h = the rounded values the down GEMM sees
             std::memset(hb + ex.I, 0, sizeof(uint16_t) * (ex.Ip - ex.I));
             if (saved_lgu) std::memcpy(saved_lgu + route * r_gu, s.lx + row * r_gu, sizeof(float) * r_gu);
         }
@@ -139,7 +146,8 @@ void down_stage(const kt_experts &ex, const ForwardScratch &s, const RoutePlan &
         float *tile = workspace().threads[w].tile.get<float>(kRowBlock * kMaxColBlock);
         gemm_item(K, tile, s.hs + r0 * ex.ldh, ex.ldh, ex.down(e) + (c0 / 16) * ex.Ip * 16, ex.Ip, plan.count(e),
                   cn, s.lh + r0 * ld.r, ld.r, s.bt_d + e * ld.r * N + c0, N, ld.scale,
-                  [&](int64_t m, int64_t mr, const float *t) {
+                  [&](int64_t m, int64_t mr, float *t) {
+                      if (ex.has_bias) add_bias(t, cn, mr, valid, ex.bias_down(e) + c0);
                       for (int64_t row = 0; row < mr; ++row)
                           std::memcpy(s.d + plan.route[r0 + m + row] * ex.H + c0, t + row * cn, sizeof(float) * valid);
                   });

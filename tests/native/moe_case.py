@@ -32,6 +32,9 @@ class Case:
     dy: torch.Tensor        # [T, H] bf16
     lora_gate_up: tuple | None   # (A [E, r, H], B_peft [2I, r*E], scale)
     lora_down: tuple | None      # (A [E, r, I], B [E, H, r], scale)
+    activation: str = "silu"
+    gate_up_bias: torch.Tensor | None = None   # [E, 2I]
+    down_bias: torch.Tensor | None = None      # [E, H]
 
     @property
     def dims(self):
@@ -39,10 +42,13 @@ class Case:
         return E, H, two_i // 2
 
 
-def make_case(E, H, I, T, k, rank_gate_up=0, rank_down=0, *, seed=0, sentinel=False, one_expert=False) -> Case:
+def make_case(E, H, I, T, k, rank_gate_up=0, rank_down=0, *, seed=0, sentinel=False, one_expert=False,
+              activation="silu", bias=False) -> Case:
     g = torch.Generator().manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    gate_up = (rnd(E, 2 * I, H) / H ** 0.5).bfloat16()
+    # gpt-oss cases: gate/up values of a few units, so that the clamps at +-7 are reached.
+    gain = 3.0 if activation == "clamped_swiglu" else 1.0
+    gate_up = (rnd(E, 2 * I, H) * gain / H ** 0.5).bfloat16()
     down = (rnd(E, H, I) / I ** 0.5).bfloat16()
     x = rnd(T, H).bfloat16()
     choices = E + 1 if sentinel else E
@@ -54,7 +60,13 @@ def make_case(E, H, I, T, k, rank_gate_up=0, rank_down=0, *, seed=0, sentinel=Fa
     dy = rnd(T, H).bfloat16()
     lgu = (rnd(E, rank_gate_up, H) * 0.2, rnd(2 * I, rank_gate_up * E) * 0.2, 0.5) if rank_gate_up else None
     ld = (rnd(E, rank_down, I) * 0.2, rnd(E, H, rank_down) * 0.2, 2.0) if rank_down else None
-    return Case(gate_up, down, x, ids, w, dy, lgu, ld)
+    biases = (rnd(E, 2 * I), rnd(E, H) * 0.1) if bias else (None, None)
+    return Case(gate_up, down, x, ids, w, dy, lgu, ld, activation, *biases)
+
+
+def make_engine(case: Case) -> ExpertEngine:
+    return ExpertEngine(case.gate_up, case.down, activation=case.activation, gate_up_bias=case.gate_up_bias,
+                        down_bias=case.down_bias)
 
 
 def peft_b_view(B_peft: torch.Tensor, E: int) -> torch.Tensor:
@@ -72,7 +84,7 @@ def engine_loras(case: Case):
 
 def run_engine(case: Case, engine: ExpertEngine | None = None):
     """Engine results: dict of y, dx, dw and LoRA gradients (dB in the caller's layout)."""
-    engine = engine or ExpertEngine(case.gate_up, case.down)
+    engine = engine or make_engine(case)
     lgu, ld = engine_loras(case)
     y, saved = engine.forward(case.x, case.ids, case.w, lora_gate_up=lgu, lora_down=ld)
     dx, dw, g_gu, g_d = engine.backward(case.dy, case.x, case.ids, case.w, saved, lora_gate_up=lgu, lora_down=ld)
@@ -99,7 +111,9 @@ def run_reference(case: Case):
         A, B, s = case.lora_down
         leaves["dA_d"], leaves["dB_d"] = A.double().requires_grad_(), B.double().requires_grad_()
         ld = (leaves["dA_d"], leaves["dB_d"], s)
-    y = routed_experts_reference(x, case.ids, w, case.gate_up, case.down, lora_gate_up=lgu, lora_down=ld)
+    y = routed_experts_reference(x, case.ids, w, case.gate_up, case.down, lora_gate_up=lgu, lora_down=ld,
+                                 activation=case.activation, gate_up_bias=case.gate_up_bias,
+                                 down_bias=case.down_bias)
     if y.requires_grad:
         y.backward(case.dy.double())
     out = {"y": y.detach(), "dx": _grad(x), "dw": _grad(w)}

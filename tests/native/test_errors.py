@@ -169,3 +169,21 @@ def test_isa_from_environment(monkeypatch):
     finally:
         monkeypatch.delenv("KT_TRL_ISA")
         configure(isa="auto", threads=2)
+
+
+def test_unknown_activation():
+    with pytest.raises(ValueError, match="unknown activation"):
+        ExpertEngine(torch.zeros(2, 64, 32), torch.zeros(2, 32, 32), activation="gelu")
+
+
+def test_bad_activation_parameters_rejected_by_the_library():
+    with pytest.raises(KTInvalidArgumentError, match="limit > 0"):
+        ExpertEngine(torch.zeros(2, 64, 32), torch.zeros(2, 32, 32), activation="clamped_swiglu", limit=-1.0)
+
+
+def test_bias_shapes():
+    with pytest.raises(ValueError, match="gate_up_bias must have shape"):
+        ExpertEngine(torch.zeros(2, 64, 32), torch.zeros(2, 32, 32), gate_up_bias=torch.zeros(2, 63),
+                     down_bias=torch.zeros(2, 32))
+    with pytest.raises(ValueError, match="or neither"):
+        ExpertEngine(torch.zeros(2, 64, 32), torch.zeros(2, 32, 32), gate_up_bias=torch.zeros(2, 64))

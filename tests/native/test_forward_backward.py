@@ -21,6 +21,10 @@ SHAPES = [
     pytest.param(3, 160, 100, 33, 1, 0, 0, {"sentinel": True}, id="H160-I100-k1"),
     # K longer than one GEMM K-slice (512) and more columns than one work item (driver.h).
     pytest.param(2, 1056, 600, 40, 2, 4, 4, {}, id="H1056-I600-K-slices"),
+    # gpt-oss experts: clamped SwiGLU and frozen biases.
+    pytest.param(8, 96, 80, 60, 4, 0, 0, {"activation": "clamped_swiglu", "bias": True, "sentinel": True},
+                 id="gpt-oss-act-bias"),
+    pytest.param(4, 64, 48, 40, 2, 4, 4, {"activation": "clamped_swiglu", "bias": True}, id="gpt-oss-lora"),
 ]
 
 OUTPUTS = ("y", "dx", "dw", "dA_gu", "dB_gu", "dA_d", "dB_d")
@@ -118,3 +122,9 @@ def test_forward_without_saving_gives_the_same_output(use_isa, isa):
     y_plain, nothing = engine.forward(case.x, case.ids, case.w, lora_gate_up=lgu, lora_down=ld, save=False)
     assert torch.equal(y_saved, y_plain)
     assert saved.gate_up is not None and nothing.gate_up is None
+
+
+def test_gpt_oss_cases_reach_the_clamps():
+    case = make_case(8, 96, 80, 60, 4, activation="clamped_swiglu", bias=True)
+    gu = case.x.double() @ case.gate_up[0].double().t() + case.gate_up_bias[0].double()
+    assert (gu[:, :80] > 7).any() and (gu[:, 80:].abs() > 7).any()

@@ -194,6 +194,6 @@ bool amx_thread_init() {
 
 const Kernels kernels_amx = {"amx",           gemm_bf16,           avx512::sgemm_nt,
                              avx512::sgemm_nn, avx512::sgemm_tn,    avx512::bf16_to_f32,
-                             avx512::f32_to_bf16, avx512::swiglu,     avx512::swiglu_backward};
+                             avx512::f32_to_bf16, avx512::glu,     avx512::glu_backward};
 
 }  // namespace kt

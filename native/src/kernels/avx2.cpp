@@ -128,6 +128,6 @@ void gemm_bf16(float *C, int64_t ldc, const uint16_t *A, int64_t lda, const uint
 }  // namespace
 
 const Kernels kernels_avx2 = {"avx2",      gemm_bf16,   sgemm_nt, sgemm_nn,       sgemm_tn,
-                              bf16_to_f32, f32_to_bf16, swiglu,   swiglu_backward};
+                              bf16_to_f32, f32_to_bf16, glu,   glu_backward};
 
 }  // namespace kt

@@ -8,6 +8,8 @@
 
 #include <cstdint>
 
+#include "kernels.h"
+
 namespace kt {
 namespace {
 namespace avx512 {

@@ -9,6 +9,14 @@
 
 namespace kt {
 
+// The gated activation of the experts: kind 0 = SiLU gate (h = silu(g) * u); kind 1 = gpt-oss's
+// clamped SwiGLU (h = (clamp(u, +-limit) + 1) * g' * sigmoid(alpha g'), g' = min(g, limit)).
+struct Activation {
+    int32_t kind = 0;
+    float alpha = 1.702f;
+    float limit = 7.0f;
+};
+
 struct Kernels {
     const char *name;
 
@@ -36,12 +44,12 @@ struct Kernels {
     void (*bf16_to_f32)(float *dst, const uint16_t *src, int64_t n);
     void (*f32_to_bf16)(uint16_t *dst, const float *src, int64_t n);
 
-    // SwiGLU of one row (act.inc): h = bf16(silu(g) * u), h_f32 = float(h).
-    void (*swiglu)(uint16_t *h, float *h_f32, const uint16_t *g, const uint16_t *u, int64_t n);
+    // The gated activation of one row (act.inc): h = bf16(act(g, u)), h_f32 = float(h).
+    void (*glu)(uint16_t *h, float *h_f32, const uint16_t *g, const uint16_t *u, int64_t n, const Activation &a);
     // Its backward for one route of weight w, G = dY W_d,eff: dg, du (BF16), h_f32 as above;
     // returns dw = <G, h>.
-    float (*swiglu_backward)(uint16_t *dg, uint16_t *du, float *h_f32, const float *G, float w,
-                             const uint16_t *g, const uint16_t *u, int64_t n);
+    float (*glu_backward)(uint16_t *dg, uint16_t *du, float *h_f32, const float *G, float w, const uint16_t *g,
+                          const uint16_t *u, int64_t n, const Activation &a);
 };
 
 extern const Kernels kernels_scalar;

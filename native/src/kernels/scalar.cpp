@@ -43,6 +43,6 @@ void f32_to_bf16(uint16_t *dst, const float *src, int64_t n) {
 }  // namespace
 
 const Kernels kernels_scalar = {"scalar",    gemm_bf16,   sgemm_nt, sgemm_nn,       sgemm_tn,
-                                bf16_to_f32, f32_to_bf16, swiglu,   swiglu_backward};
+                                bf16_to_f32, f32_to_bf16, glu,   glu_backward};
 
 }  // namespace kt
