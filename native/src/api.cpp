@@ -54,6 +54,11 @@ void check_experts(const kt_experts *ex) {
         KT_CHECK(ex->loaded[e], "expert %lld has no weights yet; call kt_experts_load for every expert", (long long)e);
 }
 
+void check_expert_index(const kt_experts *ex, int64_t e) {
+    KT_CHECK(ex != nullptr, "experts handle is NULL");
+    KT_CHECK(e >= 0 && e < ex->E, "expert index %lld is out of range [0, %lld)", (long long)e, (long long)ex->E);
+}
+
 // What forward and backward both check first: the engine, the routing and the two LoRAs.
 struct CallInputs {
     RoutePlan plan;
@@ -160,8 +165,7 @@ KT_API void kt_experts_destroy(kt_experts *ex) { delete ex; }
 KT_API kt_status kt_experts_load(kt_experts *ex, int64_t e, const uint16_t *gate_up, int64_t gate_up_ld,
                                  const uint16_t *down, int64_t down_ld) {
     return guarded([&] {
-        KT_CHECK(ex != nullptr, "experts handle is NULL");
-        KT_CHECK(e >= 0 && e < ex->E, "expert index %lld is out of range [0, %lld)", (long long)e, (long long)ex->E);
+        check_expert_index(ex, e);
         KT_CHECK(gate_up && down, "gate_up or down pointer is NULL");
         KT_CHECK(gate_up_ld >= ex->H, "gate_up row stride %lld is smaller than hidden size %lld", (long long)gate_up_ld, (long long)ex->H);
         KT_CHECK(down_ld >= ex->I, "down row stride %lld is smaller than intermediate size %lld", (long long)down_ld, (long long)ex->I);
@@ -183,8 +187,7 @@ KT_API kt_status kt_experts_set_activation(kt_experts *ex, int32_t kind, float a
 
 KT_API kt_status kt_experts_load_bias(kt_experts *ex, int64_t e, const float *gate_up_bias, const float *down_bias) {
     return guarded([&] {
-        KT_CHECK(ex != nullptr, "experts handle is NULL");
-        KT_CHECK(e >= 0 && e < ex->E, "expert index %lld is out of range [0, %lld)", (long long)e, (long long)ex->E);
+        check_expert_index(ex, e);
         KT_CHECK(gate_up_bias && down_bias, "gate_up_bias or down_bias pointer is NULL");
         if (!ex->has_bias) {
             const int64_t n = ex->E * (2 * ex->I + ex->H);
@@ -199,8 +202,7 @@ KT_API kt_status kt_experts_load_bias(kt_experts *ex, int64_t e, const float *ga
 
 KT_API kt_status kt_experts_unpack(const kt_experts *ex, uint16_t *gate_up, uint16_t *down, int64_t e) {
     return guarded([&] {
-        KT_CHECK(ex != nullptr, "experts handle is NULL");
-        KT_CHECK(e >= 0 && e < ex->E, "expert index %lld is out of range [0, %lld)", (long long)e, (long long)ex->E);
+        check_expert_index(ex, e);
         KT_CHECK(ex->loaded[e], "expert %lld has no weights yet", (long long)e);
         KT_CHECK(gate_up && down, "gate_up or down pointer is NULL");
         unpack_weight(gate_up, ex->H, ex->gate_up(e), 2 * ex->I, ex->H);
