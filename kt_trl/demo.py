@@ -134,14 +134,10 @@ class _LossBar(TrainerCallback):
 
 
 def _expert_seconds(model) -> tuple[float, float, int]:
-    forward = backward = 0.0
-    calls = 0
-    for module in model.modules():
-        runner = getattr(module, "_kt_experts", None)
-        if runner is not None:
-            forward, backward = forward + runner.forward_seconds, backward + runner.backward_seconds
-            calls += runner.forward_calls
-    return forward, backward, calls
+    from .experts import expert_counters
+
+    counters = expert_counters(model)
+    return counters["forward_seconds"], counters["backward_seconds"], counters["forward_calls"]
 
 
 def _parse(argv):

@@ -11,6 +11,10 @@ without keeping activations and once more inside backward. The second CPU expert
 waste when we can keep what the backward needs, so by default (`KTConfig.reuse_checkpointed_activations`)
 the first forward of a checkpointed layer parks `(ids, y, saved)` in `CPUExperts.pending`, and the
 recomputation inside backward takes them back instead of calling the engine.
+
+Hidden states on a CUDA device reach the engine, and its results return, through pinned host
+buffers with non-blocking copies ordered by CUDA events (`kt_trl.staging.HostStaging`, one per
+model); on the CPU they pass through unchanged.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 from torch import nn
 
 from .config import KTConfig
+from .staging import HostStaging, StagingStats
 
 logger = logging.getLogger(__name__)
 
@@ -65,12 +70,17 @@ class CPUExperts:
         layer: The decoder layer holding the block (tells whether it is gradient-checkpointed).
         name: Qualified name, for messages.
         config: `KTConfig`.
+        staging: Moves tensors between the accelerator and the CPU; shared by a model's layers
+            (defaults to a new `HostStaging`).
     """
 
-    def __init__(self, engine: Any, *, layer: nn.Module, name: str, config: KTConfig) -> None:
+    def __init__(
+        self, engine: Any, *, layer: nn.Module, name: str, config: KTConfig, staging: HostStaging | None = None
+    ) -> None:
         self.engine = engine
         self.name = name
         self.config = config
+        self.staging = staging if staging is not None else HostStaging()
         self._layer = weakref.ref(layer)
         self.pending: collections.deque[_Pending] = collections.deque()
         self.forward_calls = 0
@@ -183,23 +193,23 @@ class RoutedExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, runner, phase, x, w, ids, scales, a_gate_up, b_gate_up, a_down, b_down):
-        x_cpu = x.detach().to(device="cpu", dtype=torch.bfloat16).contiguous()
+        x_cpu, w_cpu, ids_cpu = runner.staging.to_host(x.detach().to(torch.bfloat16), w.detach(), ids.detach())
         lora_gate_up = _lora_for_engine(a_gate_up, b_gate_up, scales[0])
         lora_down = _lora_for_engine(a_down, b_down, scales[1])
-        y, saved = runner.forward(phase, x_cpu, ids, w, lora_gate_up, lora_down)
+        y, saved = runner.forward(phase, x_cpu, ids_cpu, w_cpu, lora_gate_up, lora_down)
         ctx.runner, ctx.loras = runner, (lora_gate_up, lora_down)
         ctx.metas = [(t.device, t.dtype) if t is not None else None for t in (x, w, a_gate_up, b_gate_up, a_down, b_down)]
         if phase == INFERENCE:
             ctx.kt_saved = None
         elif phase is None:
             ctx.kt_saved = None
-            ctx.save_for_backward(x_cpu, w, ids, *saved.as_tuple())
+            ctx.save_for_backward(x_cpu, w_cpu, ids_cpu, *saved.as_tuple())
         else:
             # Inside a checkpointed layer the activations stay on ctx, outside checkpoint's
             # saved-tensor hooks: keeping them is the point (the recomputation reuses them).
             ctx.kt_saved = saved
-            ctx.save_for_backward(x_cpu, w, ids)
-        return y.to(device=x.device, dtype=x.dtype)
+            ctx.save_for_backward(x_cpu, w_cpu, ids_cpu)
+        return runner.staging.to_device(y, device=x.device, dtype=x.dtype)
 
     @staticmethod
     def backward(ctx, dy):
@@ -209,14 +219,15 @@ class RoutedExpertsFunction(torch.autograd.Function):
         saved, ctx.kt_saved = (ctx.kt_saved or ExpertActivations(*rest)), None
         need = ctx.needs_input_grad
         lora_gate_up, lora_down = ctx.loras
+        staging = ctx.runner.staging
+        (dy_cpu,) = staging.to_host(dy.detach().to(torch.bfloat16))
         dx, dw, g_gate_up, g_down = ctx.runner.backward(
-            dy.detach().to(device="cpu", dtype=torch.bfloat16).contiguous(), x_cpu, ids, w, saved,
-            lora_gate_up=lora_gate_up, lora_down=lora_down, need_dx=need[2], need_dw=need[3],
-            need_lora_grads=any(need[6:]),
+            dy_cpu, x_cpu, ids, w, saved, lora_gate_up=lora_gate_up, lora_down=lora_down,
+            need_dx=need[2], need_dw=need[3], need_lora_grads=any(need[6:]),
         )
         grads = [dx, dw, *(g_gate_up or (None, None)), *(g_down or (None, None))]
         out = [
-            g.to(*meta) if g is not None and meta is not None and n else None
+            staging.to_device(g, device=meta[0], dtype=meta[1]) if g is not None and meta is not None and n else None
             for g, meta, n in zip(grads, ctx.metas, (need[2], need[3], *need[6:]))
         ]
         return (None, None, out[0], out[1], None, None, *out[2:])
@@ -262,7 +273,9 @@ def release_expert_weights(experts: nn.Module) -> None:
     """
     for name in ("gate_up_proj", "down_proj"):
         param = getattr(experts, name)
-        placeholder = torch.zeros((), dtype=param.dtype).expand(param.shape)
+        if getattr(param, "_kt_placeholder", False):
+            continue
+        placeholder = torch.zeros((), dtype=param.dtype, device="cpu").expand(param.shape)
         new = nn.Parameter(placeholder, requires_grad=False)
         new._kt_placeholder = True
         setattr(experts, name, new)
@@ -276,3 +289,81 @@ def pack_experts(experts: nn.Module):
         gate_up = experts.gate_up_proj.detach().to("cpu")
         down = experts.down_proj.detach().to("cpu")
         return ExpertEngine(gate_up, down)
+
+
+def install_engine(experts: nn.Module, engine) -> None:
+    """Give a fused experts module a prebuilt `ExpertEngine` and release its Hugging Face weights.
+
+    For expert weights that never exist as one HF tensor: a model built on the meta device whose
+    experts are generated or streamed layer by layer into `ExpertEngine.from_experts`.
+    `prepare_model` (and so `KTSFTTrainer`) then routes the module through `engine` instead of
+    packing its parameters. From here on the module stays on the CPU through `.to()` and
+    `.to_empty()`, and its base weights are frozen.
+
+    Args:
+        experts (`nn.Module`):
+            A fused experts module with `gate_up_proj [E, 2I, H]` and `down_proj [E, H, I]` (real
+            or on the meta device), not yet wrapped by PEFT nor prepared.
+        engine (`ExpertEngine`):
+            The layer's experts, packed, with the same `(E, H, I)`.
+
+    Example:
+
+    ```python
+    >>> with torch.device("meta"):
+    ...     model = AutoModelForCausalLM.from_config(config)
+    >>> for layer in model.model.layers:
+    ...     install_engine(layer.mlp.experts, ExpertEngine.from_experts(E, H, I, experts_of(layer)))
+    >>> model.to_empty(device="cuda")   # everything but the experts; initialise it, then train
+    ```
+    """
+    if hasattr(experts, "_kt_experts") or hasattr(experts, "base_layer"):
+        raise ValueError(
+            f"install_engine needs the bare experts module before PEFT wrapping and preparation; got "
+            f"{type(experts).__name__} that is already {'prepared' if hasattr(experts, '_kt_experts') else 'wrapped'}. "
+            "Install engines right after building the model."
+        )
+    gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+    if not (isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor) and gate_up.dim() == down.dim() == 3):
+        raise ValueError(f"{type(experts).__name__} has no 3-D gate_up_proj / down_proj parameters to replace.")
+    num_experts, two_inter, hidden = gate_up.shape
+    expected = (num_experts, hidden, two_inter // 2)
+    if tuple(down.shape) != expected or tuple(engine.dims) != expected:
+        raise ValueError(
+            f"{type(experts).__name__} has gate_up_proj {list(gate_up.shape)} [E, 2I, H] and down_proj "
+            f"{list(down.shape)} [E, H, I], but the engine holds (E, H, I) = {tuple(engine.dims)}; build it with "
+            f"ExpertEngine.from_experts({', '.join(map(str, expected))}, ...)."
+        )
+    release_expert_weights(experts)
+    keep_on_cpu(experts)
+    experts._kt_engine = engine
+
+
+def take_installed_engine(experts: nn.Module):
+    """The engine `install_engine` gave `experts`, handed over once; None if it has none."""
+    engine = getattr(experts, "_kt_engine", None)
+    if engine is not None:
+        del experts._kt_engine
+    return engine
+
+
+def expert_counters(model: nn.Module) -> dict[str, float]:
+    """Totals over a prepared model's routed layers.
+
+    Returns:
+        `dict`: `CPUExperts`' `forward_calls`, `backward_calls`, `reused_forwards`,
+        `forward_seconds`, `backward_seconds`, plus the `StagingStats` fields (each staging once).
+    """
+    runner_keys = ("forward_calls", "backward_calls", "reused_forwards", "forward_seconds", "backward_seconds")
+    totals = {**dict.fromkeys(runner_keys, 0), **StagingStats().as_dict()}
+    stagings = {}
+    for module in model.modules():
+        runner = getattr(module, "_kt_experts", None)
+        if isinstance(runner, CPUExperts):
+            for key in runner_keys:
+                totals[key] += getattr(runner, key)
+            stagings[id(runner.staging)] = runner.staging
+    for staging in stagings.values():
+        for key, value in staging.stats.as_dict().items():
+            totals[key] += value
+    return totals

@@ -1,8 +1,9 @@
 """`prepare_model`: route a transformers MoE model's experts through the CPU engine.
 
 unwrap containers → match the family in the registry → find the MoE blocks → per block: pack the
-experts into an `ExpertEngine`, release the HF tensors, keep the module on the CPU, bind expert
-LoRA → switch the model to the `"kt_cpu"` experts implementation → `RoutingReport`.
+experts into an `ExpertEngine` (or take the one `experts.install_engine` gave it), release the HF
+tensors, keep the module on the CPU, bind expert LoRA → switch the model to the `"kt_cpu"` experts
+implementation → `RoutingReport`.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from .experts import (
     pack_experts,
     register_experts_implementation,
     release_expert_weights,
+    take_installed_engine,
 )
 from .lora import bind_expert_lora, requested_expert_lora
 from .report import RoutingReport, adapter_groups
+from .staging import HostStaging
 
 logger = logging.getLogger(__name__)
 
@@ -93,10 +96,15 @@ def _route_blocks(
     _check_expert_grads(blocks, config)
     _configure_runtime(config)
     _switch_experts_implementation(base, blocks)
+    staging = HostStaging()  # one for all layers: its in-flight copies are released on any layer's call
     for block in blocks:
-        engine = pack_experts(block.experts)
+        engine = take_installed_engine(block.experts)
+        if engine is None:
+            engine = pack_experts(block.experts)
         release_expert_weights(block.experts)
-        block.experts._kt_experts = CPUExperts(engine, layer=block.layer, name=block.name, config=config)
+        block.experts._kt_experts = CPUExperts(
+            engine, layer=block.layer, name=block.name, config=config, staging=staging
+        )
         attach_state_hooks(block.experts, unpack_on_save=unpack_on_save)
 
 

@@ -142,3 +142,48 @@ def test_forward_without_backward_saves_nothing(monkeypatch):
     kt.train()
     kt(**batch())
     assert saves == [False, False, True, True]
+
+
+def engine_of(experts):
+    """An engine built expert by expert from a module's own weights (as a checkpoint loader would)."""
+    from kt_trl.engine import ExpertEngine
+
+    num_experts, two_inter, hidden = experts.gate_up_proj.shape
+    pairs = ((experts.gate_up_proj[e].detach(), experts.down_proj[e].detach()) for e in range(num_experts))
+    return ExpertEngine.from_experts(num_experts, hidden, two_inter // 2, pairs)
+
+
+def test_installed_engines_are_routed_without_packing(monkeypatch):
+    from kt_trl import experts as experts_mod
+    from kt_trl import prepare as prepare_mod
+
+    packed = tiny_model("qwen3_moe")
+    installed = copy.deepcopy(packed)
+    for layer in installed.model.layers:
+        experts_mod.install_engine(layer.mlp.experts, engine_of(layer.mlp.experts))
+        assert layer.mlp.experts.gate_up_proj.stride() == (0, 0, 0)  # released at once
+    installed.to("meta")  # stands in for .to_empty(device="cuda"): the experts stay on the CPU
+    installed.to_empty(device="cpu")
+    installed.load_state_dict({k: v for k, v in packed.state_dict().items() if ".experts." not in k}, strict=False)
+    for buffer, value in zip(installed.buffers(), packed.buffers()):  # rotary inv_freq is not in the state dict
+        buffer.copy_(value)
+    prepare_model(packed, KTConfig(freeze_experts=True))
+    monkeypatch.setattr(prepare_mod, "pack_experts", lambda *args: pytest.fail("an installed engine was repacked"))
+    report = prepare_model(installed, KTConfig(freeze_experts=True))
+    assert report.layers_routed == (0, 1) and not hasattr(installed.model.layers[0].mlp.experts, "_kt_engine")
+    inputs = batch()["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(installed(inputs).logits, packed(inputs).logits, rtol=0, atol=0)
+
+
+def test_install_engine_refuses_mismatches():
+    from kt_trl.experts import install_engine
+
+    model = tiny_model("qwen3_moe")
+    layers = model.model.layers
+    four_experts = tiny_model("qwen3_moe", num_experts=4).model.layers[0].mlp.experts
+    with pytest.raises(ValueError, match=r"engine holds \(E, H, I\) = \(8, 32, 16\).*from_experts\(4, 32, 16"):
+        install_engine(four_experts, engine_of(layers[0].mlp.experts))
+    prepare_model(model, KTConfig(freeze_experts=True))
+    with pytest.raises(ValueError, match="before PEFT wrapping and preparation.*already prepared"):
+        install_engine(layers[0].mlp.experts, engine_of(tiny_model("qwen3_moe").model.layers[0].mlp.experts))

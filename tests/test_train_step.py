@@ -1,0 +1,53 @@
+"""`benchmarks/train_step.py` end to end at a tiny shape (on the CPU here, on the GPU on the GPU host)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+TINY = ["--layers", "2", "--hidden", "64", "--experts", "8", "--intermediate", "32", "--vocab", "512", "--seq", "64",
+        "--batch", "2", "--steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def train_step():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "train_step.py"
+    spec = importlib.util.spec_from_file_location("train_step", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_run_reports_every_step_and_matches_plain_peft(train_step, tmp_path):
+    records = train_step.main([*TINY, "--reference", "--json", str(tmp_path / "records.jsonl")])
+    kinds = [r["kind"] for r in records]
+    assert kinds == ["runtime", *["reference_step"] * 2, "model", *["step"] * 2, "summary", "parity"]
+    assert len((tmp_path / "records.jsonl").read_text().splitlines()) == len(records)
+    steps = [r for r in records if r["kind"] == "step"]
+    assert [r["warmup"] for r in steps] == [True, False]
+    for step in steps:
+        assert step["expert_calls"] == [2, 2, 2]  # 2 layers; the checkpointed recomputation reuses the forward
+        parts = ("cpu_expert_forward_s", "cpu_expert_backward_s", "transfer_s", "gpu_wait_s", "optimizer_s", "rest_s")
+        assert sum(step[p] for p in parts) == pytest.approx(step["step_s"], abs=1e-3)
+        assert step["cpu_expert_forward_s"] > 0 and step["cpu_roofline_tokens_per_s"] > step["tokens_per_s"] > 0
+        assert step["cpu_state_gb"] > 0
+    summary = records[kinds.index("summary")]
+    assert summary["steps"] == 1 and summary["packed_bytes"] > 0 and summary["expert_lora_parameters"] > 0
+    assert abs(summary["losses"][0] - math.log(512)) < 0.3  # random init: about uniform over the vocabulary
+    parity = records[-1]
+    assert parity["max_loss_rel_diff"] < 1e-3 and parity["reference_tokens_per_s"] > 0
+
+
+def test_built_model_never_holds_dense_experts(train_step):
+    import torch
+
+    opts = train_step.parse(TINY)
+    model = train_step.build_model(train_step.model_config(opts), device=torch.device("cpu"), seed=0, engines=True)
+    for layer in model.model.layers:
+        experts = layer.mlp.experts
+        assert experts.gate_up_proj.stride() == (0, 0, 0) and experts.down_proj.stride() == (0, 0, 0)
+        assert experts._kt_engine.dims == (8, 64, 32)
+    assert all(p.device.type == "cpu" and p.dtype == torch.bfloat16 for p in model.parameters())
