@@ -8,7 +8,9 @@ Every family transformers 5 ships with fused experts stores them in one module w
     Expert_e(x) = down_e(silu(gate_e(x)) * up_e(x))
 
 Families differ only in where the MoE block sits in a decoder layer, what its router and shared
-experts are called, and (gpt-oss) in the expert layout itself. One frozen `ExpertLayout` per family
+experts are called, and (gpt-oss) in the expert layout itself: transposed `[E, H, 2I]` / `[E, I, H]`,
+gate/up interleaved, biases and a clamped SwiGLU, which `expert_weights` converts and the engine
+computes natively. One frozen `ExpertLayout` per family
 records that; `match_layout` finds the entry with a first-match chain of small `match_*` functions
 and refuses dense or unknown models with a `ValueError` that lists what is supported.
 """
@@ -33,10 +35,12 @@ class ExpertLayout:
         router_attr: MoE-block attribute of the router (stays on the GPU, trains there).
         shared_attrs: MoE-block attributes of shared experts (stay on the GPU).
         gate_up / down: Layout of the two 3-D parameters in the DESIGN's notation.
+        transposed: The parameters are `[E, H, 2I]` / `[E, I, H]` (gpt-oss).
         interleaved: Gate and up rows alternate (`x[..., ::2]`, `x[..., 1::2]`).
-        bias: The experts have bias parameters.
-        act: Activation of the gate half.
+        bias: The experts have bias parameters (`gate_up_proj_bias`, `down_proj_bias`).
+        act: Gated activation: `"silu"` or `"clamped_swiglu"` (gpt-oss, with `alpha` and `limit`).
         unsupported: When set, why the engine cannot run this family yet, and what to do instead.
+        no_expert_lora: When set, why LoRA on this family's experts is refused, and what to do instead.
     """
 
     family: str
@@ -47,10 +51,12 @@ class ExpertLayout:
     shared_attrs: tuple[str, ...] = ()
     gate_up: str = "[E, 2I, H]"
     down: str = "[E, H, I]"
+    transposed: bool = False
     interleaved: bool = False
     bias: bool = False
     act: str = "silu"
     unsupported: str | None = None
+    no_expert_lora: str | None = None
 
 
 REGISTRY: tuple[ExpertLayout, ...] = (
@@ -74,12 +80,13 @@ REGISTRY: tuple[ExpertLayout, ...] = (
         router_attr="router",
         gate_up="[E, H, 2I]",
         down="[E, I, H]",
+        transposed=True,
         interleaved=True,
         bias=True,
-        act="clamped swiglu",
-        unsupported=(
-            "gpt-oss experts (transposed [E, H, 2I] / [E, I, H], interleaved gate/up rows, biases, clamped "
-            "SwiGLU) are not supported by the CPU engine yet; train gpt-oss with plain trl.SFTTrainer for now."
+        act="clamped_swiglu",
+        no_expert_lora=(
+            "LoRA on gpt-oss's transposed, biased experts is not supported yet; drop 'mlp.experts.gate_up_proj' "
+            "and 'mlp.experts.down_proj' from target_parameters (attention and router LoRA train as usual)."
         ),
     ),
 )
@@ -170,26 +177,37 @@ def check_experts_module(layout: ExpertLayout, experts: nn.Module, *, where: str
     problems = []
     if name != layout.experts_class:
         problems.append(f"class {name}, expected {layout.experts_class}")
-    gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
-    if not (isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor)):
-        problems.append("no 3-D gate_up_proj / down_proj parameters")
-    elif gate_up.dim() != 3 or down.dim() != 3:
-        problems.append(f"gate_up_proj {tuple(gate_up.shape)} / down_proj {tuple(down.shape)} are not 3-D")
-    else:
-        num_experts, two_inter, hidden = gate_up.shape
-        if tuple(down.shape) != (num_experts, hidden, two_inter // 2) or two_inter % 2:
-            problems.append(
-                f"gate_up_proj {tuple(gate_up.shape)} and down_proj {tuple(down.shape)} do not form "
-                f"{layout.gate_up} / {layout.down}"
-            )
-    for flag, expected in (("has_bias", False), ("is_transposed", False), ("is_concatenated", True), ("has_gate", True)):
+    problems += _shape_problems(layout, getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None))
+    flags = (("has_bias", layout.bias), ("is_transposed", layout.transposed),
+             ("is_concatenated", not layout.interleaved), ("has_gate", True))
+    for flag, expected in flags:
         if getattr(experts, flag, expected) != expected:
             problems.append(f"{flag}={getattr(experts, flag)}")
-    act = getattr(experts, "act_fn", None)
-    if not _is_silu(act):
-        problems.append(f"activation {type(act).__name__} (config.hidden_act must be 'silu')")
+    if layout.act == "silu":
+        act = getattr(experts, "act_fn", None)
+        if not _is_silu(act):
+            problems.append(f"activation {type(act).__name__} (config.hidden_act must be 'silu')")
+    elif not all(isinstance(getattr(experts, name, None), (int, float)) for name in ("alpha", "limit")):
+        problems.append("no numeric alpha / limit of the clamped SwiGLU")
     if problems:
         raise ValueError(
-            f"{where} ({layout.family}) does not have the standard SwiGLU experts layout the CPU engine runs: "
+            f"{where} ({layout.family}) does not have the experts layout the CPU engine runs for this family: "
             f"{'; '.join(problems)}. Train this model with plain trl.SFTTrainer."
         )
+
+
+def _shape_problems(layout: ExpertLayout, gate_up, down) -> list[str]:
+    if not (isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor)):
+        return ["no 3-D gate_up_proj / down_proj parameters"]
+    if gate_up.dim() != 3 or down.dim() != 3:
+        return [f"gate_up_proj {tuple(gate_up.shape)} / down_proj {tuple(down.shape)} are not 3-D"]
+    if layout.transposed:
+        num_experts, hidden, two_inter = gate_up.shape
+        expected_down = (num_experts, two_inter // 2, hidden)
+    else:
+        num_experts, two_inter, hidden = gate_up.shape
+        expected_down = (num_experts, hidden, two_inter // 2)
+    if tuple(down.shape) != expected_down or two_inter % 2:
+        return [f"gate_up_proj {tuple(gate_up.shape)} and down_proj {tuple(down.shape)} do not form "
+                f"{layout.gate_up} / {layout.down}"]
+    return []
