@@ -281,14 +281,11 @@ def release_expert_weights(experts: nn.Module) -> None:
         setattr(experts, name, new)
 
 
-def pack_experts(experts: nn.Module):
-    """Pack an experts module's `gate_up_proj [E, 2I, H]` and `down_proj [E, H, I]` into an `ExpertEngine`."""
-    from .engine import ExpertEngine
+def pack_experts(experts: nn.Module, layout):
+    """Pack an experts module (in its family's `layout`) into an `ExpertEngine`, expert by expert."""
+    from .expert_weights import pack_experts as pack_layout
 
-    with torch.no_grad():
-        gate_up = experts.gate_up_proj.detach().to("cpu")
-        down = experts.down_proj.detach().to("cpu")
-        return ExpertEngine(gate_up, down)
+    return pack_layout(layout, experts)
 
 
 def install_engine(experts: nn.Module, engine) -> None:

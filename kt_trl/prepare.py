@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from torch import nn
 
 from .config import KTConfig
@@ -72,6 +73,8 @@ def prepare_model(
         raise ValueError(
             f"{layout.family}: no decoder layer has a '{layout.block_attr}.experts' module; nothing to route."
         )
+    if layout.no_expert_lora and any(block.wrappers for block in blocks):
+        raise ValueError(f"{layout.family}: {layout.no_expert_lora}")
     if previous is None:
         # a PEFT save keeps adapter keys only: unpacking the experts into every state_dict() would be waste
         _route_blocks(base, blocks, layout, config, unpack_on_save=not is_peft_model(model))
@@ -100,12 +103,12 @@ def _route_blocks(
     for block in blocks:
         engine = take_installed_engine(block.experts)
         if engine is None:
-            engine = pack_experts(block.experts)
+            engine = pack_experts(block.experts, layout)
         release_expert_weights(block.experts)
         block.experts._kt_experts = CPUExperts(
             engine, layer=block.layer, name=block.name, config=config, staging=staging
         )
-        attach_state_hooks(block.experts, unpack_on_save=unpack_on_save)
+        attach_state_hooks(block.experts, layout, unpack_on_save=unpack_on_save)
 
 
 def _switch_experts_implementation(base: nn.Module, blocks: list[MoEBlock]) -> None:
@@ -124,8 +127,14 @@ def _switch_experts_implementation(base: nn.Module, blocks: list[MoEBlock]) -> N
             )
 
 
+def _frozen_expert_params(experts: nn.Module) -> list[torch.Tensor]:
+    """The parameters the engine holds frozen: the 3-D weights and (gpt-oss) their biases."""
+    names = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
+    return [p for name in names if isinstance(p := getattr(experts, name, None), torch.Tensor)]
+
+
 def _check_expert_grads(blocks: list[MoEBlock], config: KTConfig) -> None:
-    trainable = [b.name for b in blocks if any(p.requires_grad for p in (b.experts.gate_up_proj, b.experts.down_proj))]
+    trainable = [b.name for b in blocks if any(p.requires_grad for p in _frozen_expert_params(b.experts))]
     if not trainable:
         return
     if not config.freeze_experts:
@@ -135,7 +144,10 @@ def _check_expert_grads(blocks: list[MoEBlock], config: KTConfig) -> None:
             "'mlp.experts.down_proj'], ...)), or pass kt_config=KTConfig(freeze_experts=True) to freeze them and "
             "train the rest of the model."
         )
-    # release_expert_weights replaces them by frozen placeholders: that is the freezing
+    # release_expert_weights replaces the weights by frozen placeholders; biases stay, frozen
+    for block in blocks:
+        for param in _frozen_expert_params(block.experts):
+            param.requires_grad_(False)
     logger.info("kt_trl: freezing the routed experts' base weights of %d layer(s) (KTConfig.freeze_experts).", len(blocks))
 
 

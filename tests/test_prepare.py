@@ -108,16 +108,47 @@ def test_unknown_moe_family_is_refused():
         prepare_model(transformers.AutoModelForCausalLM.from_config(config))
 
 
-def test_gpt_oss_is_refused_for_now():
-    config = transformers.GptOssConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4,
-                                       layer_types=["sliding_attention", "full_attention"])
-    with pytest.raises(ValueError, match="gpt-oss.*not supported by the CPU engine yet"):
-        prepare_model(transformers.AutoModelForCausalLM.from_config(config))
+def _randomize_biases(model):
+    """gpt-oss initialises expert biases to zero; give them values so the bias path is exercised."""
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for name in ("gate_up_proj_bias", "down_proj_bias"):
+                bias = getattr(layer.mlp.experts, name)
+                bias.copy_(torch.randn(bias.shape, generator=gen) * 0.5)
+
+
+def test_gpt_oss_routes_with_its_own_expert_layout():
+    model = tiny_model("gpt_oss")
+    _randomize_biases(model)
+    experts = model.model.layers[0].mlp.experts
+    gen = torch.Generator().manual_seed(0)
+    # BF16-valued inputs, as the engine computes in BF16 (FP32 accumulation) against the FP32 HF loop
+    x = torch.randn(24, 32, generator=gen).bfloat16().float()
+    ids = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(24)])
+    w = torch.rand(24, 2, generator=gen)
+    with torch.no_grad():
+        expected = experts(x, ids, w)
+        weights = {name: getattr(experts, name).clone() for name in ("gate_up_proj", "down_proj")}
+    report = prepare_model(model, KTConfig(freeze_experts=True))
+    assert report.layers_routed == (0, 1)
+    with torch.no_grad():
+        got = experts(x, ids, w)
+    assert ((got - expected).norm() / expected.norm()) < 1e-2
+    state = model.state_dict()   # the engine's weights, back in gpt-oss's transposed, interleaved layout
+    for name, value in weights.items():
+        assert torch.equal(state[f"model.layers.0.mlp.experts.{name}"], value)
+
+
+def test_gpt_oss_expert_lora_is_refused():
+    model = get_peft_model(tiny_model("gpt_oss"), LoraConfig(r=2, target_modules=["q_proj"],
+                                                             target_parameters=["mlp.experts.gate_up_proj"]))
+    with pytest.raises(ValueError, match="gpt-oss: LoRA on gpt-oss's transposed, biased experts is not supported"):
+        prepare_model(model)
 
 
 def test_non_silu_experts_are_refused():
-    with pytest.raises(ValueError, match="standard SwiGLU.*hidden_act must be 'silu'"):
+    with pytest.raises(ValueError, match="experts layout the CPU engine runs.*hidden_act must be 'silu'"):
         prepare_model(tiny_model("mixtral", hidden_act="gelu"), KTConfig(freeze_experts=True))
 
 
@@ -159,3 +190,19 @@ def test_experts_the_implementation_switch_cannot_reach_are_refused_untouched():
         prepare_model(model, KTConfig(freeze_experts=True))
     assert model.config._experts_implementation == before
     assert all(layer.mlp.experts.gate_up_proj.stride() != (0, 0, 0) for layer in model.model.layers)
+
+
+def test_gpt_oss_load_state_dict_repacks_weights_and_biases():
+    model, fresh = tiny_model("gpt_oss"), tiny_model("gpt_oss", seed=1)
+    prepare_model(model, KTConfig(freeze_experts=True))
+    _randomize_biases(fresh)
+    state = fresh.state_dict()
+    model.load_state_dict(state)   # experts of the other seed, in gpt-oss's layout, biases included
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 32, generator=gen).bfloat16().float()
+    ids = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(16)])
+    w = torch.rand(16, 2, generator=gen)
+    with torch.no_grad():
+        expected = fresh.model.layers[1].mlp.experts(x, ids, w)
+        got = model.model.layers[1].mlp.experts(x, ids, w)
+    assert ((got - expected).norm() / expected.norm()) < 1e-2

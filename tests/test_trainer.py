@@ -182,3 +182,10 @@ def test_resume_from_checkpoint_matches_uninterrupted(tmp_path, tokenizer, datas
     # the resumed log history starts with the checkpoint's three entries; the last three are new
     assert len(step_losses(resumed)) == len(step_losses(full)) == 6
     torch.testing.assert_close(torch.tensor(step_losses(resumed)[3:]), torch.tensor(step_losses(full)[3:]), rtol=1e-5, atol=0.0)
+
+
+def test_gpt_oss_parity_with_attention_lora(tmp_path, tokenizer, dataset):
+    # gpt-oss experts (transposed, interleaved, biased, clamped SwiGLU) on the engine; LoRA on attention
+    trainers = train_pair("gpt_oss", tmp_path, tokenizer, dataset, attention_lora())
+    assert_parity(trainers)
+    assert trainers["kt"][0].kt_report.layers_routed == (0, 1)

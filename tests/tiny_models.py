@@ -35,6 +35,11 @@ FAMILIES = {
     "hunyuan_v1_moe": ("HunYuanMoEV1Config", dict(intermediate_size=16, num_experts=8, moe_topk=2, head_dim=8)),
     "granitemoe": ("GraniteMoeConfig", dict(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2)),
 }
+# gpt-oss: transposed, interleaved, biased experts with a clamped SwiGLU; no expert LoRA (refused).
+EXTRA_FAMILIES = {
+    "gpt_oss": ("GptOssConfig", dict(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, head_dim=8,
+                                     layer_types=["sliding_attention", "full_attention"])),
+}
 # Where PEFT's "all-linear" does not reach the fused experts, the tests name them explicitly.
 EXPERT_TARGETS = {
     "granitemoe": ["block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.experts.down_proj"],
@@ -44,7 +49,7 @@ DEFAULT_EXPERT_TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 def tiny_config(family: str, **overrides):
     """A tiny config of `family` (see FAMILIES)."""
-    class_name, kwargs = FAMILIES[family]
+    class_name, kwargs = {**FAMILIES, **EXTRA_FAMILIES}[family]
     return getattr(transformers, class_name)(**{**_COMMON, **kwargs, **overrides})
 
 
