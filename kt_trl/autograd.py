@@ -1,57 +1,93 @@
-"""``routed_experts``: the engine's forward and backward as one differentiable torch op."""
+"""The engine's forward and backward as one differentiable torch op.
+
+`RoutedExpertsFunction` moves the call's tensors between the caller's device and the CPU engine
+(through `staging.HostStaging`: pinned buffers and CUDA events when the caller is on a GPU) and
+asks a *runner* for the engine work. `routed_experts(engine, ...)` runs an engine directly; the
+trainer's runner (`experts.CPUExperts`) adds gradient-checkpointing reuse and counters.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from .engine import ExpertActivations, ExpertEngine, ExpertLoRA
+from .staging import HostStaging
+
+# Phases of one call: inside a checkpointed layer's first forward / its recomputation in backward;
+# a forward no backward follows (nothing to save); or None, a plain training forward.
+FIRST, RECOMPUTE, INFERENCE = "first", "recompute", "inference"
 
 
-def _lora_on_cpu(A, B, scale) -> ExpertLoRA | None:
-    if A is None:
+class EngineRunner:
+    """The plain runner: one engine, no checkpointing logic."""
+
+    def __init__(self, engine: ExpertEngine, staging: HostStaging | None = None) -> None:
+        self.engine = engine
+        self.staging = staging if staging is not None else HostStaging()
+
+    def forward(self, phase, x, ids, w, lora_gate_up, lora_down):
+        return self.engine.forward(x, ids, w, lora_gate_up=lora_gate_up, lora_down=lora_down,
+                                   save=phase != INFERENCE)
+
+    def backward(self, dy, x, ids, w, saved, **kwargs):
+        return self.engine.backward(dy, x, ids, w, saved, **kwargs)
+
+
+def _lora_for_engine(factor_a, factor_b, scale):
+    """`ExpertLoRA` the engine accepts (CPU, FP32, contiguous A) over detached factors, or None."""
+    if factor_a is None:
         return None
-    A_cpu = A.detach().to(device="cpu", dtype=torch.float32).contiguous()
-    B_cpu = B.detach().to(device="cpu", dtype=torch.float32)   # keeps B's strides when already CPU fp32
-    return ExpertLoRA(A_cpu, B_cpu, scale)
+    a = factor_a.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    b = factor_b.detach().to(device="cpu", dtype=torch.float32)  # keeps PEFT's permuted strides
+    return ExpertLoRA(A=a, B=b, scale=scale)
 
 
 class RoutedExpertsFunction(torch.autograd.Function):
-    """Inputs: engine, x [T, H], ids [T, k], weights [T, k], then (A, B, scale) for gate_up and down."""
+    """Autograd over the engine: gradients to hidden states, routing weights and expert LoRA A/B.
+
+    Inputs: runner, checkpoint phase, x [T, H], w [T, k], ids [T, k], (scale_gate_up, scale_down),
+    then A_gate_up [E, r, H], B_gate_up [E, 2I, r], A_down [E, r, I], B_down [E, H, r] (or None).
+    """
 
     @staticmethod
-    def forward(ctx, engine: ExpertEngine, x, ids, weights, A_gu, B_gu, s_gu, A_d, B_d, s_d):
-        x_cpu = x.detach().to(device="cpu", dtype=torch.bfloat16).contiguous()
-        lgu, ld = _lora_on_cpu(A_gu, B_gu, s_gu), _lora_on_cpu(A_d, B_d, s_d)
-        y, saved = engine.forward(x_cpu, ids, weights, lora_gate_up=lgu, lora_down=ld, save=True)
-        ctx.engine, ctx.lgu, ctx.ld = engine, lgu, ld
-        ctx.x_meta = (x.device, x.dtype)
-        ctx.w_meta = (weights.device, weights.dtype)
-        ctx.ab_meta = [(t.device, t.dtype) if t is not None else None for t in (A_gu, B_gu, A_d, B_d)]
-        ctx.save_for_backward(x_cpu, ids, weights, *saved.as_tuple())
-        return y.to(device=x.device, dtype=x.dtype)
+    def forward(ctx, runner, phase, x, w, ids, scales, a_gate_up, b_gate_up, a_down, b_down):
+        x_cpu, w_cpu, ids_cpu = runner.staging.to_host(x.detach().to(torch.bfloat16), w.detach(), ids.detach())
+        lora_gate_up = _lora_for_engine(a_gate_up, b_gate_up, scales[0])
+        lora_down = _lora_for_engine(a_down, b_down, scales[1])
+        y, saved = runner.forward(phase, x_cpu, ids_cpu, w_cpu, lora_gate_up, lora_down)
+        ctx.runner, ctx.loras = runner, (lora_gate_up, lora_down)
+        ctx.metas = [(t.device, t.dtype) if t is not None else None for t in (x, w, a_gate_up, b_gate_up, a_down, b_down)]
+        if phase == INFERENCE:
+            ctx.kt_saved = None
+        elif phase is None:
+            ctx.kt_saved = None
+            ctx.save_for_backward(x_cpu, w_cpu, ids_cpu, *saved.as_tuple())
+        else:
+            # Inside a checkpointed layer the activations stay on ctx, outside checkpoint's
+            # saved-tensor hooks: keeping them is the point (the recomputation reuses them).
+            ctx.kt_saved = saved
+            ctx.save_for_backward(x_cpu, w_cpu, ids_cpu)
+        return runner.staging.to_device(y, device=x.device, dtype=x.dtype)
 
     @staticmethod
-    def backward(ctx, grad_output):
-        x_cpu, ids, weights, gu, lgu_saved, ld_saved = ctx.saved_tensors
+    def backward(ctx, dy):
+        x_cpu, w, ids, *rest = ctx.saved_tensors
+        saved, ctx.kt_saved = (ctx.kt_saved or ExpertActivations(*rest)), None
         need = ctx.needs_input_grad
-        dy = grad_output.detach().to(device="cpu", dtype=torch.bfloat16).contiguous()
-        dx, dw, g_gu, g_d = ctx.engine.backward(
-            dy, x_cpu, ids, weights, ExpertActivations(gu, lgu_saved, ld_saved),
-            lora_gate_up=ctx.lgu, lora_down=ctx.ld, need_dx=need[1], need_dw=need[3],
-            need_lora_grads=any(need[4:6]) or any(need[7:9]))
-        out = [None] * 10
-        if dx is not None:
-            out[1] = dx.to(*ctx.x_meta)
-        if dw is not None:
-            out[3] = dw.to(*ctx.w_meta)
-        for slot, grads in ((4, g_gu), (7, g_d)):
-            if grads is None:
-                continue
-            for i, g in enumerate(grads):
-                meta = ctx.ab_meta[(slot - 4) // 3 * 2 + i]
-                if need[slot + i] and meta is not None:
-                    out[slot + i] = g.to(*meta)
-        return tuple(out)
+        lora_gate_up, lora_down = ctx.loras
+        staging = ctx.runner.staging
+        (dy_cpu,) = staging.to_host(dy.detach().to(torch.bfloat16))
+        dx, dw, g_gate_up, g_down = ctx.runner.backward(
+            dy_cpu, x_cpu, ids, w, saved, lora_gate_up=lora_gate_up, lora_down=lora_down,
+            need_dx=need[2], need_dw=need[3], need_lora_grads=any(need[6:]),
+        )
+        grads = [dx, dw, *(g_gate_up or (None, None)), *(g_down or (None, None))]
+        out = [
+            staging.to_device(g, device=meta[0], dtype=meta[1]) if g is not None and meta is not None and n else None
+            for g, meta, n in zip(grads, ctx.metas, (need[2], need[3], *need[6:]))
+        ]
+        return (None, None, out[0], out[1], None, None, *out[2:])
+
 
 
 def routed_experts(engine: ExpertEngine, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -70,6 +106,11 @@ def routed_experts(engine: ExpertEngine, hidden_states: torch.Tensor, top_k_inde
     Returns:
         `torch.Tensor`: ``[T, H]`` in the dtype and on the device of ``hidden_states``.
     """
-    gu = (lora_gate_up.A, lora_gate_up.B, lora_gate_up.scale) if lora_gate_up is not None else (None, None, 0.0)
-    d = (lora_down.A, lora_down.B, lora_down.scale) if lora_down is not None else (None, None, 0.0)
-    return RoutedExpertsFunction.apply(engine, hidden_states, top_k_index, top_k_weights, *gu, *d)
+    scales, factors = [0.0, 0.0], [None] * 4
+    for slot, lora in enumerate((lora_gate_up, lora_down)):
+        if lora is not None:
+            scales[slot], factors[2 * slot], factors[2 * slot + 1] = float(lora.scale), lora.A, lora.B
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden_states, top_k_weights, *factors))
+    return RoutedExpertsFunction.apply(EngineRunner(engine), None if needs_grad else INFERENCE, hidden_states,
+                                       top_k_weights, top_k_index, tuple(scales), *factors)

@@ -1,7 +1,7 @@
 """Routing one layer's fused experts through the CPU engine.
 
 `CPUExperts` owns a layer's packed experts (an `ExpertEngine`) and runs them through
-`RoutedExpertsFunction`, a `torch.autograd.Function` over the engine's forward/backward. It hangs off
+`autograd.RoutedExpertsFunction`, the `torch.autograd.Function` over the engine's forward/backward. It hangs off
 the HF experts module as `_kt_experts`; transformers reaches it through the official plug point
 (`ExpertsInterface.register("kt_cpu", kt_experts_forward)` + `model.set_experts_implementation`), PEFT
 through the forward `kt_trl.lora` binds on the outer `ParamWrapper`.
@@ -30,15 +30,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from .autograd import FIRST, INFERENCE, RECOMPUTE, RoutedExpertsFunction
 from .config import KTConfig
 from .staging import HostStaging, StagingStats
 
 logger = logging.getLogger(__name__)
 
 KT_IMPLEMENTATION = "kt_cpu"
-# Phases of one call: inside a checkpointed layer's first forward / its recomputation in backward;
-# a forward no backward follows (nothing to save); or None, a plain training forward.
-FIRST, RECOMPUTE, INFERENCE = "first", "recompute", "inference"
 
 
 @dataclass
@@ -171,66 +169,6 @@ class CPUExperts:
 
     def clear_pending(self) -> None:
         self.pending.clear()
-
-
-def _lora_for_engine(factor_a, factor_b, scale):
-    """`ExpertLoRA` the engine accepts (CPU, FP32, contiguous A) over detached factors, or None."""
-    if factor_a is None:
-        return None
-    from .engine import ExpertLoRA
-
-    a = factor_a.detach().to(device="cpu", dtype=torch.float32).contiguous()
-    b = factor_b.detach().to(device="cpu", dtype=torch.float32)  # keeps PEFT's permuted strides
-    return ExpertLoRA(A=a, B=b, scale=scale)
-
-
-class RoutedExpertsFunction(torch.autograd.Function):
-    """Autograd over the engine: gradients to hidden states, routing weights and expert LoRA A/B.
-
-    Inputs: runner, checkpoint phase, x [T, H], w [T, k], ids [T, k], (scale_gate_up, scale_down),
-    then A_gate_up [E, r, H], B_gate_up [E, 2I, r], A_down [E, r, I], B_down [E, H, r] (or None).
-    """
-
-    @staticmethod
-    def forward(ctx, runner, phase, x, w, ids, scales, a_gate_up, b_gate_up, a_down, b_down):
-        x_cpu, w_cpu, ids_cpu = runner.staging.to_host(x.detach().to(torch.bfloat16), w.detach(), ids.detach())
-        lora_gate_up = _lora_for_engine(a_gate_up, b_gate_up, scales[0])
-        lora_down = _lora_for_engine(a_down, b_down, scales[1])
-        y, saved = runner.forward(phase, x_cpu, ids_cpu, w_cpu, lora_gate_up, lora_down)
-        ctx.runner, ctx.loras = runner, (lora_gate_up, lora_down)
-        ctx.metas = [(t.device, t.dtype) if t is not None else None for t in (x, w, a_gate_up, b_gate_up, a_down, b_down)]
-        if phase == INFERENCE:
-            ctx.kt_saved = None
-        elif phase is None:
-            ctx.kt_saved = None
-            ctx.save_for_backward(x_cpu, w_cpu, ids_cpu, *saved.as_tuple())
-        else:
-            # Inside a checkpointed layer the activations stay on ctx, outside checkpoint's
-            # saved-tensor hooks: keeping them is the point (the recomputation reuses them).
-            ctx.kt_saved = saved
-            ctx.save_for_backward(x_cpu, w_cpu, ids_cpu)
-        return runner.staging.to_device(y, device=x.device, dtype=x.dtype)
-
-    @staticmethod
-    def backward(ctx, dy):
-        from .engine import ExpertActivations
-
-        x_cpu, w, ids, *rest = ctx.saved_tensors
-        saved, ctx.kt_saved = (ctx.kt_saved or ExpertActivations(*rest)), None
-        need = ctx.needs_input_grad
-        lora_gate_up, lora_down = ctx.loras
-        staging = ctx.runner.staging
-        (dy_cpu,) = staging.to_host(dy.detach().to(torch.bfloat16))
-        dx, dw, g_gate_up, g_down = ctx.runner.backward(
-            dy_cpu, x_cpu, ids, w, saved, lora_gate_up=lora_gate_up, lora_down=lora_down,
-            need_dx=need[2], need_dw=need[3], need_lora_grads=any(need[6:]),
-        )
-        grads = [dx, dw, *(g_gate_up or (None, None)), *(g_down or (None, None))]
-        out = [
-            staging.to_device(g, device=meta[0], dtype=meta[1]) if g is not None and meta is not None and n else None
-            for g, meta, n in zip(grads, ctx.metas, (need[2], need[3], *need[6:]))
-        ]
-        return (None, None, out[0], out[1], None, None, *out[2:])
 
 
 def kt_experts_forward(self: nn.Module, hidden_states, top_k_index, top_k_weights):
