@@ -90,6 +90,15 @@ class RoutedExpertsFunction(torch.autograd.Function):
 
 
 
+def lora_arguments(lora_gate_up, lora_down):
+    """`((scale_gate_up, scale_down), [A_gu, B_gu, A_d, B_d])` as `RoutedExpertsFunction` takes them."""
+    scales, factors = [0.0, 0.0], [None] * 4
+    for slot, lora in enumerate((lora_gate_up, lora_down)):
+        if lora is not None:
+            scales[slot], factors[2 * slot], factors[2 * slot + 1] = float(lora.scale), lora.A, lora.B
+    return tuple(scales), factors
+
+
 def routed_experts(engine: ExpertEngine, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                    top_k_weights: torch.Tensor, *, lora_gate_up: ExpertLoRA | None = None,
                    lora_down: ExpertLoRA | None = None) -> torch.Tensor:
@@ -106,11 +115,8 @@ def routed_experts(engine: ExpertEngine, hidden_states: torch.Tensor, top_k_inde
     Returns:
         `torch.Tensor`: ``[T, H]`` in the dtype and on the device of ``hidden_states``.
     """
-    scales, factors = [0.0, 0.0], [None] * 4
-    for slot, lora in enumerate((lora_gate_up, lora_down)):
-        if lora is not None:
-            scales[slot], factors[2 * slot], factors[2 * slot + 1] = float(lora.scale), lora.A, lora.B
+    scales, factors = lora_arguments(lora_gate_up, lora_down)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden_states, top_k_weights, *factors))
     return RoutedExpertsFunction.apply(EngineRunner(engine), None if needs_grad else INFERENCE, hidden_states,
-                                       top_k_weights, top_k_index, tuple(scales), *factors)
+                                       top_k_weights, top_k_index, scales, *factors)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .autograd import FIRST, INFERENCE, RECOMPUTE, RoutedExpertsFunction
+from .autograd import FIRST, INFERENCE, RECOMPUTE, RoutedExpertsFunction, lora_arguments
 from .config import KTConfig
 from .staging import HostStaging, StagingStats
 
@@ -92,14 +92,11 @@ class CPUExperts:
 
         `lora_gate_up` / `lora_down` are `ExpertLoRA` views of PEFT parameters (or None).
         """
-        scales, factors = [0.0, 0.0], [None] * 4
-        for slot, lora in enumerate((lora_gate_up, lora_down)):
-            if lora is not None:
-                scales[slot], factors[2 * slot], factors[2 * slot + 1] = float(lora.scale), lora.A, lora.B
+        scales, factors = lora_arguments(lora_gate_up, lora_down)
         inputs = (hidden_states, top_k_weights, *factors)
         needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
         phase = self._phase(needs_grad)
-        return RoutedExpertsFunction.apply(self, phase, hidden_states, top_k_weights, top_k_index, tuple(scales), *factors)
+        return RoutedExpertsFunction.apply(self, phase, hidden_states, top_k_weights, top_k_index, scales, *factors)
 
     def _phase(self, needs_grad: bool) -> str | None:
         """FIRST / RECOMPUTE inside a checkpointed layer (when reusing activations), INFERENCE or None."""
