@@ -54,12 +54,14 @@ void copy_lora_b(float *bc, const LoraView &l, int64_t E, int64_t out) {
 
 // dB (strided, e.g. PEFT's [out, r*E] with e fastest) (=|+=) db [E, out, r]. Parallel over blocks
 // of 16 rows o: PEFT puts neighbouring experts in one cache line, so splitting by expert would
-// make threads write the same lines.
+// make threads write the same lines. Within a block, e runs outermost: each expert's 16 x r
+// values are one contiguous read, and the block's destination rows (16 x r x E) stay in L2.
 void store_lora_b(float *dB, const float *db, const LoraView &l, int64_t E, int64_t out, bool accumulate) {
     ThreadPool::run((out + 15) / 16, [&](int64_t i, int) {
-        for (int64_t o = i * 16; o < std::min(out, i * 16 + 16); ++o)
-            for (int64_t q = 0; q < l.r; ++q)
-                for (int64_t e = 0; e < E; ++e) {
+        const int64_t o0 = i * 16, o1 = std::min(out, o0 + 16);
+        for (int64_t e = 0; e < E; ++e)
+            for (int64_t o = o0; o < o1; ++o)
+                for (int64_t q = 0; q < l.r; ++q) {
                     float &d = dB[e * l.se + o * l.so + q * l.sq];
                     d = (accumulate ? d : 0.0f) + db[(e * out + o) * l.r + q];
                 }
