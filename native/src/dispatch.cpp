@@ -1,5 +1,7 @@
 #include "dispatch.h"
 
+#include <pthread.h>
+
 #include "cpu_features.h"
 #include "error.h"
 #include "thread_pool.h"
@@ -77,8 +79,14 @@ Runtime runtime() {
 }
 
 std::mutex &runtime_lock() {
-    static std::mutex mu;
-    return mu;
+    static std::mutex *mu = [] {
+        // fork() while another thread is inside an engine call would leave the child with a locked
+        // mutex and no owner: take the lock around fork so the child starts with it free.
+        pthread_atfork([] { runtime_lock().lock(); }, [] { runtime_lock().unlock(); },
+                       [] { runtime_lock().unlock(); });
+        return new std::mutex();
+    }();
+    return *mu;
 }
 
 }  // namespace kt
