@@ -1,4 +1,4 @@
-"""On the GPU host: the non-expert part on the GPU, the experts (and their LoRA) on the CPU engine.
+"""On a CUDA machine: the non-expert part on the GPU, the experts (and their LoRA) on the CPU engine.
 
 Skipped without CUDA. Both trainers run TRL's defaults (bf16 autocast, gradient checkpointing), so
 the tolerance is that of BF16 training on both sides.
@@ -18,7 +18,7 @@ from tests.tiny_models import expert_targets, sft_args, step_losses, tiny_model
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs on the GPU test host)"),
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs on a CUDA machine)"),
 ]
 
 
@@ -43,7 +43,7 @@ def test_gpu_parity_and_placement(family, tmp_path, tokenizer, dataset):
         for value in state.values():
             if isinstance(value, torch.Tensor) and value.dim() > 0:
                 assert value.device == param.device  # expert LoRA moments stay on the CPU with their params
-    if "amx" in _cpu_features():  # the GPU host's Xeon: the engine must pick its AMX path
+    if "amx" in _cpu_features():  # an AMX Xeon: the engine must pick its AMX path
         assert kt.kt_report.isa == "amx"
 
 

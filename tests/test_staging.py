@@ -28,7 +28,7 @@ from tests.tiny_models import expert_targets, tiny_model
 
 def on_gpu(test):
     """The `gpu` marker, skipped without CUDA."""
-    skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs on the GPU test host)")
+    skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs on a CUDA machine)")
     return pytest.mark.gpu(skip(test))
 
 
@@ -117,7 +117,7 @@ def test_cpu_training_step_never_reaches_cuda(monkeypatch):
     assert counters["to_host_calls"] == counters["to_device_calls"] == 0
 
 
-# ---- CUDA path (GPU test host) ----------------------------------------------------------------------
+# ---- CUDA path ----------------------------------------------------------------------------------------
 
 
 def expert_call(runner, case, device):

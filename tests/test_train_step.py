@@ -1,4 +1,4 @@
-"""`benchmarks/train_step.py` end to end at a tiny shape (on the CPU here, on the GPU on the GPU host)."""
+"""`benchmarks/train_step.py` end to end at a tiny shape (on the CPU, or on a CUDA machine)."""
 
 from __future__ import annotations
 

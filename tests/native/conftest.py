@@ -19,7 +19,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         for mark in item.iter_markers("isa"):
             if mark.args[0] not in have:
-                item.add_marker(pytest.mark.skip(reason=f"this CPU has no {mark.args[0]} path (runs on the AMX host)"))
+                item.add_marker(pytest.mark.skip(reason=f"this CPU has no {mark.args[0]} path (runs on an AMX machine)"))
 
 
 @pytest.fixture
