@@ -25,9 +25,11 @@ class EngineRunner:
         self.engine = engine
         self.staging = staging if staging is not None else HostStaging()
 
-    def forward(self, phase, x, ids, w, lora_gate_up, lora_down):
-        return self.engine.forward(x, ids, w, lora_gate_up=lora_gate_up, lora_down=lora_down,
-                                   save=phase != INFERENCE)
+    def forward(self, phase, x, ids, w, lora_gate_up, lora_down, *, device, dtype):
+        """`(y [T, H] as dtype on device, ExpertActivations)` for host `x [T, H]` bf16."""
+        y, saved = self.engine.forward(x, ids, w, lora_gate_up=lora_gate_up, lora_down=lora_down,
+                                       save=phase != INFERENCE)
+        return self.staging.to_device(y, device=device, dtype=dtype), saved
 
     def backward(self, dy, x, ids, w, saved, **kwargs):
         return self.engine.backward(dy, x, ids, w, saved, **kwargs)
@@ -54,7 +56,8 @@ class RoutedExpertsFunction(torch.autograd.Function):
         x_cpu, w_cpu, ids_cpu = runner.staging.to_host(x.detach().to(torch.bfloat16), w.detach(), ids.detach())
         lora_gate_up = _lora_for_engine(a_gate_up, b_gate_up, scales[0])
         lora_down = _lora_for_engine(a_down, b_down, scales[1])
-        y, saved = runner.forward(phase, x_cpu, ids_cpu, w_cpu, lora_gate_up, lora_down)
+        y, saved = runner.forward(phase, x_cpu, ids_cpu, w_cpu, lora_gate_up, lora_down, device=x.device,
+                                  dtype=x.dtype)
         ctx.runner, ctx.loras = runner, (lora_gate_up, lora_down)
         ctx.metas = [(t.device, t.dtype) if t is not None else None for t in (x, w, a_gate_up, b_gate_up, a_down, b_down)]
         if phase == INFERENCE:
@@ -67,7 +70,7 @@ class RoutedExpertsFunction(torch.autograd.Function):
             # saved-tensor hooks: keeping them is the point (the recomputation reuses them).
             ctx.kt_saved = saved
             ctx.save_for_backward(x_cpu, w_cpu, ids_cpu)
-        return runner.staging.to_device(y, device=x.device, dtype=x.dtype)
+        return y
 
     @staticmethod
     def backward(ctx, dy):

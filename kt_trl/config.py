@@ -23,8 +23,12 @@ class KTConfig:
         reuse_checkpointed_activations (`bool`, *optional*, defaults to `True`):
             With gradient checkpointing (TRL's default), keep what the expert backward needs from the
             first forward instead of running the CPU expert forward a second time during backward.
-            Costs `T·k·2I` BF16 values per MoE layer of host RAM per micro-batch; set `False` to
-            recompute instead.
+            Costs `T·k·2I` BF16 values per MoE layer of host RAM per micro-batch (at Qwen3-30B-A3B's
+            shape and 8192 tokens, 0.2 GB per layer); set `False` to recompute instead.
+        max_kept_activations_gb (`float`, *optional*):
+            Host memory (GB, 1e9 bytes) those kept activations may take over the whole model; the
+            layers forwarded after the budget is spent recompute their CPU expert forward. Defaults
+            to no limit.
         freeze_experts (`bool`, *optional*, defaults to `False`):
             The engine holds the routed experts' base weights frozen. A model whose expert weights
             still require gradients (no PEFT, full fine-tuning) is refused unless this is `True`, in
@@ -38,7 +42,7 @@ class KTConfig:
     ```python
     >>> from kt_trl import KTConfig
     >>> KTConfig(isa="avx2", threads=2)
-    KTConfig(isa='avx2', threads=2, reuse_checkpointed_activations=True, freeze_experts=False, max_pending_activations=8)
+    KTConfig(isa='avx2', threads=2, reuse_checkpointed_activations=True, max_kept_activations_gb=None, freeze_experts=False, max_pending_activations=8)
     >>> KTConfig().isa is None  # KT_TRL_ISA or "auto"
     True
     ```
@@ -47,6 +51,7 @@ class KTConfig:
     isa: str | None = None
     threads: int | None = None
     reuse_checkpointed_activations: bool = True
+    max_kept_activations_gb: float | None = None
     freeze_experts: bool = False
     max_pending_activations: int = 8
 
@@ -57,3 +62,13 @@ class KTConfig:
             raise ValueError(f"KTConfig(threads={self.threads!r}) must be a positive int, or None for one per physical core.")
         if self.max_pending_activations < 1:
             raise ValueError("KTConfig(max_pending_activations=...) must be >= 1.")
+        if self.max_kept_activations_gb is not None and not self.max_kept_activations_gb >= 0:
+            raise ValueError(
+                f"KTConfig(max_kept_activations_gb={self.max_kept_activations_gb!r}) must be >= 0 GB, or None for no limit."
+            )
+
+    @property
+    def kept_activations_limit_bytes(self) -> int | None:
+        """`max_kept_activations_gb` in bytes (None: no limit)."""
+        gb = self.max_kept_activations_gb
+        return None if gb is None else int(gb * 1e9)

@@ -176,6 +176,9 @@ def _routing(ids: torch.Tensor, weights: torch.Tensor):
 
 
 def _grad_buffers(lora: ExpertLoRA | None):
+    # Plain torch memory, not the engine's cache: these usually become the parameters' `.grad`
+    # and die at `zero_grad()`, after which cached blocks of their sizes would sit idle through
+    # the next forward, when host memory peaks.
     if lora is None:
         return None
-    return ops.host_empty(lora.A.shape), ops.host_empty(lora.B.shape, stride=lora.B.stride())
+    return torch.empty(lora.A.shape), torch.empty_strided(lora.B.shape, lora.B.stride())

@@ -6,11 +6,9 @@ the HF experts module as `_kt_experts`; transformers reaches it through the offi
 (`ExpertsInterface.register("kt_cpu", kt_experts_forward)` + `model.set_experts_implementation`), PEFT
 through the forward `kt_trl.lora` binds on the outer `ParamWrapper`.
 
-Gradient checkpointing (TRL's default) runs a checkpointed decoder layer's forward twice: once
-without keeping activations and once more inside backward. The second CPU expert forward is pure
-waste when we can keep what the backward needs, so by default (`KTConfig.reuse_checkpointed_activations`)
-the first forward of a checkpointed layer parks `(ids, y, saved)` in `CPUExperts.pending`, and the
-recomputation inside backward takes them back instead of calling the engine.
+With gradient checkpointing, the first forward of a checkpointed layer keeps what its backward
+needs (`kt_trl.kept_activations`; `KTConfig.reuse_checkpointed_activations`), and the
+recomputation inside backward takes it back instead of calling the engine a second time.
 
 Hidden states on a CUDA device reach the engine, and its results return, through pinned host
 buffers with non-blocking copies ordered by CUDA events (`kt_trl.staging.HostStaging`, one per
@@ -19,12 +17,10 @@ model); on the CPU they pass through unchanged.
 
 from __future__ import annotations
 
-import collections
 import logging
 import time
 import types
 import weakref
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,20 +28,12 @@ from torch import nn
 
 from .autograd import FIRST, INFERENCE, RECOMPUTE, RoutedExpertsFunction, lora_arguments
 from .config import KTConfig
+from .kept_activations import ActivationBudget, KeptForwards
 from .staging import HostStaging, StagingStats
 
 logger = logging.getLogger(__name__)
 
 KT_IMPLEMENTATION = "kt_cpu"
-
-
-@dataclass
-class _Pending:
-    """A checkpointed layer's first-forward result, waiting for its recomputation."""
-
-    ids: torch.Tensor  # [T, k]
-    y: torch.Tensor  # [T, H]
-    saved: Any
 
 
 def _in_backward() -> bool:
@@ -70,17 +58,21 @@ class CPUExperts:
         config: `KTConfig`.
         staging: Moves tensors between the accelerator and the CPU; shared by a model's layers
             (defaults to a new `HostStaging`).
+        budget: Host bytes the model's kept forwards may hold, shared by its layers (defaults to
+            a new `ActivationBudget` of `config.max_kept_activations_gb`).
     """
 
     def __init__(
-        self, engine: Any, *, layer: nn.Module, name: str, config: KTConfig, staging: HostStaging | None = None
+        self, engine: Any, *, layer: nn.Module, name: str, config: KTConfig, staging: HostStaging | None = None,
+        budget: ActivationBudget | None = None,
     ) -> None:
         self.engine = engine
         self.name = name
         self.config = config
         self.staging = staging if staging is not None else HostStaging()
         self._layer = weakref.ref(layer)
-        self.pending: collections.deque[_Pending] = collections.deque()
+        budget = budget if budget is not None else ActivationBudget(config.kept_activations_limit_bytes)
+        self.pending = KeptForwards(name, max_pending=config.max_pending_activations, budget=budget)
         self.forward_calls = 0
         self.backward_calls = 0
         self.reused_forwards = 0
@@ -115,26 +107,28 @@ class CPUExperts:
                 return FIRST
         return None if needs_grad else INFERENCE
 
-    def forward(self, phase, x, ids, w, lora_gate_up, lora_down):
-        """`(y [T, H] bf16, ExpertActivations)` for `x [T, H]` (bf16, CPU), from the engine, or
-        from the first forward when this is its recomputation."""
+    def forward(self, phase, x, ids, w, lora_gate_up, lora_down, *, device, dtype):
+        """`(y [T, H] as dtype on device, ExpertActivations)` for `x [T, H]` (bf16, CPU), from the
+        engine, or from the first forward when this is its recomputation."""
         if phase == RECOMPUTE:
-            entry = self._take_pending(ids)
+            entry = self.pending.take(ids)
             if entry is not None:
                 self.reused_forwards += 1
                 return entry.y, entry.saved
-            logger.warning(
-                "%s: no kept activations match this gradient-checkpointing recomputation; running the CPU "
-                "expert forward again.", self.name,
-            )
+            if not self.pending.budget.declined:
+                logger.warning(
+                    "%s: no kept activations match this gradient-checkpointing recomputation; running the CPU "
+                    "expert forward again.", self.name,
+                )
         self.forward_calls += 1
         start = time.perf_counter()
         y, saved = self.engine.forward(
             x, ids, w, lora_gate_up=lora_gate_up, lora_down=lora_down, save=phase != INFERENCE
         )
         self.forward_seconds += time.perf_counter() - start
+        y = self.staging.to_device(y, device=device, dtype=dtype)
         if phase == FIRST:
-            self._park(_Pending(ids.detach().clone(), y.detach().clone(), saved))
+            self.pending.keep(ids, y, saved)
         return y, saved
 
     def backward(self, dy, x, ids, w, saved, **kwargs):
@@ -145,24 +139,6 @@ class CPUExperts:
             return self.engine.backward(dy, x, ids, w, saved, **kwargs)
         finally:
             self.backward_seconds += time.perf_counter() - start
-
-    def _park(self, entry: _Pending) -> None:
-        if len(self.pending) >= self.config.max_pending_activations:
-            self.pending.popleft()
-            logger.warning(
-                "%s: more than %d checkpointed forwards without a backward; dropped the oldest kept activations "
-                "(its backward will recompute). Raise KTConfig(max_pending_activations=...) if this is intended.",
-                self.name, self.config.max_pending_activations,
-            )
-        self.pending.append(entry)
-
-    def _take_pending(self, ids: torch.Tensor) -> _Pending | None:
-        for i in range(len(self.pending) - 1, -1, -1):  # newest first: backward runs in reverse
-            entry = self.pending[i]
-            if entry.ids.shape == ids.shape and torch.equal(entry.ids, ids):
-                del self.pending[i]
-                return entry
-        return None
 
     def clear_pending(self) -> None:
         self.pending.clear()
@@ -284,18 +260,26 @@ def expert_counters(model: nn.Module) -> dict[str, float]:
 
     Returns:
         `dict`: `CPUExperts`' `forward_calls`, `backward_calls`, `reused_forwards`,
-        `forward_seconds`, `backward_seconds`, plus the `StagingStats` fields (each staging once).
+        `forward_seconds`, `backward_seconds`; the `StagingStats` fields (each staging once); and of
+        the kept activations (each budget once) `kept_activation_bytes`, `kept_activation_peak_bytes`
+        and `kept_activation_declined` (forwards that kept nothing for lack of budget).
     """
     runner_keys = ("forward_calls", "backward_calls", "reused_forwards", "forward_seconds", "backward_seconds")
-    totals = {**dict.fromkeys(runner_keys, 0), **StagingStats().as_dict()}
-    stagings = {}
+    budget_keys = {"kept_activation_bytes": "bytes", "kept_activation_peak_bytes": "peak_bytes",
+                   "kept_activation_declined": "declined"}
+    totals = {**dict.fromkeys(runner_keys, 0), **StagingStats().as_dict(), **dict.fromkeys(budget_keys, 0)}
+    stagings, budgets = {}, {}
     for module in model.modules():
         runner = getattr(module, "_kt_experts", None)
         if isinstance(runner, CPUExperts):
             for key in runner_keys:
                 totals[key] += getattr(runner, key)
             stagings[id(runner.staging)] = runner.staging
+            budgets[id(runner.pending.budget)] = runner.pending.budget
     for staging in stagings.values():
         for key, value in staging.stats.as_dict().items():
             totals[key] += value
+    for budget in budgets.values():
+        for key, attr in budget_keys.items():
+            totals[key] += getattr(budget, attr)
     return totals

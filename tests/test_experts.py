@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from kt_trl.config import KTConfig
-from kt_trl.experts import kt_experts_forward
+from kt_trl.experts import expert_counters, kt_experts_forward
 from kt_trl.prepare import prepare_model
 from tests.tiny_models import VOCAB, expert_targets, tiny_model
 
@@ -22,7 +22,7 @@ def runners(model):
     return [m._kt_experts for m in model.modules() if hasattr(m, "_kt_experts")]
 
 
-def peft_pair(family: str, *, router: bool = True):
+def peft_pair(family: str, *, router: bool = True, kt_config: KTConfig | None = None):
     """(plain, kt) PeftModels with random non-zero LoRA on o_proj, router and experts."""
     targets = ["o_proj"] + (["gate"] if router and family != "granitemoe" else [])
     config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, target_parameters=expert_targets(family),
@@ -30,7 +30,7 @@ def peft_pair(family: str, *, router: bool = True):
     torch.manual_seed(1)
     plain = get_peft_model(tiny_model(family), config)
     kt = copy.deepcopy(plain)
-    prepare_model(kt)
+    prepare_model(kt, kt_config)
     return plain, kt
 
 
@@ -99,6 +99,31 @@ def test_checkpointing_recompute_switch():
     kt.train()
     _train_step(kt, batch())
     assert all((r.forward_calls, r.reused_forwards) == (2, 0) for r in runners(kt))
+
+
+def test_kept_activations_budget_recomputes_the_layers_beyond_it():
+    """The model-wide budget keeps the first layers' forwards; later layers recompute; gradients agree."""
+    _, unlimited = peft_pair("qwen3_moe", router=False)
+    unlimited.gradient_checkpointing_enable()
+    unlimited.train()
+    unlimited(**batch())  # first forwards only: every layer keeps its activations
+    per_layer = expert_counters(unlimited)["kept_activation_peak_bytes"] // len(runners(unlimited))
+    assert per_layer > 0
+
+    one_layer = KTConfig(max_kept_activations_gb=1.5 * per_layer / 1e9)
+    plain, kt = peft_pair("qwen3_moe", router=False, kt_config=one_layer)
+    kt.gradient_checkpointing_enable()
+    kt.train()
+    _train_step(kt, batch())
+    first, *rest = runners(kt)
+    assert (first.forward_calls, first.reused_forwards) == (1, 1)
+    assert rest and all((r.forward_calls, r.reused_forwards) == (2, 0) for r in rest)
+    counters = expert_counters(kt)
+    assert counters["kept_activation_declined"] == len(rest)
+    assert counters["kept_activation_peak_bytes"] == per_layer and counters["kept_activation_bytes"] == 0
+    plain.train()
+    _train_step(plain, batch())
+    assert_grads_close(plain, kt)
 
 
 def test_no_kept_activations_outside_training():

@@ -141,7 +141,7 @@ int32_t kt_runtime_threads(void);
 void kt_profile_read(double *ms, int32_t reset);
 
 /* Host memory for engine outputs: blocks freed with kt_host_free are cached (up to the limit,
- * default 8 GiB) and reused, so repeated calls do not pay page faults on fresh memory. */
+ * default 2 GiB) and reused, so repeated calls do not pay page faults on fresh memory. */
 kt_status kt_host_alloc(void **out, int64_t bytes);
 void kt_host_free(void *block);
 void kt_host_cache_limit(int64_t bytes);

@@ -27,7 +27,10 @@ struct HostPool {
     std::multimap<int64_t, void *> free_blocks;   // size -> block
     std::unordered_map<void *, int64_t> live;      // block -> size
     int64_t cached_bytes = 0;
-    int64_t cache_limit = int64_t(8) << 30;
+    // Covers the outputs of a few layer calls at training sizes. Cached blocks are memory nothing
+    // else accounts for: a larger cache would keep, through the optimizer step, the activations
+    // the whole backward has just freed.
+    int64_t cache_limit = int64_t(2) << 30;
 
     void trim_to(int64_t limit) {   // under mu; largest blocks go first
         while (cached_bytes > limit && !free_blocks.empty()) {

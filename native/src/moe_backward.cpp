@@ -233,12 +233,15 @@ void backward_layer(const kt_experts &ex, const BackwardOut &out, const uint16_t
         for (int64_t route = 0; route < plan.T * plan.k; ++route) out.dw[route] = 0.0f;
     const int64_t Nr = plan.rows();
     BackwardScratch s{};
-    s.dys = ws.slots[1].get<uint16_t>(Nr * ex.ldx);
+    // Slots are shared with the forward's buffers of the same role and size (forward_layer): the
+    // per-route FP32 outputs (slot 5) alone are T*k*H*4 bytes, so separate slots would hold twice
+    // the memory for nothing.
+    s.dys = ws.slots[0].get<uint16_t>(Nr * ex.ldx);
+    s.dgu = ws.slots[1].get<uint16_t>(Nr * ex.ldgu);
     s.g = ws.slots[2].get<float>(Nr * ex.Ip);
-    s.dgu = ws.slots[3].get<uint16_t>(Nr * ex.ldgu);
+    s.tg = ws.slots[3].get<float>(Nr * lgu.r + 1);
     s.ty = ws.slots[4].get<float>(Nr * ld.r + 1);
-    s.tg = ws.slots[5].get<float>(Nr * lgu.r + 1);
-    s.dx = out.dx ? ws.slots[6].get<float>(plan.T * plan.k * ex.H + 1) : nullptr;
+    s.dx = out.dx ? ws.slots[5].get<float>(plan.T * plan.k * ex.H + 1) : nullptr;
     float *bc = ws.slots[7].get<float>(ex.E * (ex.H * ld.r + 2 * ex.I * lgu.r) + 1);
     s.bc_d = bc;
     s.bc_gu = bc + ex.E * ex.H * ld.r;
