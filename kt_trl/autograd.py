@@ -28,7 +28,7 @@ class EngineRunner:
     def forward(self, phase, x, ids, w, lora_gate_up, lora_down, *, device, dtype):
         """`(y [T, H] as dtype on device, ExpertActivations)` for host `x [T, H]` bf16."""
         y, saved = self.engine.forward(x, ids, w, lora_gate_up=lora_gate_up, lora_down=lora_down,
-                                       save=phase != INFERENCE)
+                                       save=phase != INFERENCE, empty=self.staging.empty_for(device))
         return self.staging.to_device(y, device=device, dtype=dtype), saved
 
     def backward(self, dy, x, ids, w, saved, **kwargs):
@@ -83,6 +83,7 @@ class RoutedExpertsFunction(torch.autograd.Function):
         dx, dw, g_gate_up, g_down = ctx.runner.backward(
             dy_cpu, x_cpu, ids, w, saved, lora_gate_up=lora_gate_up, lora_down=lora_down,
             need_dx=need[2], need_dw=need[3], need_lora_grads=any(need[6:]),
+            empty=staging.empty_for(ctx.metas[0][0]),
         )
         grads = [dx, dw, *(g_gate_up or (None, None)), *(g_down or (None, None))]
         out = [

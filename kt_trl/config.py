@@ -29,6 +29,11 @@ class KTConfig:
             Host memory (GB, 1e9 bytes) those kept activations may take over the whole model; the
             layers forwarded after the budget is spent recompute their CPU expert forward. Defaults
             to no limit.
+        max_kept_activations_gpu_gb (`float`, *optional*):
+            When the model runs on a CUDA device, kept activations wait there first, up to this many
+            GB over the whole model (host memory is the scarcer: the packed experts fill most of it);
+            beyond it they go to host memory. Defaults to a quarter of the device's memory; `0` keeps
+            them in host memory.
         freeze_experts (`bool`, *optional*, defaults to `False`):
             The engine holds the routed experts' base weights frozen. A model whose expert weights
             still require gradients (no PEFT, full fine-tuning) is refused unless this is `True`, in
@@ -42,7 +47,7 @@ class KTConfig:
     ```python
     >>> from kt_trl import KTConfig
     >>> KTConfig(isa="avx2", threads=2)
-    KTConfig(isa='avx2', threads=2, reuse_checkpointed_activations=True, max_kept_activations_gb=None, freeze_experts=False, max_pending_activations=8)
+    KTConfig(isa='avx2', threads=2, reuse_checkpointed_activations=True, max_kept_activations_gb=None, max_kept_activations_gpu_gb=None, freeze_experts=False, max_pending_activations=8)
     >>> KTConfig().isa is None  # KT_TRL_ISA or "auto"
     True
     ```
@@ -52,6 +57,7 @@ class KTConfig:
     threads: int | None = None
     reuse_checkpointed_activations: bool = True
     max_kept_activations_gb: float | None = None
+    max_kept_activations_gpu_gb: float | None = None
     freeze_experts: bool = False
     max_pending_activations: int = 8
 
@@ -62,13 +68,19 @@ class KTConfig:
             raise ValueError(f"KTConfig(threads={self.threads!r}) must be a positive int, or None for one per physical core.")
         if self.max_pending_activations < 1:
             raise ValueError("KTConfig(max_pending_activations=...) must be >= 1.")
-        if self.max_kept_activations_gb is not None and not self.max_kept_activations_gb >= 0:
-            raise ValueError(
-                f"KTConfig(max_kept_activations_gb={self.max_kept_activations_gb!r}) must be >= 0 GB, or None for no limit."
-            )
+        for name in ("max_kept_activations_gb", "max_kept_activations_gpu_gb"):
+            gb = getattr(self, name)
+            if gb is not None and not gb >= 0:
+                raise ValueError(f"KTConfig({name}={gb!r}) must be >= 0 GB, or None for the default.")
 
     @property
     def kept_activations_limit_bytes(self) -> int | None:
         """`max_kept_activations_gb` in bytes (None: no limit)."""
         gb = self.max_kept_activations_gb
+        return None if gb is None else int(gb * 1e9)
+
+    @property
+    def kept_activations_gpu_limit_bytes(self) -> int | None:
+        """`max_kept_activations_gpu_gb` in bytes (None: a quarter of the device's memory)."""
+        gb = self.max_kept_activations_gpu_gb
         return None if gb is None else int(gb * 1e9)

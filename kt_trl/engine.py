@@ -143,25 +143,31 @@ class ExpertEngine:
         return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
 
     def forward(self, x, top_k_index, top_k_weights, *, lora_gate_up: ExpertLoRA | None = None,
-                lora_down: ExpertLoRA | None = None, save: bool = True):
-        """``(y [T, H] bf16, ExpertActivations)``. ``x`` bf16 ``[T, H]`` on the CPU."""
+                lora_down: ExpertLoRA | None = None, save: bool = True, empty=None):
+        """``(y [T, H] bf16, ExpertActivations)``. ``x`` bf16 ``[T, H]`` on the CPU.
+
+        ``empty(shape, dtype)``, if given, allocates the outputs (e.g. in pinned memory); they
+        default to the engine's cached host memory.
+        """
         ids, weights = _routing(top_k_index, top_k_weights)
-        y, saved = ops.experts_forward(self._handle, self.dims, x, ids, weights, lora_gate_up, lora_down, save)
+        y, saved = ops.experts_forward(self._handle, self.dims, x, ids, weights, lora_gate_up, lora_down, save,
+                                       empty=empty or ops.host_empty)
         return y, ExpertActivations(*saved)
 
     def backward(self, grad_output, x, top_k_index, top_k_weights, saved: ExpertActivations, *,
                  lora_gate_up: ExpertLoRA | None = None, lora_down: ExpertLoRA | None = None,
-                 need_dx: bool = True, need_dw: bool = True, need_lora_grads: bool = True):
+                 need_dx: bool = True, need_dw: bool = True, need_lora_grads: bool = True, empty=None):
         """``(dx bf16 | None, dw float32 | None, (dA_gu, dB_gu) | None, (dA_d, dB_d) | None)``.
 
-        LoRA gradients have the shapes and strides of the given A and B.
+        LoRA gradients have the shapes and strides of the given A and B; ``empty`` allocates dx
+        and dw as in `forward`.
         """
         ids, weights = _routing(top_k_index, top_k_weights)
         g_gu = _grad_buffers(lora_gate_up) if need_lora_grads else None
         g_d = _grad_buffers(lora_down) if need_lora_grads else None
         dx, dw = ops.experts_backward(self._handle, self.dims, grad_output, x, ids, weights, saved.as_tuple(),
                                       lora_gate_up, lora_down, need_dx=need_dx, need_dw=need_dw,
-                                      grads_gate_up=g_gu, grads_down=g_d)
+                                      grads_gate_up=g_gu, grads_down=g_d, empty=empty or ops.host_empty)
         return dx, dw, g_gu, g_d
 
 

@@ -28,7 +28,7 @@ from torch import nn
 
 from .autograd import FIRST, INFERENCE, RECOMPUTE, RoutedExpertsFunction, lora_arguments
 from .config import KTConfig
-from .kept_activations import ActivationBudget, KeptForwards
+from .kept_activations import ActivationBudget, DeviceActivationBudget, KeptForwards, activation_budgets
 from .staging import HostStaging, StagingStats
 
 logger = logging.getLogger(__name__)
@@ -58,21 +58,22 @@ class CPUExperts:
         config: `KTConfig`.
         staging: Moves tensors between the accelerator and the CPU; shared by a model's layers
             (defaults to a new `HostStaging`).
-        budget: Host bytes the model's kept forwards may hold, shared by its layers (defaults to
-            a new `ActivationBudget` of `config.max_kept_activations_gb`).
+        budgets: The model's host `ActivationBudget` and `DeviceActivationBudget` for kept
+            forwards, shared by its layers (default: new ones from `config`).
     """
 
     def __init__(
         self, engine: Any, *, layer: nn.Module, name: str, config: KTConfig, staging: HostStaging | None = None,
-        budget: ActivationBudget | None = None,
+        budgets: tuple[ActivationBudget, DeviceActivationBudget] | None = None,
     ) -> None:
         self.engine = engine
         self.name = name
         self.config = config
         self.staging = staging if staging is not None else HostStaging()
         self._layer = weakref.ref(layer)
-        budget = budget if budget is not None else ActivationBudget(config.kept_activations_limit_bytes)
-        self.pending = KeptForwards(name, max_pending=config.max_pending_activations, budget=budget)
+        host, device = budgets if budgets is not None else activation_budgets(config)
+        self.pending = KeptForwards(name, max_pending=config.max_pending_activations, budget=host,
+                                    device_budget=device, staging=self.staging)
         self.forward_calls = 0
         self.backward_calls = 0
         self.reused_forwards = 0
@@ -123,7 +124,8 @@ class CPUExperts:
         self.forward_calls += 1
         start = time.perf_counter()
         y, saved = self.engine.forward(
-            x, ids, w, lora_gate_up=lora_gate_up, lora_down=lora_down, save=phase != INFERENCE
+            x, ids, w, lora_gate_up=lora_gate_up, lora_down=lora_down, save=phase != INFERENCE,
+            empty=self.staging.empty_for(device),
         )
         self.forward_seconds += time.perf_counter() - start
         y = self.staging.to_device(y, device=device, dtype=dtype)
@@ -261,13 +263,16 @@ def expert_counters(model: nn.Module) -> dict[str, float]:
     Returns:
         `dict`: `CPUExperts`' `forward_calls`, `backward_calls`, `reused_forwards`,
         `forward_seconds`, `backward_seconds`; the `StagingStats` fields (each staging once); and of
-        the kept activations (each budget once) `kept_activation_bytes`, `kept_activation_peak_bytes`
-        and `kept_activation_declined` (forwards that kept nothing for lack of budget).
+        the kept activations in host memory (each budget once) `kept_activation_bytes`,
+        `kept_activation_peak_bytes` and `kept_activation_declined` (forwards the host budget turned
+        down: they kept nothing), and the same with `kept_activation_device_` for the accelerator
+        (there `declined` counts forwards sent on to host memory).
     """
     runner_keys = ("forward_calls", "backward_calls", "reused_forwards", "forward_seconds", "backward_seconds")
-    budget_keys = {"kept_activation_bytes": "bytes", "kept_activation_peak_bytes": "peak_bytes",
-                   "kept_activation_declined": "declined"}
-    totals = {**dict.fromkeys(runner_keys, 0), **StagingStats().as_dict(), **dict.fromkeys(budget_keys, 0)}
+    budget_keys = {"bytes": "bytes", "peak_bytes": "peak_bytes", "declined": "declined"}
+    totals = {**dict.fromkeys(runner_keys, 0), **StagingStats().as_dict()}
+    for where in ("", "device_"):
+        totals.update({f"kept_activation_{where}{key}": 0 for key in budget_keys})
     stagings, budgets = {}, {}
     for module in model.modules():
         runner = getattr(module, "_kt_experts", None)
@@ -275,11 +280,12 @@ def expert_counters(model: nn.Module) -> dict[str, float]:
             for key in runner_keys:
                 totals[key] += getattr(runner, key)
             stagings[id(runner.staging)] = runner.staging
-            budgets[id(runner.pending.budget)] = runner.pending.budget
+            budgets[id(runner.pending.budget)] = ("", runner.pending.budget)
+            budgets[id(runner.pending.device_budget)] = ("device_", runner.pending.device_budget)
     for staging in stagings.values():
         for key, value in staging.stats.as_dict().items():
             totals[key] += value
-    for budget in budgets.values():
+    for where, budget in budgets.values():
         for key, attr in budget_keys.items():
-            totals[key] += getattr(budget, attr)
+            totals[f"kept_activation_{where}{key}"] += getattr(budget, attr)
     return totals

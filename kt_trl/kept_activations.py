@@ -1,12 +1,19 @@
 """What a gradient-checkpointed layer's first expert forward keeps for its recomputation.
 
-Gradient checkpointing (TRL's default) runs a checkpointed decoder layer's forward twice: once
-without keeping activations and once more inside backward. The second CPU expert forward is pure
-waste when the first one keeps what the backward needs: per layer and micro-batch the routing ids,
-the output `y` (on the caller's device) and the engine's `ExpertActivations` (host memory,
-`T·k·2I` BF16 values plus the LoRA intermediates). `KeptForwards` is one layer's queue of them;
-`ActivationBudget` caps their host bytes over the whole model (`KTConfig.max_kept_activations_gb`):
-a forward that would exceed it keeps nothing, and its recomputation calls the engine again.
+[NOTE] Gradient checkpointing (TRL's default) runs a checkpointed decoder layer's forward twice:
+once without keeping activations and once more inside backward. The second CPU expert forward is
+pure waste when the first one keeps what the backward needs: per layer and micro-batch the routing
+ids, the output `y` and the engine's `ExpertActivations` (`T·k·2I` BF16 values plus the LoRA
+intermediates; at Qwen3-30B-A3B's shape and 8192 tokens 0.2 GB per layer, 10 GB for 48 layers).
+
+Where they wait, in order of preference:
+  1. on the accelerator the model runs on, up to `KTConfig.max_kept_activations_gpu_gb` (default a
+     quarter of its memory): host memory, which the packed experts mostly fill, is the scarcer of
+     the two. The engine writes them into pinned buffers, so the copy there is asynchronous; the
+     recomputation copies them back (a few ms per layer);
+  2. in host memory, up to `KTConfig.max_kept_activations_gb` (default no limit);
+  3. nowhere: the recomputation calls the engine again.
+Both limits are model-wide (`ActivationBudget`); `KeptForwards` is one layer's queue.
 """
 
 from __future__ import annotations
@@ -15,9 +22,10 @@ import collections
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Any
-
 import torch
+
+from .engine import ExpertActivations
+from .staging import HostStaging
 
 logger = logging.getLogger(__name__)
 
@@ -27,14 +35,15 @@ class KeptForward:
     """A checkpointed layer's first-forward result, waiting for its recomputation."""
 
     ids: torch.Tensor  # [T, k], host
-    y: torch.Tensor  # [T, H], on the caller's device (host memory is the scarcer)
-    saved: Any  # ExpertActivations, host
+    y: torch.Tensor  # [T, H], on the caller's device
+    saved: ExpertActivations  # on the host or the caller's accelerator
     host_bytes: int
+    device_bytes: int
 
 
-def host_bytes(*tensors) -> int:
-    """Bytes of the host tensors among `tensors` (None and device tensors count 0)."""
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None and t.device.type == "cpu")
+def nbytes(*tensors) -> int:
+    """Bytes of `tensors` (None counts 0)."""
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 class ActivationBudget:
@@ -65,6 +74,19 @@ class ActivationBudget:
             self.bytes -= nbytes
 
 
+class DeviceActivationBudget(ActivationBudget):
+    """`ActivationBudget` on an accelerator; with no limit given, a fraction of its total memory."""
+
+    def __init__(self, limit_bytes: int | None = None, *, fraction: float = 0.25) -> None:
+        super().__init__(limit_bytes)
+        self.fraction = fraction
+
+    def reserve_on(self, nbytes: int, device: torch.device) -> bool:
+        if self.limit_bytes is None:
+            self.limit_bytes = int(self.fraction * torch.cuda.get_device_properties(device).total_memory)
+        return self.reserve(nbytes)
+
+
 class KeptForwards:
     """One layer's kept first forwards, newest taken first (backward runs in reverse).
 
@@ -72,21 +94,26 @@ class KeptForwards:
         name: The layer's qualified name, for messages.
         max_pending: How many may wait at once (micro-batches forwarded before one backward);
             beyond it the oldest is dropped with a warning.
-        budget: The model's `ActivationBudget`.
+        budget: The model's host `ActivationBudget`.
+        device_budget: The model's `DeviceActivationBudget`.
+        staging: Moves the kept activations to the accelerator and back.
     """
 
-    def __init__(self, name: str, *, max_pending: int, budget: ActivationBudget) -> None:
+    def __init__(self, name: str, *, max_pending: int, budget: ActivationBudget,
+                 device_budget: DeviceActivationBudget, staging: HostStaging) -> None:
         self.name = name
         self.max_pending = max_pending
         self.budget = budget
+        self.device_budget = device_budget
+        self.staging = staging
         self._entries: collections.deque[KeptForward] = collections.deque()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def keep(self, ids: torch.Tensor, y: torch.Tensor, saved) -> bool:
-        """Keep copies of `ids` and `y` and the caller-owned `saved`; False if the budget declines."""
-        nbytes = host_bytes(ids, y, *saved.as_tuple())
+    def keep(self, ids: torch.Tensor, y: torch.Tensor, saved: ExpertActivations) -> bool:
+        """Keep `ids`, `y` (copied) and the caller-owned host `saved` where the budgets allow
+        (module docstring); False if neither does."""
         if len(self._entries) >= self.max_pending:
             self._release(self._entries.popleft())
             logger.warning(
@@ -94,24 +121,48 @@ class KeptForwards:
                 "(its backward will recompute). Raise KTConfig(max_pending_activations=...) if this is intended.",
                 self.name, self.max_pending,
             )
-        if not self.budget.reserve(nbytes):
+        size = nbytes(*saved.as_tuple())
+        ids = ids.detach().clone()
+        if y.is_cuda and self.device_budget.reserve_on(size, y.device):
+            saved = ExpertActivations(*(
+                None if t is None else self.staging.to_device(t, device=y.device, dtype=t.dtype)
+                for t in saved.as_tuple()))
+            entry = KeptForward(ids, y.detach().clone(), saved, host_bytes=0, device_bytes=size)
+        elif self.budget.reserve(size + nbytes(ids)):
+            entry = KeptForward(ids, y.detach().clone(), saved, host_bytes=size + nbytes(ids), device_bytes=0)
+        else:
             return False
-        self._entries.append(KeptForward(ids.detach().clone(), y.detach().clone(), saved, nbytes))
+        self._entries.append(entry)
         return True
 
     def take(self, ids: torch.Tensor) -> KeptForward | None:
-        """The newest kept forward routed exactly like `ids`, removed from the queue; None if none is."""
+        """The newest kept forward routed exactly like `ids`, removed from the queue, its
+        activations back in host memory; None if none is."""
         for i in range(len(self._entries) - 1, -1, -1):
             entry = self._entries[i]
             if entry.ids.shape == ids.shape and torch.equal(entry.ids, ids):
                 del self._entries[i]
                 self._release(entry)
+                if entry.device_bytes:
+                    entry.saved = self._to_host(entry.saved)
                 return entry
         return None
+
+    def _to_host(self, saved: ExpertActivations) -> ExpertActivations:
+        tensors = saved.as_tuple()
+        present = iter(self.staging.to_host(*(t for t in tensors if t is not None)))
+        return ExpertActivations(*(None if t is None else next(present) for t in tensors))
 
     def clear(self) -> None:
         while self._entries:
             self._release(self._entries.popleft())
 
     def _release(self, entry: KeptForward) -> None:
+        self.device_budget.release(entry.device_bytes)
         self.budget.release(entry.host_bytes)
+
+
+def activation_budgets(config) -> tuple[ActivationBudget, DeviceActivationBudget]:
+    """A model's host and accelerator budgets for kept forwards, from a `KTConfig`."""
+    return (ActivationBudget(config.kept_activations_limit_bytes),
+            DeviceActivationBudget(config.kept_activations_gpu_limit_bytes))

@@ -28,7 +28,7 @@ from .experts import (
 )
 from .lora import bind_expert_lora, requested_expert_lora
 from .report import RoutingReport, adapter_groups
-from .kept_activations import ActivationBudget
+from .kept_activations import activation_budgets
 from .staging import HostStaging
 
 logger = logging.getLogger(__name__)
@@ -101,14 +101,14 @@ def _route_blocks(
     _configure_runtime(config)
     _switch_experts_implementation(base, blocks)
     staging = HostStaging()  # one for all layers: its in-flight copies are released on any layer's call
-    budget = ActivationBudget(config.kept_activations_limit_bytes)  # model-wide
+    budgets = activation_budgets(config)  # model-wide
     for block in blocks:
         engine = take_installed_engine(block.experts)
         if engine is None:
             engine = pack_experts(block.experts, layout)
         release_expert_weights(block.experts)
         block.experts._kt_experts = CPUExperts(
-            engine, layer=block.layer, name=block.name, config=config, staging=staging, budget=budget
+            engine, layer=block.layer, name=block.name, config=config, staging=staging, budgets=budgets
         )
         attach_state_hooks(block.experts, layout, unpack_on_save=unpack_on_save)
 

@@ -5,7 +5,8 @@
     forward   x [T, H] (cast to BF16 on the GPU), top_k_index [T, k], top_k_weights [T, k]
               --non-blocking D2H--> pinned host tensors; one CUDA event recorded on the current
               stream after the copies; the host waits on that event only (no torch.cuda.synchronize())
-              engine --> y [T, H] (engine host memory) --memcpy--> pinned --non-blocking H2D--> GPU
+              engine --> y [T, H] written straight into a pinned buffer (`empty_for`)
+              --non-blocking H2D--> GPU
     backward  dY [T, H] down the same way; dX [T, H] and dL/dw [T, k] up the same way.
 
 The host tensors `to_host` returns are caller-owned (the forward's `x`, ids and weights are saved
@@ -180,19 +181,29 @@ class HostStaging:
         self.release_finished()  # the H2D copies queued before this event are done too
         return tuple(out)
 
+    def empty_for(self, device: torch.device | str):
+        """An `empty(shape, dtype)` for engine outputs bound for `device`: pinned host tensors for
+        CUDA (`to_device` then copies them without a host memcpy), else None (the engine's default)."""
+        if torch.device(device).type != "cuda":
+            return None
+        return lambda shape, dtype: torch.empty(shape, dtype=dtype, pin_memory=True)
+
     def to_device(self, tensor: torch.Tensor, *, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
         """`tensor` (CPU) as `dtype` on `device`.
 
-        For CUDA: copied into a pinned buffer, then a non-blocking H2D copy on the current stream
-        (the cast, if any, follows on the device); the pinned buffer is kept until the copy is done.
+        For CUDA: copied into a pinned buffer unless it is pinned already, then a non-blocking H2D
+        copy on the current stream (the cast, if any, follows on the device); the pinned source is
+        kept until the copy is done.
         """
         device = torch.device(device)
         if device.type != "cuda":
             return tensor.to(device=device, dtype=dtype)
-        begin = time.perf_counter()
-        pinned = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-        pinned.copy_(tensor)
-        self.stats.pin_copy_seconds += time.perf_counter() - begin
+        pinned = tensor
+        if not tensor.is_pinned():
+            begin = time.perf_counter()
+            pinned = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            pinned.copy_(tensor)
+            self.stats.pin_copy_seconds += time.perf_counter() - begin
         stream = torch.cuda.current_stream(device)
         out = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
         start, done = _timing_event(), _timing_event()

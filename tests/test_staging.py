@@ -175,6 +175,7 @@ def test_cuda_path_never_synchronizes(monkeypatch):
     assert (stats.to_host_calls, stats.to_device_calls) == (2, 3)  # x/ids/w and dy down; y, dx, dw up
     assert stats.to_host_bytes == 50 * 64 * 2 + 50 * 2 * (8 + 4) + 50 * 64 * 2
     assert stats.to_device_bytes == 50 * 64 * 2 + 50 * 64 * 2 + 50 * 2 * 4
+    assert stats.pin_copy_seconds == 0  # the engine wrote y, dx and dw into pinned memory itself
     torch.cuda.current_stream().synchronize()
     runner.staging.release_finished()
     assert len(runner.staging.in_flight) == 0
@@ -189,10 +190,11 @@ def test_staged_host_tensors_are_pinned():
 
 
 @on_gpu
-def test_checkpointed_model_step_on_cuda_matches_cpu(monkeypatch):
+@pytest.mark.parametrize("gpu_gb", [None, 0.0], ids=["kept-on-gpu", "kept-on-host"])
+def test_checkpointed_model_step_on_cuda_matches_cpu(monkeypatch, gpu_gb):
     plain = peft_model()
     kt = copy.deepcopy(plain)
-    prepare_model(kt)
+    prepare_model(kt, KTConfig(max_kept_activations_gpu_gb=gpu_gb))
     kt.cuda()
     for model in (plain, kt):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -204,6 +206,10 @@ def test_checkpointed_model_step_on_cuda_matches_cpu(monkeypatch):
     kt(**{k: v.cuda() for k, v in inputs.items()}).loss.backward()
     counters = expert_counters(kt)
     assert counters["reused_forwards"] == counters["backward_calls"] == 2  # one per layer, no recompute
+    kept_on_gpu = gpu_gb is None  # the default budget: a quarter of the device
+    assert (counters["kept_activation_device_peak_bytes"] > 0) == kept_on_gpu
+    assert (counters["kept_activation_peak_bytes"] > 0) != kept_on_gpu
+    assert counters["kept_activation_bytes"] == counters["kept_activation_device_bytes"] == 0
     assert counters["to_host_calls"] > 0 and counters["to_device_calls"] > 0
     kt_params = dict(kt.named_parameters())
     for name, param in plain.named_parameters():

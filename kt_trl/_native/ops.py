@@ -176,41 +176,52 @@ def _call_inputs(dims, ids, weights, lora_gate_up, lora_down, keep: list):
             _lora(lora_down, E, H, I, "down", keep))
 
 
-def experts_forward(handle, dims, x, ids, weights, lora_gate_up, lora_down, save: bool):
-    """``(y [T, H] BF16, saved)``; ``saved`` = (gate_up [T*k, 2I] BF16, lora_gu [T*k, r] | None, lora_d | None)."""
+def _rank(lora) -> int:
+    return 0 if lora is None else lora.A.shape[1]
+
+
+def _opt_ptr(t, dtype, shape, name):
+    return load()[0].NULL if t is None else as_ptr(t, dtype=dtype, shape=shape, name=name)
+
+
+def experts_forward(handle, dims, x, ids, weights, lora_gate_up, lora_down, save: bool, empty=host_empty):
+    """``(y [T, H] BF16, saved)``; ``saved`` = (gate_up [T*k, 2I] BF16, lora_gu [T*k, r] | None, lora_d | None).
+
+    ``empty(shape, dtype)`` allocates the outputs (contiguous CPU tensors; checked before the call).
+    """
     ffi, lib = load()
     E, H, I = dims
     T, k = ids.shape
     keep: list = []
     routing, lgu, ld = _call_inputs(dims, ids, weights, lora_gate_up, lora_down, keep)
-    y = host_empty((T, H), torch.bfloat16)
-    saved_gu = host_empty((T * k, 2 * I), torch.bfloat16) if save else None
-    saved_lgu = host_empty((T * k, lora_gate_up.A.shape[1])) if save and lora_gate_up is not None else None
-    saved_ld = host_empty((T * k, lora_down.A.shape[1])) if save and lora_down is not None else None
-
-    def ptr(t, dtype):
-        return ffi.NULL if t is None else ffi.cast(_CTYPES[dtype], t.data_ptr())
+    y = empty((T, H), torch.bfloat16)
+    saved_gu = empty((T * k, 2 * I), torch.bfloat16) if save else None
+    saved_lgu = empty((T * k, _rank(lora_gate_up)), torch.float32) if save and lora_gate_up is not None else None
+    saved_ld = empty((T * k, _rank(lora_down)), torch.float32) if save and lora_down is not None else None
 
     status = lib.kt_experts_forward(
-        handle, ptr(y, torch.bfloat16), ptr(saved_gu, torch.bfloat16), ptr(saved_lgu, torch.float32),
-        ptr(saved_ld, torch.float32), as_ptr(x, dtype=torch.bfloat16, shape=(T, H), name="hidden_states"),
-        routing, lgu, ld)
+        handle, as_ptr(y, dtype=torch.bfloat16, shape=(T, H), name="y"),
+        _opt_ptr(saved_gu, torch.bfloat16, (T * k, 2 * I), "saved gate_up"),
+        _opt_ptr(saved_lgu, torch.float32, (T * k, _rank(lora_gate_up)), "saved gate_up LoRA"),
+        _opt_ptr(saved_ld, torch.float32, (T * k, _rank(lora_down)), "saved down LoRA"),
+        as_ptr(x, dtype=torch.bfloat16, shape=(T, H), name="hidden_states"), routing, lgu, ld)
     check(lib, ffi, status, "kt_experts_forward")
     return y, (saved_gu, saved_lgu, saved_ld)
 
 
 def experts_backward(handle, dims, dy, x, ids, weights, saved, lora_gate_up, lora_down, *,
                      need_dx: bool = True, need_dw: bool = True, grads_gate_up=None, grads_down=None,
-                     accumulate: bool = False):
-    """``(dx [T, H] BF16 | None, dw [T, k] FP32 | None)``; LoRA gradients go into ``grads_*`` = (dA, dB)."""
+                     accumulate: bool = False, empty=host_empty):
+    """``(dx [T, H] BF16 | None, dw [T, k] FP32 | None)``, allocated by ``empty(shape, dtype)``; LoRA
+    gradients go into ``grads_*`` = (dA, dB)."""
     ffi, lib = load()
     E, H, I = dims
     T, k = ids.shape
     keep: list = []
     routing, lgu, ld = _call_inputs(dims, ids, weights, lora_gate_up, lora_down, keep)
     saved_gu, saved_lgu, saved_ld = saved
-    dx = host_empty((T, H), torch.bfloat16) if need_dx else None
-    dw = host_empty((T, k)) if need_dw else None
+    dx = empty((T, H), torch.bfloat16) if need_dx else None
+    dw = empty((T, k), torch.float32) if need_dw else None
 
     def grad(g, lora, name):
         if g is None:
@@ -225,17 +236,14 @@ def experts_backward(handle, dims, dy, x, ids, weights, saved, lora_gate_up, lor
         keep.extend([dA, dB])
         return s
 
-    def opt(t, dtype, shape, name):
-        return ffi.NULL if t is None else as_ptr(t, dtype=dtype, shape=shape, name=name)
-
     status = lib.kt_experts_backward(
-        handle, opt(dx, torch.bfloat16, (T, H), "dx"), opt(dw, torch.float32, (T, k), "dw"),
+        handle, _opt_ptr(dx, torch.bfloat16, (T, H), "dx"), _opt_ptr(dw, torch.float32, (T, k), "dw"),
         grad(grads_gate_up, lora_gate_up, "gate_up"), grad(grads_down, lora_down, "down"), int(accumulate),
         as_ptr(dy, dtype=torch.bfloat16, shape=(T, H), name="grad_output"),
         as_ptr(x, dtype=torch.bfloat16, shape=(T, H), name="hidden_states"), routing,
-        opt(saved_gu, torch.bfloat16, (T * k, 2 * I), "saved gate_up"),
-        opt(saved_lgu, torch.float32, (T * k, lgu.rank if lora_gate_up is not None else 0), "saved gate_up LoRA"),
-        opt(saved_ld, torch.float32, (T * k, ld.rank if lora_down is not None else 0), "saved down LoRA"),
+        _opt_ptr(saved_gu, torch.bfloat16, (T * k, 2 * I), "saved gate_up"),
+        _opt_ptr(saved_lgu, torch.float32, (T * k, _rank(lora_gate_up)), "saved gate_up LoRA"),
+        _opt_ptr(saved_ld, torch.float32, (T * k, _rank(lora_down)), "saved down LoRA"),
         lgu, ld)
     check(lib, ffi, status, "kt_experts_backward")
     return dx, dw
