@@ -60,22 +60,16 @@ class RoutedExpertsFunction(torch.autograd.Function):
                                   dtype=x.dtype)
         ctx.runner, ctx.loras = runner, (lora_gate_up, lora_down)
         ctx.metas = [(t.device, t.dtype) if t is not None else None for t in (x, w, a_gate_up, b_gate_up, a_down, b_down)]
-        if phase == INFERENCE:
-            ctx.kt_saved = None
-        elif phase is None:
-            ctx.kt_saved = None
+        if phase != INFERENCE:
+            # Inside a non-reentrant checkpointed layer the first forward's saved tensors are dropped
+            # and the node's backward receives the recomputation's instead: those the runner kept.
             ctx.save_for_backward(x_cpu, w_cpu, ids_cpu, *saved.as_tuple())
-        else:
-            # Inside a checkpointed layer the activations stay on ctx, outside checkpoint's
-            # saved-tensor hooks: keeping them is the point (the recomputation reuses them).
-            ctx.kt_saved = saved
-            ctx.save_for_backward(x_cpu, w_cpu, ids_cpu)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x_cpu, w, ids, *rest = ctx.saved_tensors
-        saved, ctx.kt_saved = (ctx.kt_saved or ExpertActivations(*rest)), None
+        saved = ExpertActivations(*rest)
         need = ctx.needs_input_grad
         lora_gate_up, lora_down = ctx.loras
         staging = ctx.runner.staging

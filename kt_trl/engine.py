@@ -146,8 +146,8 @@ class ExpertEngine:
                 lora_down: ExpertLoRA | None = None, save: bool = True, empty=None):
         """``(y [T, H] bf16, ExpertActivations)``. ``x`` bf16 ``[T, H]`` on the CPU.
 
-        ``empty(shape, dtype)``, if given, allocates the outputs (e.g. in pinned memory); they
-        default to the engine's cached host memory.
+        ``empty(shape, dtype)``, if given, allocates ``y`` (e.g. in pinned memory); it defaults
+        to the engine's cached host memory, where the activations always go.
         """
         ids, weights = _routing(top_k_index, top_k_weights)
         y, saved = ops.experts_forward(self._handle, self.dims, x, ids, weights, lora_gate_up, lora_down, save,

@@ -187,7 +187,9 @@ def _opt_ptr(t, dtype, shape, name):
 def experts_forward(handle, dims, x, ids, weights, lora_gate_up, lora_down, save: bool, empty=host_empty):
     """``(y [T, H] BF16, saved)``; ``saved`` = (gate_up [T*k, 2I] BF16, lora_gu [T*k, r] | None, lora_d | None).
 
-    ``empty(shape, dtype)`` allocates the outputs (contiguous CPU tensors; checked before the call).
+    ``empty(shape, dtype)`` allocates ``y`` (a contiguous CPU tensor; checked before the call).
+    ``saved`` is in the engine's host memory: huge pages, which its scattered per-route accesses
+    in backward need.
     """
     ffi, lib = load()
     E, H, I = dims
@@ -195,9 +197,9 @@ def experts_forward(handle, dims, x, ids, weights, lora_gate_up, lora_down, save
     keep: list = []
     routing, lgu, ld = _call_inputs(dims, ids, weights, lora_gate_up, lora_down, keep)
     y = empty((T, H), torch.bfloat16)
-    saved_gu = empty((T * k, 2 * I), torch.bfloat16) if save else None
-    saved_lgu = empty((T * k, _rank(lora_gate_up)), torch.float32) if save and lora_gate_up is not None else None
-    saved_ld = empty((T * k, _rank(lora_down)), torch.float32) if save and lora_down is not None else None
+    saved_gu = host_empty((T * k, 2 * I), torch.bfloat16) if save else None
+    saved_lgu = host_empty((T * k, _rank(lora_gate_up))) if save and lora_gate_up is not None else None
+    saved_ld = host_empty((T * k, _rank(lora_down))) if save and lora_down is not None else None
 
     status = lib.kt_experts_forward(
         handle, as_ptr(y, dtype=torch.bfloat16, shape=(T, H), name="y"),
