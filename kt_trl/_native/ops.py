@@ -213,9 +213,11 @@ def experts_forward(handle, dims, x, ids, weights, lora_gate_up, lora_down, save
 
 def experts_backward(handle, dims, dy, x, ids, weights, saved, lora_gate_up, lora_down, *,
                      need_dx: bool = True, need_dw: bool = True, grads_gate_up=None, grads_down=None,
-                     accumulate: bool = False, empty=host_empty):
+                     accumulate: bool = False, defer_lora_grads: bool = False, empty=host_empty):
     """``(dx [T, H] BF16 | None, dw [T, k] FP32 | None)``, allocated by ``empty(shape, dtype)``; LoRA
-    gradients go into ``grads_*`` = (dA, dB)."""
+    gradients go into ``grads_*`` = (dA, dB): before returning, or with ``defer_lora_grads`` by
+    `finish_deferred()` (or the engine's next forward or backward), the caller keeping every tensor
+    of the call alive until then."""
     ffi, lib = load()
     E, H, I = dims
     T, k = ids.shape
@@ -240,7 +242,8 @@ def experts_backward(handle, dims, dy, x, ids, weights, saved, lora_gate_up, lor
 
     status = lib.kt_experts_backward(
         handle, _opt_ptr(dx, torch.bfloat16, (T, H), "dx"), _opt_ptr(dw, torch.float32, (T, k), "dw"),
-        grad(grads_gate_up, lora_gate_up, "gate_up"), grad(grads_down, lora_down, "down"), int(accumulate),
+        grad(grads_gate_up, lora_gate_up, "gate_up"), grad(grads_down, lora_down, "down"),
+        (lib.KT_BACKWARD_ACCUMULATE if accumulate else 0) | (lib.KT_BACKWARD_DEFER_LORA_GRADS if defer_lora_grads else 0),
         as_ptr(dy, dtype=torch.bfloat16, shape=(T, H), name="grad_output"),
         as_ptr(x, dtype=torch.bfloat16, shape=(T, H), name="hidden_states"), routing,
         _opt_ptr(saved_gu, torch.bfloat16, (T * k, 2 * I), "saved gate_up"),
@@ -251,8 +254,17 @@ def experts_backward(handle, dims, dy, x, ids, weights, saved, lora_gate_up, lor
     return dx, dw
 
 
+def finish_deferred() -> None:
+    """Computes the LoRA gradients a ``defer_lora_grads`` backward left pending (no-op if none).
+
+    Blocks until done; releases the GIL meanwhile (any thread may call it).
+    """
+    ffi, lib = load()
+    check(lib, ffi, lib.kt_finish_deferred(), "kt_finish_deferred")
+
+
 STAGES = ("plan", "lora_prep", "fwd_gather", "fwd_gate_up", "fwd_act", "fwd_down", "fwd_combine",
-          "bwd_gather", "bwd_down_t", "bwd_act", "bwd_gate_up_t", "bwd_combine")
+          "bwd_gather", "bwd_down_t", "bwd_act", "bwd_gate_up_t", "bwd_combine", "bwd_lora")
 
 
 def profile_read(reset: bool = False) -> dict[str, float]:

@@ -28,7 +28,7 @@ extern "C" {
 typedef int32_t kt_status;
 
 enum {
-    KT_ABI_VERSION = 2
+    KT_ABI_VERSION = 3
 };
 
 enum {
@@ -120,7 +120,8 @@ enum {
     KT_STAGE_BWD_ACT = 9,
     KT_STAGE_BWD_GATE_UP_T = 10,
     KT_STAGE_BWD_COMBINE = 11,
-    KT_STAGE_COUNT = 12
+    KT_STAGE_BWD_LORA = 12,
+    KT_STAGE_COUNT = 13
 };
 
 typedef struct kt_experts kt_experts;
@@ -170,14 +171,23 @@ kt_status kt_experts_forward(kt_experts *experts, uint16_t *y, uint16_t *saved_g
                              const kt_lora *lora_gate_up, const kt_lora *lora_down);
 
 /* Backward. dx [T, H] BF16, dw [T, k] FP32, LoRA gradients in FP32, added to the buffers when
- * accumulate != 0 and overwritten otherwise. Inputs: dy [T, H] BF16 and what forward received and
- * saved. Any of dx, dw, grad_* may be NULL to skip that output. */
+ * flags has KT_BACKWARD_ACCUMULATE and overwritten otherwise. Inputs: dy [T, H] BF16 and what
+ * forward received and saved. Any of dx, dw, grad_* may be NULL to skip that output.
+ * With KT_BACKWARD_DEFER_LORA_GRADS the call returns once dx and dw are written; the LoRA
+ * gradients are computed by kt_finish_deferred(), or at the start of the next forward or backward
+ * call, whichever comes first. Until then the caller keeps every buffer of this call alive. */
+enum {
+    KT_BACKWARD_ACCUMULATE = 1,
+    KT_BACKWARD_DEFER_LORA_GRADS = 2
+};
 kt_status kt_experts_backward(kt_experts *experts, uint16_t *dx, float *dw,
                               const kt_lora_grad *grad_gate_up, const kt_lora_grad *grad_down,
-                              int32_t accumulate, const uint16_t *dy, const uint16_t *x,
+                              int32_t flags, const uint16_t *dy, const uint16_t *x,
                               const kt_routing *routing, const uint16_t *saved_gate_up,
                               const float *saved_lora_gate_up, const float *saved_lora_down,
                               const kt_lora *lora_gate_up, const kt_lora *lora_down);
+/* Computes the deferred LoRA gradients of the last backward, if any are pending (blocking). */
+kt_status kt_finish_deferred(void);
 /* cffi-cdef-end */
 
 #ifdef __cplusplus

@@ -112,6 +112,7 @@ KT_API int32_t kt_physical_cores(void) { return physical_cores(); }
 KT_API kt_status kt_runtime_configure(int32_t isa, int32_t threads) {
     return guarded([&] {
         std::lock_guard<std::mutex> lock(runtime_lock());
+        finish_deferred();   // with the kernels and threads it was planned for
         configure(isa, threads);
     });
 }
@@ -160,7 +161,20 @@ KT_API kt_status kt_experts_create(kt_experts **out, int64_t E, int64_t H, int64
     });
 }
 
-KT_API void kt_experts_destroy(kt_experts *ex) { delete ex; }
+KT_API void kt_experts_destroy(kt_experts *ex) {
+    {
+        std::lock_guard<std::mutex> lock(runtime_lock());
+        drop_deferred(ex);   // a pending job would read the packed weights being freed
+    }
+    delete ex;
+}
+
+KT_API kt_status kt_finish_deferred(void) {
+    return guarded([&] {
+        std::lock_guard<std::mutex> lock(runtime_lock());
+        finish_deferred();
+    });
+}
 
 KT_API kt_status kt_experts_load(kt_experts *ex, int64_t e, const uint16_t *gate_up, int64_t gate_up_ld,
                                  const uint16_t *down, int64_t down_ld) {
@@ -227,13 +241,14 @@ KT_API kt_status kt_experts_forward(kt_experts *ex, uint16_t *y, uint16_t *saved
         KT_CHECK(plan.T == 0 || (x && y), "x or y pointer is NULL");
         KT_CHECK(lgu.r > 0 || !saved_lgu, "saved_lora_gate_up must be NULL without a gate_up LoRA");
         KT_CHECK(ld.r > 0 || !saved_ld, "saved_lora_down must be NULL without a down LoRA");
+        finish_deferred();   // its scratch is about to be reused
         if (plan.T == 0) return;
         forward_layer(*ex, y, saved_gu, saved_lgu, saved_ld, x, plan, lgu, ld);
     });
 }
 
 KT_API kt_status kt_experts_backward(kt_experts *ex, uint16_t *dx, float *dw, const kt_lora_grad *grad_gu,
-                                     const kt_lora_grad *grad_d, int32_t accumulate, const uint16_t *dy,
+                                     const kt_lora_grad *grad_d, int32_t flags, const uint16_t *dy,
                                      const uint16_t *x, const kt_routing *routing, const uint16_t *saved_gu,
                                      const float *saved_lgu, const float *saved_ld, const kt_lora *lora_gu,
                                      const kt_lora *lora_d) {
@@ -252,7 +267,10 @@ KT_API kt_status kt_experts_backward(kt_experts *ex, uint16_t *dx, float *dw, co
                  "saved_lora_gate_up is needed for the gate_up LoRA B gradient");
         KT_CHECK(plan.T == 0 || !(ld.r > 0 && grad_d && grad_d->dB) || saved_ld,
                  "saved_lora_down is needed for the down LoRA B gradient");
-        const BackwardOut out{dx, dw, grad_gu, grad_d, accumulate != 0};
-        backward_layer(*ex, out, dy, x, plan, saved_gu, saved_lgu, saved_ld, lgu, ld);
+        KT_CHECK((flags & ~(KT_BACKWARD_ACCUMULATE | KT_BACKWARD_DEFER_LORA_GRADS)) == 0, "unknown backward flags %d",
+                 flags);
+        const BackwardOut out{dx, dw, grad_gu, grad_d, (flags & KT_BACKWARD_ACCUMULATE) != 0};
+        backward_layer(*ex, out, dy, x, std::move(in.plan), saved_gu, saved_lgu, saved_ld, lgu, ld,
+                       (flags & KT_BACKWARD_DEFER_LORA_GRADS) != 0);
     });
 }

@@ -93,8 +93,15 @@ struct BackwardOut {
     bool accumulate;
 };
 
+// Backward of one layer. With defer, returns once dx and dw are written and leaves the LoRA
+// gradients as the pending job (the caller holds the runtime lock throughout).
 void backward_layer(const kt_experts &ex, const BackwardOut &out, const uint16_t *dy, const uint16_t *x,
-                    const RoutePlan &plan, const uint16_t *saved_gu, const float *saved_lgu,
-                    const float *saved_ld, const LoraView &lgu, const LoraView &ld);
+                    RoutePlan plan, const uint16_t *saved_gu, const float *saved_lgu,
+                    const float *saved_ld, const LoraView &lgu, const LoraView &ld, bool defer);
+
+// The pending LoRA-gradient job of a deferred backward: finish_deferred() runs it (no-op when
+// none is pending); drop_deferred(ex) discards it if it belongs to ex. Under the runtime lock.
+void finish_deferred();
+void drop_deferred(const kt_experts *ex);
 
 }  // namespace kt

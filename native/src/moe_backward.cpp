@@ -13,14 +13,17 @@
 //   2. G        G [Nr, Ip] FP32 = dYs W_d (+ s TY A_d)                               (expert x col block)
 //               W_d is packed for y = h W_d^T, so each item transposes its columns of W_d
 //               into per-thread panels (pack_transposed_block): no second weight copy is kept.
-//   3. act'     dw, dGU [Nr, GUp] BF16; LoRA down gradients; TG = dGU B_gu; LoRA gate_up
-//               gradients                                                            (per expert)
+//   3. act'     dw, dGU [Nr, GUp] BF16; TG = dGU B_gu                                (per expert)
 //   4. dX       DX [T*k, H] FP32 = dGU W_gu (+ s TG A_gu), transposed panels again   (expert x col block)
 //   5. combine  dx[t] = sum_j DX[t*k+j], rounded once to BF16                        (token chunks)
+//   6. LoRA     dA, dB of both projections, h recomputed from the saved gate/up      (per expert)
+// Stage 6 is the one nothing in the backward waits for: the caller may defer it (a
+// DeferredLoraGrads job holding the plan and the scratch) so that dx and dw return first.
 // Every output element is written by one work item in a fixed order: the result does not depend
 // on the number of threads. LoRA gradients are per expert, accumulated over row chunks in order.
 #include <cstring>
 #include <functional>
+#include <memory>
 
 #include "driver.h"
 #include "error.h"
@@ -121,8 +124,7 @@ struct ActInputs {
     const BackwardOut *out;
 };
 
-// One chunk of rows: h (as the forward's down GEMM saw it, BF16-rounded) into hf [rows, I],
-// dw, and dGU (BF16) into the scratch.
+// One chunk of rows: dw and dGU (BF16) into the scratch.
 void act_rows(const kt_experts &ex, const BackwardScratch &s, const RoutePlan &plan, const RowChunk &c,
               const ActInputs &in, float *hf) {
     const Kernels &K = *runtime().kernels;
@@ -139,6 +141,17 @@ void act_rows(const kt_experts &ex, const BackwardScratch &s, const RoutePlan &p
         }
         if (in.out->dw) in.out->dw[route] = dw;
         std::memset(dgu + 2 * ex.I, 0, sizeof(uint16_t) * (ex.GUp - 2 * ex.I));
+    }
+}
+
+// h of one chunk, as the forward's down GEMM saw it (BF16-rounded), into hf [rows, I].
+void h_rows(const kt_experts &ex, const RoutePlan &plan, const RowChunk &c, const ActInputs &in, float *hf,
+            ThreadScratch &ts) {
+    const Kernels &K = *runtime().kernels;
+    uint16_t *hb = ts.rows_c.get<uint16_t>(ex.I);
+    for (int64_t r = 0; r < c.rows; ++r) {
+        const uint16_t *gu = in.saved_gu + plan.route[c.row0 + r] * 2 * ex.I;
+        K.glu(hb, hf + r * ex.I, gu, gu + ex.I, ex.I, ex.act);
     }
 }
 
@@ -171,38 +184,65 @@ void lora_down_grads(const kt_experts &ex, const BackwardScratch &s, const Route
     K.sgemm_tn(dBtmp, ld.r, wdy, ex.H, lr, ld.r, ex.H, ld.r, c.rows, ld.scale, true);
 }
 
-// TG = dGU B_gu for one chunk (needed by dX), and when asked dB_gu += s dGU^T LX, dA_gu += s TG^T x.
-void lora_gate_up_terms(const kt_experts &ex, const BackwardScratch &s, const RoutePlan &plan,
+// dGU of one chunk as FP32 [rows, 2I].
+float *dgu_rows(const kt_experts &ex, const BackwardScratch &s, const RowChunk &c, ThreadScratch &ts) {
+    const Kernels &K = *runtime().kernels;
+    const int64_t I2 = 2 * ex.I;
+    float *dguf = ts.rows_b.get<float>(c.rows * I2);
+    for (int64_t i = 0; i < c.rows; ++i) K.bf16_to_f32(dguf + i * I2, s.dgu + (c.row0 + i) * ex.ldgu, I2);
+    return dguf;
+}
+
+// Gate_up LoRA gradients of one chunk: dB_gu += s dGU^T LX, dA_gu += s TG^T x.
+void lora_gate_up_grads(const kt_experts &ex, const BackwardScratch &s, const RoutePlan &plan,
                         const RowChunk &c, const ActInputs &in, const LoraView &lgu, ThreadScratch &ts,
                         float *dBtmp) {
     const Kernels &K = *runtime().kernels;
-    const int64_t I2 = 2 * ex.I;
-    float *dguf = ts.rows_b.get<float>(c.rows * I2);   // [rows, 2I]
-    for (int64_t i = 0; i < c.rows; ++i) K.bf16_to_f32(dguf + i * I2, s.dgu + (c.row0 + i) * ex.ldgu, I2);
-    float *tg = s.tg + c.row0 * lgu.r;
-    K.sgemm_nn(tg, lgu.r, dguf, I2, s.bc_gu + c.expert * I2 * lgu.r, lgu.r, c.rows, lgu.r, I2, 1.0f, false);
-    const kt_lora_grad *g = in.out->g_gu;
-    if (!g) return;
-    if (g->dB) {
+    const kt_lora_grad &g = *in.out->g_gu;
+    if (g.dB) {
+        const float *dguf = dgu_rows(ex, s, c, ts);
         float *lx = ts.lora_rows.get<float>(c.rows * lgu.r);
         gather_saved(lx, in.saved_lgu, lgu.r, plan, c);
-        K.sgemm_tn(dBtmp, lgu.r, dguf, I2, lx, lgu.r, I2, lgu.r, c.rows, lgu.scale, true);
+        K.sgemm_tn(dBtmp, lgu.r, dguf, 2 * ex.I, lx, lgu.r, 2 * ex.I, lgu.r, c.rows, lgu.scale, true);
     }
-    if (g->dA) {
+    if (g.dA) {
         float *xf = ts.rows_c.get<float>(c.rows * ex.H);
         for (int64_t i = 0; i < c.rows; ++i)
             K.bf16_to_f32(xf + i * ex.H, in.x + (plan.route[c.row0 + i] / plan.k) * ex.H, ex.H);
-        K.sgemm_tn(g->dA + c.expert * lgu.r * ex.H, ex.H, tg, lgu.r, xf, ex.H, lgu.r, ex.H, c.rows, lgu.scale, true);
+        K.sgemm_tn(g.dA + c.expert * lgu.r * ex.H, ex.H, s.tg + c.row0 * lgu.r, lgu.r, xf, ex.H, lgu.r, ex.H,
+                   c.rows, lgu.scale, true);
     }
 }
 
-// Per expert (so that no two items write one expert's gradients): dw, dGU, LoRA terms. Experts
-// without tokens only initialise their gradients.
+template <typename F>
+void for_expert_chunks(const RoutePlan &plan, int64_t e, F &&f) {
+    for (int64_t r = 0; r < plan.count(e); r += kChunkRows)
+        f(RowChunk{e, plan.offsets[e] + r, std::min(kChunkRows, plan.count(e) - r)});
+}
+
+// Stage 3, per expert: dw, dGU and TG = dGU B_gu (which dX needs).
 void act_stage(const kt_experts &ex, const BackwardScratch &s, const RoutePlan &plan, const ActInputs &in,
-               const LoraView &lgu, const LoraView &ld) {
+               const LoraView &lgu) {
+    const Kernels &K = *runtime().kernels;
+    ThreadPool::run(ex.E, [&](int64_t i, int w) {
+        ThreadScratch &ts = workspace().threads[w];
+        for_expert_chunks(plan, plan.order[i], [&](const RowChunk &c) {
+            act_rows(ex, s, plan, c, in, ts.rows_a.get<float>(c.rows * ex.I));
+            if (lgu.r > 0)
+                K.sgemm_nn(s.tg + c.row0 * lgu.r, lgu.r, dgu_rows(ex, s, c, ts), 2 * ex.I,
+                           s.bc_gu + c.expert * 2 * ex.I * lgu.r, lgu.r, c.rows, lgu.r, 2 * ex.I, 1.0f, false);
+        });
+    });
+}
+
+// Stage 6, per expert (so that no two items write one expert's gradients). Experts without
+// tokens only initialise their gradients.
+void lora_grad_stage(const kt_experts &ex, const BackwardScratch &s, const RoutePlan &plan, const ActInputs &in,
+                     const LoraView &lgu, const LoraView &ld) {
     const BackwardOut &out = *in.out;
     const bool grad_d = ld.r > 0 && out.g_d && (out.g_d->dA || out.g_d->dB);
-    const bool grad_gu = lgu.r > 0 && out.g_gu;
+    const bool grad_gu = lgu.r > 0 && out.g_gu && (out.g_gu->dA || out.g_gu->dB);
+    if (!grad_d && !grad_gu) return;
     ThreadPool::run(ex.E, [&](int64_t i, int w) {
         const int64_t e = plan.order[i];
         ThreadScratch &ts = workspace().threads[w];
@@ -210,29 +250,70 @@ void act_stage(const kt_experts &ex, const BackwardScratch &s, const RoutePlan &
         if (grad_gu && out.g_gu->dB) std::fill_n(s.db_gu + e * 2 * ex.I * lgu.r, 2 * ex.I * lgu.r, 0.0f);
         if (!out.accumulate && grad_d && out.g_d->dA) std::fill_n(out.g_d->dA + e * ld.r * ex.I, ld.r * ex.I, 0.0f);
         if (!out.accumulate && grad_gu && out.g_gu->dA) std::fill_n(out.g_gu->dA + e * lgu.r * ex.H, lgu.r * ex.H, 0.0f);
-        for (int64_t r = 0; r < plan.count(e); r += kChunkRows) {
-            const RowChunk c{e, plan.offsets[e] + r, std::min(kChunkRows, plan.count(e) - r)};
-            float *hf = ts.rows_a.get<float>(c.rows * ex.I);
-            act_rows(ex, s, plan, c, in, hf);
-            if (grad_d) lora_down_grads(ex, s, plan, c, in, ld, hf, ts, s.db_d + e * ex.H * ld.r);
-            if (lgu.r > 0) lora_gate_up_terms(ex, s, plan, c, in, lgu, ts, s.db_gu + e * 2 * ex.I * lgu.r);
-        }
+        for_expert_chunks(plan, e, [&](const RowChunk &c) {
+            if (grad_d) {
+                float *hf = ts.rows_a.get<float>(c.rows * ex.I);
+                h_rows(ex, plan, c, in, hf, ts);
+                lora_down_grads(ex, s, plan, c, in, ld, hf, ts, s.db_d + e * ex.H * ld.r);
+            }
+            if (grad_gu) lora_gate_up_grads(ex, s, plan, c, in, lgu, ts, s.db_gu + e * 2 * ex.I * lgu.r);
+        });
     });
     if (grad_d && out.g_d->dB) store_lora_b(out.g_d->dB, s.db_d, ld, ex.E, ex.H, out.accumulate);
     if (grad_gu && out.g_gu->dB) store_lora_b(out.g_gu->dB, s.db_gu, lgu, ex.E, 2 * ex.I, out.accumulate);
 }
 
+// Stage 6 of one call with everything it reads; run at once or left pending (deferred). Heap
+// allocated and never moved: `in` and `out` point into the job itself.
+struct DeferredLoraGrads {
+    const kt_experts *ex = nullptr;
+    RoutePlan plan;
+    BackwardScratch s{};
+    kt_lora_grad g_gu{}, g_d{};
+    BackwardOut out{};
+    ActInputs in{};
+    LoraView lgu, ld;
+
+    void run() {
+        StageTimer timer(KT_STAGE_BWD_LORA);
+        lora_grad_stage(*ex, s, plan, in, lgu, ld);
+    }
+};
+
+std::unique_ptr<DeferredLoraGrads> &pending_job() {
+    static std::unique_ptr<DeferredLoraGrads> job;
+    return job;
+}
+
 }  // namespace
 
+void finish_deferred() {
+    std::unique_ptr<DeferredLoraGrads> job = std::move(pending_job());
+    if (job) job->run();
+}
+
+void drop_deferred(const kt_experts *ex) {
+    if (pending_job() && pending_job()->ex == ex) pending_job().reset();
+}
+
 void backward_layer(const kt_experts &ex, const BackwardOut &out, const uint16_t *dy, const uint16_t *x,
-                    const RoutePlan &plan, const uint16_t *saved_gu, const float *saved_lgu,
-                    const float *saved_ld, const LoraView &lgu, const LoraView &ld) {
+                    RoutePlan plan, const uint16_t *saved_gu, const float *saved_lgu,
+                    const float *saved_ld, const LoraView &lgu, const LoraView &ld, bool defer) {
+    finish_deferred();   // its scratch is about to be reused
     Workspace &ws = workspace();
     ws.ensure_threads(ThreadPool::size());
     if (out.dw)
         for (int64_t route = 0; route < plan.T * plan.k; ++route) out.dw[route] = 0.0f;
+    auto job = std::make_unique<DeferredLoraGrads>();
+    job->ex = &ex;
+    job->lgu = lgu;
+    job->ld = ld;
+    job->out = out;
+    if (out.g_gu) job->out.g_gu = &(job->g_gu = *out.g_gu);   // the caller's structs may not outlive the call
+    if (out.g_d) job->out.g_d = &(job->g_d = *out.g_d);
+    job->in = ActInputs{x, saved_gu, saved_lgu, saved_ld, &job->out};
     const int64_t Nr = plan.rows();
-    BackwardScratch s{};
+    BackwardScratch &s = job->s;
     // Slots are shared with the forward's buffers of the same role and size (forward_layer): the
     // per-route FP32 outputs (slot 5) alone are T*k*H*4 bytes, so separate slots would hold twice
     // the memory for nothing.
@@ -261,17 +342,22 @@ void backward_layer(const kt_experts &ex, const BackwardOut &out, const uint16_t
                              std::memcpy(s.g + row * ex.Ip + c0, t, sizeof(float) * valid);
                          });
     }
-    const ActInputs in{x, saved_gu, saved_lgu, saved_ld, &out};
-    { StageTimer timer(KT_STAGE_BWD_ACT); act_stage(ex, s, plan, in, lgu, ld); }
-    if (!out.dx) return;
-    {
-        StageTimer timer(KT_STAGE_BWD_GATE_UP_T);
-        transposed_stage(ex, plan, false, s.dgu, ex.ldgu, s.tg, lgu, ex.H,
-                         [&](int64_t row, int64_t c0, int64_t valid, const float *t) {
-                             std::memcpy(s.dx + plan.route[row] * ex.H + c0, t, sizeof(float) * valid);
-                         });
+    { StageTimer timer(KT_STAGE_BWD_ACT); act_stage(ex, s, plan, job->in, lgu); }
+    if (out.dx) {
+        {
+            StageTimer timer(KT_STAGE_BWD_GATE_UP_T);
+            transposed_stage(ex, plan, false, s.dgu, ex.ldgu, s.tg, lgu, ex.H,
+                             [&](int64_t row, int64_t c0, int64_t valid, const float *t) {
+                                 std::memcpy(s.dx + plan.route[row] * ex.H + c0, t, sizeof(float) * valid);
+                             });
+        }
+        { StageTimer timer(KT_STAGE_BWD_COMBINE); sum_routes(out.dx, s.dx, plan, ex.H, false); }
     }
-    { StageTimer timer(KT_STAGE_BWD_COMBINE); sum_routes(out.dx, s.dx, plan, ex.H, false); }
+    job->plan = std::move(plan);
+    if (defer)
+        pending_job() = std::move(job);
+    else
+        job->run();
 }
 
 }  // namespace kt

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
+from kt_trl._native import ops
 from kt_trl.engine import ExpertEngine
 
 from .conftest import isa_params
-from .moe_case import REL_TOL, make_case, rel_err, run_engine, run_reference
+from .moe_case import REL_TOL, engine_loras, make_case, make_engine, rel_err, run_engine, run_reference
 
 # (E, H, I, T, k, rank_gate_up, rank_down, options): odd sizes, ragged token counts, every rank.
 SHAPES = [
@@ -128,3 +131,61 @@ def test_gpt_oss_cases_reach_the_clamps():
     case = make_case(8, 96, 80, 60, 4, activation="clamped_swiglu", bias=True)
     gu = case.x.double() @ case.gate_up[0].double().t() + case.gate_up_bias[0].double()
     assert (gu[:, :80] > 7).any() and (gu[:, 80:].abs() > 7).any()
+
+
+def _nan_buffers(lora):
+    return (torch.full_like(lora.A, float("nan")),
+            torch.empty_strided(lora.B.shape, lora.B.stride()).fill_(float("nan")))
+
+
+def _deferred_backward(case, engine, saved):
+    lgu, ld = engine_loras(case)
+    buffers = (_nan_buffers(lgu), _nan_buffers(ld))
+    dx, dw, g_gu, g_d = engine.backward(case.dy, case.x, case.ids, case.w, saved, lora_gate_up=lgu, lora_down=ld,
+                                        lora_grads=buffers, defer_lora_grads=True)
+    assert g_gu is buffers[0] and g_d is buffers[1]
+    return dx, dw, [*g_gu, *g_d]
+
+
+@pytest.mark.parametrize("isa", isa_params())
+def test_deferred_lora_gradients_are_written_by_finish(use_isa, isa):
+    use_isa(isa)
+    case = make_case(8, 64, 48, 60, 4, 4, 4)
+    engine = make_engine(case)
+    expected = run_engine(case, engine)
+    _, saved = engine.forward(case.x, case.ids, case.w, lora_gate_up=engine_loras(case)[0],
+                              lora_down=engine_loras(case)[1])
+    dx, dw, grads = _deferred_backward(case, engine, saved)
+    assert torch.equal(dx, expected["dx"]) and torch.equal(dw, expected["dw"])
+    assert all(torch.isnan(g).all() for g in grads)  # nothing written before finish_deferred
+    ops.finish_deferred()
+    for g, name in zip(grads, ("dA_gu", "dB_gu", "dA_d", "dB_d")):
+        assert torch.equal(g, expected[name]), name  # bit-identical to the synchronous backward
+    ops.finish_deferred()  # nothing pending: a no-op
+
+
+@pytest.mark.parametrize("isa", isa_params())
+def test_next_engine_call_finishes_pending_lora_gradients_first(use_isa, isa):
+    use_isa(isa)
+    case = make_case(8, 64, 48, 60, 4, 4, 4)
+    engine, other = make_engine(case), make_engine(case)
+    expected = run_engine(case, engine)
+    lgu, ld = engine_loras(case)
+    _, saved = engine.forward(case.x, case.ids, case.w, lora_gate_up=lgu, lora_down=ld)
+    _, _, grads = _deferred_backward(case, engine, saved)
+    y, _ = other.forward(case.x, case.ids, case.w, lora_gate_up=lgu, lora_down=ld)  # reuses the scratch
+    assert torch.equal(y, expected["y"])
+    for g, name in zip(grads, ("dA_gu", "dB_gu", "dA_d", "dB_d")):
+        assert torch.equal(g, expected[name]), name
+
+
+def test_destroying_an_engine_drops_its_pending_lora_gradients():
+    case = make_case(4, 32, 32, 9, 2, 2, 2)
+    engine = make_engine(case)
+    lgu, ld = engine_loras(case)
+    _, saved = engine.forward(case.x, case.ids, case.w, lora_gate_up=lgu, lora_down=ld)
+    _, _, grads = _deferred_backward(case, engine, saved)
+    del engine
+    gc.collect()
+    ops.finish_deferred()  # the job read the freed engine's weights: it is gone, not run
+    assert all(torch.isnan(g).all() for g in grads)
