@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .deferred_grads import gradient_targets
 from .engine import ExpertActivations, ExpertEngine, ExpertLoRA
 from .staging import HostStaging
 
@@ -19,7 +20,9 @@ FIRST, RECOMPUTE, INFERENCE = "first", "recompute", "inference"
 
 
 class EngineRunner:
-    """The plain runner: one engine, no checkpointing logic."""
+    """The plain runner: one engine, no checkpointing logic, LoRA gradients returned through autograd."""
+
+    deferred = None
 
     def __init__(self, engine: ExpertEngine, staging: HostStaging | None = None) -> None:
         self.engine = engine
@@ -59,6 +62,7 @@ class RoutedExpertsFunction(torch.autograd.Function):
         y, saved = runner.forward(phase, x_cpu, ids_cpu, w_cpu, lora_gate_up, lora_down, device=x.device,
                                   dtype=x.dtype)
         ctx.runner, ctx.loras = runner, (lora_gate_up, lora_down)
+        ctx.factors = (a_gate_up, b_gate_up, a_down, b_down)
         ctx.metas = [(t.device, t.dtype) if t is not None else None for t in (x, w, a_gate_up, b_gate_up, a_down, b_down)]
         if phase != INFERENCE:
             # Inside a non-reentrant checkpointed layer the first forward's saved tensors are dropped
@@ -74,11 +78,16 @@ class RoutedExpertsFunction(torch.autograd.Function):
         lora_gate_up, lora_down = ctx.loras
         staging = ctx.runner.staging
         (dy_cpu,) = staging.to_host(dy.detach().to(torch.bfloat16))
+        deferred = _deferral(ctx, need)
         dx, dw, g_gate_up, g_down = ctx.runner.backward(
             dy_cpu, x_cpu, ids, w, saved, lora_gate_up=lora_gate_up, lora_down=lora_down,
             need_dx=need[2], need_dw=need[3], need_lora_grads=any(need[6:]),
             empty=staging.empty_for(ctx.metas[0][0]),
+            lora_grads=deferred and deferred[0], defer_lora_grads=deferred is not None,
         )
+        if deferred is not None:  # the LoRA gradients reach their parameters at the end of backward
+            ctx.runner.deferred.submit(deferred[1], keep_alive=(x_cpu, saved, ctx.loras, deferred[0]))
+            g_gate_up = g_down = None
         grads = [dx, dw, *(g_gate_up or (None, None)), *(g_down or (None, None))]
         out = [
             staging.to_device(g, device=meta[0], dtype=meta[1]) if g is not None and meta is not None and n else None
@@ -86,6 +95,13 @@ class RoutedExpertsFunction(torch.autograd.Function):
         ]
         return (None, None, out[0], out[1], None, None, *out[2:])
 
+
+def _deferral(ctx, need):
+    """`gradient_targets(...)` when the runner overlaps LoRA gradients and this backward can, else None."""
+    if getattr(ctx.runner, "deferred", None) is None or not any(need[6:]):
+        return None
+    engine_factors = [t for lora in ctx.loras for t in ((lora.A, lora.B) if lora is not None else (None, None))]
+    return gradient_targets(ctx.factors, engine_factors, need[6:])
 
 
 def lora_arguments(lora_gate_up, lora_down):

@@ -34,6 +34,10 @@ class KTConfig:
             GB over the whole model (host memory is the scarcer: the packed experts fill most of it);
             beyond it they go to host memory. Defaults to a quarter of the device's memory; `0` keeps
             them in host memory.
+        overlap_lora_grads (`bool`, *optional*, defaults to `True`):
+            In backward, return dx and dw to autograd first and compute the expert-LoRA gradients on
+            a worker thread meanwhile (`kt_trl.deferred_grads`); they reach `.grad` before
+            `backward()` returns. `False` computes them within the expert op.
         freeze_experts (`bool`, *optional*, defaults to `False`):
             The engine holds the routed experts' base weights frozen. A model whose expert weights
             still require gradients (no PEFT, full fine-tuning) is refused unless this is `True`, in
@@ -47,7 +51,7 @@ class KTConfig:
     ```python
     >>> from kt_trl import KTConfig
     >>> KTConfig(isa="avx2", threads=2)
-    KTConfig(isa='avx2', threads=2, reuse_checkpointed_activations=True, max_kept_activations_gb=None, max_kept_activations_gpu_gb=None, freeze_experts=False, max_pending_activations=8)
+    KTConfig(isa='avx2', threads=2, reuse_checkpointed_activations=True, max_kept_activations_gb=None, max_kept_activations_gpu_gb=None, overlap_lora_grads=True, freeze_experts=False, max_pending_activations=8)
     >>> KTConfig().isa is None  # KT_TRL_ISA or "auto"
     True
     ```
@@ -58,6 +62,7 @@ class KTConfig:
     reuse_checkpointed_activations: bool = True
     max_kept_activations_gb: float | None = None
     max_kept_activations_gpu_gb: float | None = None
+    overlap_lora_grads: bool = True
     freeze_experts: bool = False
     max_pending_activations: int = 8
 

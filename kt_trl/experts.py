@@ -28,6 +28,7 @@ from torch import nn
 
 from .autograd import FIRST, INFERENCE, RECOMPUTE, RoutedExpertsFunction, lora_arguments
 from .config import KTConfig
+from .deferred_grads import DEFERRED
 from .kept_activations import ActivationBudget, DeviceActivationBudget, KeptForwards, activation_budgets
 from .staging import HostStaging, StagingStats
 
@@ -74,6 +75,7 @@ class CPUExperts:
         host, device = budgets if budgets is not None else activation_budgets(config)
         self.pending = KeptForwards(name, max_pending=config.max_pending_activations, budget=host,
                                     device_budget=device, staging=self.staging)
+        self.deferred = DEFERRED if config.overlap_lora_grads else None
         self.forward_calls = 0
         self.backward_calls = 0
         self.reused_forwards = 0
@@ -266,7 +268,8 @@ def expert_counters(model: nn.Module) -> dict[str, float]:
         the kept activations in host memory (each budget once) `kept_activation_bytes`,
         `kept_activation_peak_bytes` and `kept_activation_declined` (forwards the host budget turned
         down: they kept nothing), and the same with `kept_activation_device_` for the accelerator
-        (there `declined` counts forwards sent on to host memory).
+        (there `declined` counts forwards sent on to host memory); `deferred_lora_jobs` and
+        `deferred_lora_seconds` of the process's overlapped LoRA-gradient jobs.
     """
     runner_keys = ("forward_calls", "backward_calls", "reused_forwards", "forward_seconds", "backward_seconds")
     budget_keys = {"bytes": "bytes", "peak_bytes": "peak_bytes", "declined": "declined"}
@@ -288,4 +291,5 @@ def expert_counters(model: nn.Module) -> dict[str, float]:
     for where, budget in budgets.values():
         for key, attr in budget_keys.items():
             totals[f"kept_activation_{where}{key}"] += getattr(budget, attr)
+    totals["deferred_lora_jobs"], totals["deferred_lora_seconds"] = DEFERRED.jobs, DEFERRED.seconds
     return totals

@@ -212,3 +212,28 @@ def test_install_engine_refuses_mismatches():
     prepare_model(model, KTConfig(freeze_experts=True))
     with pytest.raises(ValueError, match="before PEFT wrapping and preparation.*already prepared"):
         install_engine(layers[0].mlp.experts, engine_of(tiny_model("qwen3_moe").model.layers[0].mlp.experts))
+
+
+@pytest.mark.parametrize("checkpointing", [None, False, True], ids=["plain", "non-reentrant", "reentrant"])
+def test_overlapped_lora_gradients_equal_the_synchronous_ones(checkpointing):
+    """Deferred expert-LoRA gradients land in .grad by the end of backward(), bit-identical, accumulating."""
+    _, overlapped = peft_pair("qwen3_moe")
+    _, synchronous = peft_pair("qwen3_moe", kt_config=KTConfig(overlap_lora_grads=False))
+    jobs = {}
+    for model in (overlapped, synchronous):
+        if checkpointing is not None:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing})
+            model.enable_input_require_grads()
+        model.train()
+        before = expert_counters(model)["deferred_lora_jobs"]
+        for step in range(2):  # two micro-batches: the second adds to .grad
+            _train_step(model, batch(step))
+        jobs[id(model)] = expert_counters(model)["deferred_lora_jobs"] - before
+    assert jobs[id(overlapped)] == 2 * len(runners(overlapped)) and jobs[id(synchronous)] == 0
+    grads = dict(synchronous.named_parameters())
+    checked = 0
+    for name, param in overlapped.named_parameters():
+        if param.requires_grad:
+            assert torch.equal(param.grad, grads[name].grad), name
+            checked += ".experts." in name
+    assert checked == 4 * len(runners(overlapped))
