@@ -76,17 +76,19 @@ class DeferredLoraGrads:
     def submit(self, targets, keep_alive) -> None:
         """After a `defer_lora_grads` engine backward (inside autograd's backward): finish it on
         the worker, then add the gradients to `targets`' parameters at the end of the backward pass.
-        `keep_alive` holds the call's tensors until then."""
+        `keep_alive` holds the call's tensors until the job is done."""
         with self._lock:
             if self._executor is None or self._pid != os.getpid():  # none yet, or forked: threads are gone
                 self._executor, self._pid = ThreadPoolExecutor(1, thread_name_prefix="kt_trl-lora-grads"), os.getpid()
-            self._pending.append((self._executor.submit(self._finish_one), targets, keep_alive))
+            self._pending.append((self._executor.submit(self._finish_one, keep_alive), targets))
             self.jobs += 1
             if not self._callback_queued:
                 torch.autograd.Variable._execution_engine.queue_callback(self.finish)
                 self._callback_queued = True
 
-    def _finish_one(self) -> None:
+    def _finish_one(self, keep_alive) -> None:
+        # The job was pending when this was submitted, so it is done when finish_deferred returns
+        # (here, or earlier at the engine's next call): its tensors may go with `keep_alive`.
         start = time.perf_counter()
         ops.finish_deferred()
         elapsed = time.perf_counter() - start
@@ -98,7 +100,7 @@ class DeferredLoraGrads:
         with self._lock:
             pending, self._pending, self._callback_queued = self._pending, [], False
         ops.finish_deferred()  # whatever the worker has not started yet
-        for future, targets, _ in pending:
+        for future, targets in pending:
             future.result()
             for param, grad in targets:
                 if param.grad is None:

@@ -217,8 +217,8 @@ def test_install_engine_refuses_mismatches():
 @pytest.mark.parametrize("checkpointing", [None, False, True], ids=["plain", "non-reentrant", "reentrant"])
 def test_overlapped_lora_gradients_equal_the_synchronous_ones(checkpointing):
     """Deferred expert-LoRA gradients land in .grad by the end of backward(), bit-identical, accumulating."""
-    _, overlapped = peft_pair("qwen3_moe")
-    _, synchronous = peft_pair("qwen3_moe", kt_config=KTConfig(overlap_lora_grads=False))
+    _, overlapped = peft_pair("qwen3_moe", kt_config=KTConfig(overlap_lora_grads=True))
+    _, synchronous = peft_pair("qwen3_moe")
     jobs = {}
     for model in (overlapped, synchronous):
         if checkpointing is not None:

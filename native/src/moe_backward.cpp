@@ -13,12 +13,13 @@
 //   2. G        G [Nr, Ip] FP32 = dYs W_d (+ s TY A_d)                               (expert x col block)
 //               W_d is packed for y = h W_d^T, so each item transposes its columns of W_d
 //               into per-thread panels (pack_transposed_block): no second weight copy is kept.
-//   3. act'     dw, dGU [Nr, GUp] BF16; TG = dGU B_gu                                (per expert)
+//   3. act'     dw, dGU [Nr, GUp] BF16; TG = dGU B_gu; LoRA gradients of both
+//               projections from the same rows                                       (per expert)
 //   4. dX       DX [T*k, H] FP32 = dGU W_gu (+ s TG A_gu), transposed panels again   (expert x col block)
 //   5. combine  dx[t] = sum_j DX[t*k+j], rounded once to BF16                        (token chunks)
-//   6. LoRA     dA, dB of both projections, h recomputed from the saved gate/up      (per expert)
-// Stage 6 is the one nothing in the backward waits for: the caller may defer it (a
-// DeferredLoraGrads job holding the plan and the scratch) so that dx and dw return first.
+// Nothing in the backward waits for the LoRA gradients: the caller may defer them. Stage 3 then
+// leaves them out, and a DeferredLoraGrads job holding the plan and the scratch computes them
+// after stage 5 (recomputing h and the FP32 dGU rows), so that dx and dw return first.
 // Every output element is written by one work item in a fixed order: the result does not depend
 // on the number of threads. LoRA gradients are per expert, accumulated over row chunks in order.
 #include <cstring>
@@ -193,14 +194,13 @@ float *dgu_rows(const kt_experts &ex, const BackwardScratch &s, const RowChunk &
     return dguf;
 }
 
-// Gate_up LoRA gradients of one chunk: dB_gu += s dGU^T LX, dA_gu += s TG^T x.
+// Gate_up LoRA gradients of one chunk: dB_gu += s dGU^T LX (dguf = dGU as FP32), dA_gu += s TG^T x.
 void lora_gate_up_grads(const kt_experts &ex, const BackwardScratch &s, const RoutePlan &plan,
-                        const RowChunk &c, const ActInputs &in, const LoraView &lgu, ThreadScratch &ts,
-                        float *dBtmp) {
+                        const RowChunk &c, const ActInputs &in, const LoraView &lgu, const float *dguf,
+                        ThreadScratch &ts, float *dBtmp) {
     const Kernels &K = *runtime().kernels;
     const kt_lora_grad &g = *in.out->g_gu;
     if (g.dB) {
-        const float *dguf = dgu_rows(ex, s, c, ts);
         float *lx = ts.lora_rows.get<float>(c.rows * lgu.r);
         gather_saved(lx, in.saved_lgu, lgu.r, plan, c);
         K.sgemm_tn(dBtmp, lgu.r, dguf, 2 * ex.I, lx, lgu.r, 2 * ex.I, lgu.r, c.rows, lgu.scale, true);
@@ -214,57 +214,91 @@ void lora_gate_up_grads(const kt_experts &ex, const BackwardScratch &s, const Ro
     }
 }
 
+// Which LoRA gradients a call asks for.
+struct LoraGrads {
+    bool down = false, gate_up = false;
+    LoraGrads() = default;
+    LoraGrads(const BackwardOut &out, const LoraView &lgu, const LoraView &ld)
+        : down(ld.r > 0 && out.g_d && (out.g_d->dA || out.g_d->dB)),
+          gate_up(lgu.r > 0 && out.g_gu && (out.g_gu->dA || out.g_gu->dB)) {}
+    bool any() const { return down || gate_up; }
+};
+
+// Before an expert's first chunk: its dB accumulators (and dA unless accumulating) start at 0.
+void begin_expert_grads(const kt_experts &ex, const BackwardScratch &s, const BackwardOut &out, const LoraGrads &want,
+                        int64_t e, const LoraView &lgu, const LoraView &ld) {
+    if (want.down && out.g_d->dB) std::fill_n(s.db_d + e * ex.H * ld.r, ex.H * ld.r, 0.0f);
+    if (want.gate_up && out.g_gu->dB) std::fill_n(s.db_gu + e * 2 * ex.I * lgu.r, 2 * ex.I * lgu.r, 0.0f);
+    if (!out.accumulate && want.down && out.g_d->dA) std::fill_n(out.g_d->dA + e * ld.r * ex.I, ld.r * ex.I, 0.0f);
+    if (!out.accumulate && want.gate_up && out.g_gu->dA)
+        std::fill_n(out.g_gu->dA + e * lgu.r * ex.H, lgu.r * ex.H, 0.0f);
+}
+
+// One chunk's LoRA gradients, given its h (hf) and dGU (dguf) as FP32. Gate_up first: dguf lives
+// in ts.rows_b, which the down gradients reuse.
+void lora_grads_rows(const kt_experts &ex, const BackwardScratch &s, const RoutePlan &plan, const RowChunk &c,
+                     const ActInputs &in, const LoraGrads &want, const LoraView &lgu, const LoraView &ld,
+                     const float *hf, const float *dguf, ThreadScratch &ts) {
+    if (want.gate_up) lora_gate_up_grads(ex, s, plan, c, in, lgu, dguf, ts, s.db_gu + c.expert * 2 * ex.I * lgu.r);
+    if (want.down) lora_down_grads(ex, s, plan, c, in, ld, hf, ts, s.db_d + c.expert * ex.H * ld.r);
+}
+
+void store_grads(const kt_experts &ex, const BackwardScratch &s, const BackwardOut &out, const LoraGrads &want,
+                 const LoraView &lgu, const LoraView &ld) {
+    if (want.down && out.g_d->dB) store_lora_b(out.g_d->dB, s.db_d, ld, ex.E, ex.H, out.accumulate);
+    if (want.gate_up && out.g_gu->dB) store_lora_b(out.g_gu->dB, s.db_gu, lgu, ex.E, 2 * ex.I, out.accumulate);
+}
+
 template <typename F>
 void for_expert_chunks(const RoutePlan &plan, int64_t e, F &&f) {
     for (int64_t r = 0; r < plan.count(e); r += kChunkRows)
         f(RowChunk{e, plan.offsets[e] + r, std::min(kChunkRows, plan.count(e) - r)});
 }
 
-// Stage 3, per expert: dw, dGU and TG = dGU B_gu (which dX needs).
+// Stage 3, per expert (so that no two items write one expert's gradients): dw, dGU and TG = dGU B_gu
+// (which dX needs), and the LoRA gradients `want` asks for from the same h and dGU rows.
+// Experts without tokens only initialise their gradients.
 void act_stage(const kt_experts &ex, const BackwardScratch &s, const RoutePlan &plan, const ActInputs &in,
-               const LoraView &lgu) {
+               const LoraGrads &want, const LoraView &lgu, const LoraView &ld) {
     const Kernels &K = *runtime().kernels;
-    ThreadPool::run(ex.E, [&](int64_t i, int w) {
-        ThreadScratch &ts = workspace().threads[w];
-        for_expert_chunks(plan, plan.order[i], [&](const RowChunk &c) {
-            act_rows(ex, s, plan, c, in, ts.rows_a.get<float>(c.rows * ex.I));
-            if (lgu.r > 0)
-                K.sgemm_nn(s.tg + c.row0 * lgu.r, lgu.r, dgu_rows(ex, s, c, ts), 2 * ex.I,
-                           s.bc_gu + c.expert * 2 * ex.I * lgu.r, lgu.r, c.rows, lgu.r, 2 * ex.I, 1.0f, false);
-        });
-    });
-}
-
-// Stage 6, per expert (so that no two items write one expert's gradients). Experts without
-// tokens only initialise their gradients.
-void lora_grad_stage(const kt_experts &ex, const BackwardScratch &s, const RoutePlan &plan, const ActInputs &in,
-                     const LoraView &lgu, const LoraView &ld) {
-    const BackwardOut &out = *in.out;
-    const bool grad_d = ld.r > 0 && out.g_d && (out.g_d->dA || out.g_d->dB);
-    const bool grad_gu = lgu.r > 0 && out.g_gu && (out.g_gu->dA || out.g_gu->dB);
-    if (!grad_d && !grad_gu) return;
     ThreadPool::run(ex.E, [&](int64_t i, int w) {
         const int64_t e = plan.order[i];
         ThreadScratch &ts = workspace().threads[w];
-        if (grad_d && out.g_d->dB) std::fill_n(s.db_d + e * ex.H * ld.r, ex.H * ld.r, 0.0f);
-        if (grad_gu && out.g_gu->dB) std::fill_n(s.db_gu + e * 2 * ex.I * lgu.r, 2 * ex.I * lgu.r, 0.0f);
-        if (!out.accumulate && grad_d && out.g_d->dA) std::fill_n(out.g_d->dA + e * ld.r * ex.I, ld.r * ex.I, 0.0f);
-        if (!out.accumulate && grad_gu && out.g_gu->dA) std::fill_n(out.g_gu->dA + e * lgu.r * ex.H, lgu.r * ex.H, 0.0f);
+        begin_expert_grads(ex, s, *in.out, want, e, lgu, ld);
         for_expert_chunks(plan, e, [&](const RowChunk &c) {
-            if (grad_d) {
-                float *hf = ts.rows_a.get<float>(c.rows * ex.I);
-                h_rows(ex, plan, c, in, hf, ts);
-                lora_down_grads(ex, s, plan, c, in, ld, hf, ts, s.db_d + e * ex.H * ld.r);
-            }
-            if (grad_gu) lora_gate_up_grads(ex, s, plan, c, in, lgu, ts, s.db_gu + e * 2 * ex.I * lgu.r);
+            float *hf = ts.rows_a.get<float>(c.rows * ex.I);
+            act_rows(ex, s, plan, c, in, hf);
+            const float *dguf = lgu.r > 0 ? dgu_rows(ex, s, c, ts) : nullptr;
+            if (lgu.r > 0)
+                K.sgemm_nn(s.tg + c.row0 * lgu.r, lgu.r, dguf, 2 * ex.I, s.bc_gu + c.expert * 2 * ex.I * lgu.r,
+                           lgu.r, c.rows, lgu.r, 2 * ex.I, 1.0f, false);
+            lora_grads_rows(ex, s, plan, c, in, want, lgu, ld, hf, dguf, ts);
         });
     });
-    if (grad_d && out.g_d->dB) store_lora_b(out.g_d->dB, s.db_d, ld, ex.E, ex.H, out.accumulate);
-    if (grad_gu && out.g_gu->dB) store_lora_b(out.g_gu->dB, s.db_gu, lgu, ex.E, 2 * ex.I, out.accumulate);
+    store_grads(ex, s, *in.out, want, lgu, ld);
 }
 
-// Stage 6 of one call with everything it reads; run at once or left pending (deferred). Heap
-// allocated and never moved: `in` and `out` point into the job itself.
+// The LoRA gradients on their own (deferred): h and dGU rows are recomputed from what stage 3 left.
+void lora_grad_stage(const kt_experts &ex, const BackwardScratch &s, const RoutePlan &plan, const ActInputs &in,
+                     const LoraView &lgu, const LoraView &ld) {
+    const LoraGrads want(*in.out, lgu, ld);
+    if (!want.any()) return;
+    ThreadPool::run(ex.E, [&](int64_t i, int w) {
+        const int64_t e = plan.order[i];
+        ThreadScratch &ts = workspace().threads[w];
+        begin_expert_grads(ex, s, *in.out, want, e, lgu, ld);
+        for_expert_chunks(plan, e, [&](const RowChunk &c) {
+            float *hf = want.down ? ts.rows_a.get<float>(c.rows * ex.I) : nullptr;
+            if (hf) h_rows(ex, plan, c, in, hf, ts);
+            const float *dguf = want.gate_up && in.out->g_gu->dB ? dgu_rows(ex, s, c, ts) : nullptr;
+            lora_grads_rows(ex, s, plan, c, in, want, lgu, ld, hf, dguf, ts);
+        });
+    });
+    store_grads(ex, s, *in.out, want, lgu, ld);
+}
+
+// The deferred LoRA gradients of one call with everything they read. Heap allocated and never
+// moved: `in` and `out` point into the job itself.
 struct DeferredLoraGrads {
     const kt_experts *ex = nullptr;
     RoutePlan plan;
@@ -342,7 +376,10 @@ void backward_layer(const kt_experts &ex, const BackwardOut &out, const uint16_t
                              std::memcpy(s.g + row * ex.Ip + c0, t, sizeof(float) * valid);
                          });
     }
-    { StageTimer timer(KT_STAGE_BWD_ACT); act_stage(ex, s, plan, job->in, lgu); }
+    {
+        StageTimer timer(KT_STAGE_BWD_ACT);
+        act_stage(ex, s, plan, job->in, defer ? LoraGrads() : LoraGrads(job->out, lgu, ld), lgu, ld);
+    }
     if (out.dx) {
         {
             StageTimer timer(KT_STAGE_BWD_GATE_UP_T);
@@ -353,11 +390,10 @@ void backward_layer(const kt_experts &ex, const BackwardOut &out, const uint16_t
         }
         { StageTimer timer(KT_STAGE_BWD_COMBINE); sum_routes(out.dx, s.dx, plan, ex.H, false); }
     }
-    job->plan = std::move(plan);
-    if (defer)
+    if (defer) {
+        job->plan = std::move(plan);
         pending_job() = std::move(job);
-    else
-        job->run();
+    }
 }
 
 }  // namespace kt
