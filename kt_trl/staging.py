@@ -30,7 +30,8 @@ overlap is in backward, where the autograd engine runs CPU nodes on the thread t
 thread calls the engine for the next layer: one short operation per LoRA tensor. kt_trl therefore
 sets nothing; set `torch.set_num_threads` / `OMP_NUM_THREADS` and `KTConfig(threads=...)` /
 `KT_TRL_THREADS` yourself only to leave cores to something else (dataloader workers, another
-process).
+process). With `KTConfig(overlap_lora_grads=True)` (off by default) the engine computes LoRA
+gradients from a worker thread while the training thread goes on (`kt_trl.deferred_grads`).
 """
 
 from __future__ import annotations
