@@ -123,17 +123,28 @@ class KeptForwards:
             )
         size = nbytes(*saved.as_tuple())
         ids = ids.detach().clone()
-        if y.is_cuda and self.device_budget.reserve_on(size, y.device):
-            saved = ExpertActivations(*(
-                None if t is None else self.staging.to_device(t, device=y.device, dtype=t.dtype)
-                for t in saved.as_tuple()))
-            entry = KeptForward(ids, y.detach().clone(), saved, host_bytes=0, device_bytes=size)
+        on_device = y.is_cuda and self.device_budget.reserve_on(size, y.device) and self._to_device(saved, y, size)
+        if on_device:
+            entry = KeptForward(ids, y.detach().clone(), on_device, host_bytes=0, device_bytes=size)
         elif self.budget.reserve(size + nbytes(ids)):
             entry = KeptForward(ids, y.detach().clone(), saved, host_bytes=size + nbytes(ids), device_bytes=0)
         else:
             return False
         self._entries.append(entry)
         return True
+
+    def _to_device(self, saved: ExpertActivations, y: torch.Tensor, size: int) -> ExpertActivations | None:
+        """`saved` on `y`'s device; None (budget returned) when the device is out of memory."""
+        try:
+            return ExpertActivations(*(
+                None if t is None else self.staging.to_device(t, device=y.device, dtype=t.dtype)
+                for t in saved.as_tuple()))
+        except torch.cuda.OutOfMemoryError:
+            self.device_budget.release(size)
+            self.device_budget.declined += 1
+            logger.warning("%s: the GPU is out of memory for kept activations; keeping them in host memory "
+                           "(lower KTConfig(max_kept_activations_gpu_gb=...) to avoid this).", self.name)
+            return None
 
     def take(self, ids: torch.Tensor) -> KeptForward | None:
         """The newest kept forward routed exactly like `ids`, removed from the queue, its
