@@ -8,9 +8,9 @@ intermediates; at Qwen3-30B-A3B's shape and 8192 tokens 0.2 GB per layer, 10 GB 
 
 Where they wait, in order of preference:
   1. on the accelerator the model runs on, up to `KTConfig.max_kept_activations_gpu_gb` (default a
-     quarter of its memory): host memory, which the packed experts mostly fill, is the scarcer of
-     the two. The engine writes them into pinned buffers, so the copy there is asynchronous; the
-     recomputation copies them back (a few ms per layer);
+     quarter of its memory; out of memory there falls through to 2): host memory, which the packed
+     experts mostly fill, is the scarcer of the two. They go through the staging's pinned buffers
+     with a non-blocking copy, and the recomputation copies them back (a few ms per layer);
   2. in host memory, up to `KTConfig.max_kept_activations_gb` (default no limit);
   3. nowhere: the recomputation calls the engine again.
 Both limits are model-wide (`ActivationBudget`); `KeptForwards` is one layer's queue.
@@ -22,6 +22,7 @@ import collections
 import logging
 import threading
 from dataclasses import dataclass
+
 import torch
 
 from .engine import ExpertActivations
