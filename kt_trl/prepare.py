@@ -102,15 +102,28 @@ def _route_blocks(
     _switch_experts_implementation(base, blocks)
     staging = HostStaging()  # one for all layers: its in-flight copies are released on any layer's call
     budgets = activation_budgets(config)  # model-wide
+    to_pack = sum(not hasattr(block.experts, "_kt_engine") for block in blocks)
+    bar = _progress(total=to_pack, desc="Packing experts for the CPU engine", unit="layer")
     for block in blocks:
         engine = take_installed_engine(block.experts)
         if engine is None:
             engine = pack_experts(block.experts, layout)
+            bar.update()
         release_expert_weights(block.experts)
         block.experts._kt_experts = CPUExperts(
             engine, layer=block.layer, name=block.name, config=config, staging=staging, budgets=budgets
         )
         attach_state_hooks(block.experts, layout, unpack_on_save=unpack_on_save)
+    bar.close()
+
+
+def _progress(*, total: int, **kwargs):
+    """A tqdm bar (notebook-aware) unless there is at most one layer to pack or transformers' progress
+    bars are off (`transformers.utils.logging.disable_progress_bar()`)."""
+    from tqdm.auto import tqdm
+    from transformers.utils.logging import is_progress_bar_enabled
+
+    return tqdm(total=total, disable=total < 2 or not is_progress_bar_enabled(), **kwargs)
 
 
 def _switch_experts_implementation(base: nn.Module, blocks: list[MoEBlock]) -> None:

@@ -22,6 +22,19 @@ def experts_modules(model):
     return [m for m in model.modules() if hasattr(m, "_kt_experts")]
 
 
+@pytest.mark.parametrize("enabled", [True, False])
+def test_packing_shows_a_progress_bar_unless_disabled(capsys, enabled):
+    model = tiny_model("qwen3_moe")  # two MoE layers to pack
+    if not enabled:
+        transformers.utils.logging.disable_progress_bar()
+    try:
+        prepare_model(model, KTConfig(freeze_experts=True))
+    finally:
+        transformers.utils.logging.enable_progress_bar()
+    shown = "Packing experts for the CPU engine" in capsys.readouterr().err
+    assert shown == enabled
+
+
 def test_prepare_twice_is_a_noop():
     model = all_linear(tiny_model("qwen3_moe"))
     report = prepare_model(model)
