@@ -223,7 +223,8 @@ def split_step(step_s: float, optimizer_s: float, d: dict) -> dict:
     out.update(expert_calls=[d["forward_calls"], d["reused_forwards"], d["backward_calls"]],
                transfer_gb=round((d["to_host_bytes"] + d["to_device_bytes"]) / 1e9, 4),
                kept_forwards_declined=d["kept_activation_declined"],
-               lora_grads_overlapped_s=round(d["deferred_lora_seconds"], 4))
+               lora_grads_overlapped_s=round(d["deferred_lora_seconds"], 4),
+               shared_experts_overlapped=d["shared_expert_hits"])
     return out
 
 

@@ -51,16 +51,18 @@ class RoutedExpertsFunction(torch.autograd.Function):
     """Autograd over the engine: gradients to hidden states, routing weights and expert LoRA A/B.
 
     Inputs: runner, checkpoint phase, x [T, H], w [T, k], ids [T, k], (scale_gate_up, scale_down),
-    then A_gate_up [E, r, H], B_gate_up [E, 2I, r], A_down [E, r, I], B_down [E, H, r] (or None).
+    then A_gate_up [E, r, H], B_gate_up [E, 2I, r], A_down [E, r, I], B_down [E, H, r] (or None), and
+    optionally `meanwhile`: work for this thread while the engine runs (`kt_trl.shared_overlap`).
     """
 
     @staticmethod
-    def forward(ctx, runner, phase, x, w, ids, scales, a_gate_up, b_gate_up, a_down, b_down):
+    def forward(ctx, runner, phase, x, w, ids, scales, a_gate_up, b_gate_up, a_down, b_down, meanwhile=None):
         x_cpu, w_cpu, ids_cpu = runner.staging.to_host(x.detach().to(torch.bfloat16), w.detach(), ids.detach())
         lora_gate_up = _lora_for_engine(a_gate_up, b_gate_up, scales[0])
         lora_down = _lora_for_engine(a_down, b_down, scales[1])
+        extra = {} if meanwhile is None else {"meanwhile": meanwhile}
         y, saved = runner.forward(phase, x_cpu, ids_cpu, w_cpu, lora_gate_up, lora_down, device=x.device,
-                                  dtype=x.dtype)
+                                  dtype=x.dtype, **extra)
         ctx.runner, ctx.loras = runner, (lora_gate_up, lora_down)
         ctx.factors = (a_gate_up, b_gate_up, a_down, b_down)
         ctx.metas = [(t.device, t.dtype) if t is not None else None for t in (x, w, a_gate_up, b_gate_up, a_down, b_down)]
@@ -93,7 +95,7 @@ class RoutedExpertsFunction(torch.autograd.Function):
             staging.to_device(g, device=meta[0], dtype=meta[1]) if g is not None and meta is not None and n else None
             for g, meta, n in zip(grads, ctx.metas, (need[2], need[3], *need[6:]))
         ]
-        return (None, None, out[0], out[1], None, None, *out[2:])
+        return (None, None, out[0], out[1], None, None, *out[2:], None)
 
 
 def _deferral(ctx, need):

@@ -12,13 +12,12 @@ not through autograd: the op returns None for them.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from . import worker
 from ._native import ops
 
 
@@ -70,17 +69,13 @@ class DeferredLoraGrads:
         self._lock = threading.Lock()
         self._pending: list = []
         self._callback_queued = False
-        self._executor: ThreadPoolExecutor | None = None
-        self._pid = None
 
     def submit(self, targets, keep_alive) -> None:
         """After a `defer_lora_grads` engine backward (inside autograd's backward): finish it on
         the worker, then add the gradients to `targets`' parameters at the end of the backward pass.
         `keep_alive` holds the call's tensors until the job is done."""
         with self._lock:
-            if self._executor is None or self._pid != os.getpid():  # none yet, or forked: threads are gone
-                self._executor, self._pid = ThreadPoolExecutor(1, thread_name_prefix="kt_trl-lora-grads"), os.getpid()
-            self._pending.append((self._executor.submit(self._finish_one, keep_alive), targets))
+            self._pending.append((worker.submit(self._finish_one, keep_alive), targets))
             self.jobs += 1
             if not self._callback_queued:
                 torch.autograd.Variable._execution_engine.queue_callback(self.finish)

@@ -34,6 +34,8 @@ class ExpertLayout:
         block_attr: Decoder-layer attribute holding the MoE block (`"mlp"`, Granite: `"block_sparse_moe"`).
         router_attr: MoE-block attribute of the router (stays on the GPU, trains there).
         shared_attrs: MoE-block attributes of shared experts (stay on the GPU).
+        shared_after: The shared-experts attribute the block calls after the routed experts, on the
+            same hidden states (they can then run while the CPU engine works: `kt_trl.shared_overlap`).
         gate_up / down: Layout of the two 3-D parameters in the DESIGN's notation.
         transposed: The parameters are `[E, H, 2I]` / `[E, I, H]` (gpt-oss).
         interleaved: Gate and up rows alternate (`x[..., ::2]`, `x[..., 1::2]`).
@@ -49,6 +51,7 @@ class ExpertLayout:
     block_attr: str = "mlp"
     router_attr: str = "gate"
     shared_attrs: tuple[str, ...] = ()
+    shared_after: str | None = None
     gate_up: str = "[E, 2I, H]"
     down: str = "[E, H, I]"
     transposed: bool = False
@@ -66,9 +69,12 @@ REGISTRY: tuple[ExpertLayout, ...] = (
     ),
     ExpertLayout("Mixtral", ("mixtral",), "MixtralExperts"),
     ExpertLayout("OLMoE", ("olmoe",), "OlmoeExperts"),
-    ExpertLayout("DeepSeek-V3", ("deepseek_v3", "kimi_k2"), "DeepseekV3Experts", shared_attrs=("shared_experts",)),
-    ExpertLayout("DeepSeek-V2", ("deepseek_v2",), "DeepseekV2Experts", shared_attrs=("shared_experts",)),
-    ExpertLayout("GLM4-MoE", ("glm4_moe",), "Glm4MoeExperts", shared_attrs=("shared_experts",)),
+    ExpertLayout("DeepSeek-V3", ("deepseek_v3", "kimi_k2"), "DeepseekV3Experts", shared_attrs=("shared_experts",),
+                 shared_after="shared_experts"),
+    ExpertLayout("DeepSeek-V2", ("deepseek_v2",), "DeepseekV2Experts", shared_attrs=("shared_experts",),
+                 shared_after="shared_experts"),
+    ExpertLayout("GLM4-MoE", ("glm4_moe",), "Glm4MoeExperts", shared_attrs=("shared_experts",),
+                 shared_after="shared_experts"),
     ExpertLayout("ERNIE-4.5-MoE", ("ernie4_5_moe",), "Ernie4_5_MoeExperts", shared_attrs=("shared_experts",)),
     ExpertLayout("MiniMax-M2", ("minimax_m2",), "MiniMaxM2Experts"),
     ExpertLayout("HunYuan-V1-MoE", ("hunyuan_v1_moe",), "HunYuanMoEV1Experts", shared_attrs=("shared_mlp",)),

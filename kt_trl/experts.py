@@ -17,6 +17,7 @@ model); on the CPU they pass through unchanged.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import types
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import worker
 from .autograd import FIRST, INFERENCE, RECOMPUTE, RoutedExpertsFunction, lora_arguments
 from .config import KTConfig
 from .deferred_grads import DEFERRED
@@ -76,6 +78,7 @@ class CPUExperts:
         self.pending = KeptForwards(name, max_pending=config.max_pending_activations, budget=host,
                                     device_budget=device, staging=self.staging)
         self.deferred = DEFERRED if config.overlap_lora_grads else None
+        self.shared_ahead = None  # a SharedExpertsAhead when the block's shared experts can overlap
         self.forward_calls = 0
         self.backward_calls = 0
         self.reused_forwards = 0
@@ -91,7 +94,13 @@ class CPUExperts:
         inputs = (hidden_states, top_k_weights, *factors)
         needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
         phase = self._phase(needs_grad)
-        return RoutedExpertsFunction.apply(self, phase, hidden_states, top_k_weights, top_k_index, scales, *factors)
+        meanwhile = None
+        ahead = self.shared_ahead
+        overlap = self.config.overlap_shared_experts
+        if ahead is not None and ahead.usable and (overlap or (overlap is None and hidden_states.is_cuda)):
+            meanwhile = functools.partial(ahead.compute, hidden_states, torch.is_grad_enabled())
+        return RoutedExpertsFunction.apply(self, phase, hidden_states, top_k_weights, top_k_index, scales, *factors,
+                                           meanwhile)
 
     def _phase(self, needs_grad: bool) -> str | None:
         """FIRST / RECOMPUTE inside a checkpointed layer (when reusing activations), INFERENCE or None."""
@@ -110,13 +119,16 @@ class CPUExperts:
                 return FIRST
         return None if needs_grad else INFERENCE
 
-    def forward(self, phase, x, ids, w, lora_gate_up, lora_down, *, device, dtype):
+    def forward(self, phase, x, ids, w, lora_gate_up, lora_down, *, device, dtype, meanwhile=None):
         """`(y [T, H] as dtype on device, ExpertActivations)` for `x [T, H]` (bf16, CPU), from the
-        engine, or from the first forward when this is its recomputation."""
+        engine, or from the first forward when this is its recomputation. `meanwhile()`, if given,
+        runs on this thread while the engine works on the worker thread."""
         if phase == RECOMPUTE:
             entry = self.pending.take(ids)
             if entry is not None:
                 self.reused_forwards += 1
+                if meanwhile is not None:
+                    meanwhile()
                 return entry.y, entry.saved
             if not self.pending.budget.declined:
                 logger.warning(
@@ -125,10 +137,14 @@ class CPUExperts:
                 )
         self.forward_calls += 1
         start = time.perf_counter()
-        y, saved = self.engine.forward(
-            x, ids, w, lora_gate_up=lora_gate_up, lora_down=lora_down, save=phase != INFERENCE,
-            empty=self.staging.empty_for(device),
-        )
+        call = functools.partial(self.engine.forward, x, ids, w, lora_gate_up=lora_gate_up, lora_down=lora_down,
+                                 save=phase != INFERENCE, empty=self.staging.empty_for(device))
+        if meanwhile is None:
+            y, saved = call()
+        else:
+            running = worker.submit(call)
+            meanwhile()
+            y, saved = running.result()
         self.forward_seconds += time.perf_counter() - start
         y = self.staging.to_device(y, device=device, dtype=dtype)
         if phase == FIRST:
@@ -138,6 +154,8 @@ class CPUExperts:
     def backward(self, dy, x, ids, w, saved, **kwargs):
         """The engine's backward (see `ExpertEngine.backward`), counted and timed."""
         self.backward_calls += 1
+        if self.shared_ahead is not None:
+            self.shared_ahead.discard()  # this layer's forward and recomputation are over
         start = time.perf_counter()
         try:
             return self.engine.backward(dy, x, ids, w, saved, **kwargs)
@@ -269,7 +287,8 @@ def expert_counters(model: nn.Module) -> dict[str, float]:
         `kept_activation_peak_bytes` and `kept_activation_declined` (forwards the host budget turned
         down: they kept nothing), and the same with `kept_activation_device_` for the accelerator
         (there `declined` counts forwards sent on to host memory); `deferred_lora_jobs` and
-        `deferred_lora_seconds` of the process's overlapped LoRA-gradient jobs.
+        `deferred_lora_seconds` of the process's overlapped LoRA-gradient jobs; `shared_expert_hits`,
+        shared-expert calls answered by a computation overlapped with the engine.
     """
     runner_keys = ("forward_calls", "backward_calls", "reused_forwards", "forward_seconds", "backward_seconds")
     budget_keys = {"bytes": "bytes", "peak_bytes": "peak_bytes", "declined": "declined"}
@@ -277,14 +296,13 @@ def expert_counters(model: nn.Module) -> dict[str, float]:
     for where in ("", "device_"):
         totals.update({f"kept_activation_{where}{key}": 0 for key in budget_keys})
     stagings, budgets = {}, {}
-    for module in model.modules():
-        runner = getattr(module, "_kt_experts", None)
-        if isinstance(runner, CPUExperts):
-            for key in runner_keys:
-                totals[key] += getattr(runner, key)
-            stagings[id(runner.staging)] = runner.staging
-            budgets[id(runner.pending.budget)] = ("", runner.pending.budget)
-            budgets[id(runner.pending.device_budget)] = ("device_", runner.pending.device_budget)
+    runners = [m._kt_experts for m in model.modules() if isinstance(getattr(m, "_kt_experts", None), CPUExperts)]
+    for runner in runners:
+        for key in runner_keys:
+            totals[key] += getattr(runner, key)
+        stagings[id(runner.staging)] = runner.staging
+        budgets[id(runner.pending.budget)] = ("", runner.pending.budget)
+        budgets[id(runner.pending.device_budget)] = ("device_", runner.pending.device_budget)
     for staging in stagings.values():
         for key, value in staging.stats.as_dict().items():
             totals[key] += value
@@ -292,4 +310,5 @@ def expert_counters(model: nn.Module) -> dict[str, float]:
         for key, attr in budget_keys.items():
             totals[f"kept_activation_{where}{key}"] += getattr(budget, attr)
     totals["deferred_lora_jobs"], totals["deferred_lora_seconds"] = DEFERRED.jobs, DEFERRED.seconds
+    totals["shared_expert_hits"] = sum(r.shared_ahead.hits for r in runners if r.shared_ahead is not None)
     return totals

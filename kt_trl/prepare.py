@@ -29,6 +29,7 @@ from .experts import (
 from .lora import bind_expert_lora, requested_expert_lora
 from .report import RoutingReport, adapter_groups
 from .kept_activations import activation_budgets
+from .shared_overlap import SharedExpertsAhead
 from .staging import HostStaging
 
 logger = logging.getLogger(__name__)
@@ -110,9 +111,11 @@ def _route_blocks(
             engine = pack_experts(block.experts, layout)
             bar.update()
         release_expert_weights(block.experts)
-        block.experts._kt_experts = CPUExperts(
-            engine, layer=block.layer, name=block.name, config=config, staging=staging, budgets=budgets
-        )
+        runner = CPUExperts(engine, layer=block.layer, name=block.name, config=config, staging=staging, budgets=budgets)
+        shared = getattr(block.block, layout.shared_after, None) if layout.shared_after else None
+        if shared is not None and config.overlap_shared_experts is not False:
+            runner.shared_ahead = SharedExpertsAhead(shared)
+        block.experts._kt_experts = runner
         attach_state_hooks(block.experts, layout, unpack_on_save=unpack_on_save)
     bar.close()
 
