@@ -3,6 +3,7 @@
     python benchmarks/train_step.py [--family qwen3_moe] [--layers 48] [--batch 4] [--seq 2048]
         [--steps 4] [--warmup 1] [--reference] [--threads N] [--isa auto] [--json FILE]
         [--max-kept-activations-gb GB] [--max-kept-activations-gpu-gb GB] [--overlap-lora-grads]
+        [--overlap-shared-experts]
         [--hidden 2048] [--experts 128] [--intermediate 768] [--top-k 8] [--heads 32] [--kv-heads 4]
         [--head-dim 128] [--vocab 151936] [--dense-intermediate 6144]
 
@@ -249,7 +250,8 @@ def train(model, tokenizer, dataset, opts, output_dir: str, meter, *, kt: bool):
     if kt:
         kt_config = KTConfig(isa=opts.isa, threads=opts.threads, max_kept_activations_gb=opts.max_kept_activations_gb,
                              max_kept_activations_gpu_gb=opts.max_kept_activations_gpu_gb,
-                             overlap_lora_grads=opts.overlap_lora_grads)
+                             overlap_lora_grads=opts.overlap_lora_grads,
+                             overlap_shared_experts=opts.overlap_shared_experts)
         trainer = KTSFTTrainer(model, args, dataset, kt_config=kt_config, **kwargs)
     else:
         trainer = SFTTrainer(model, args, train_dataset=dataset, **kwargs)
@@ -286,6 +288,8 @@ def parse(argv=None):
                     help="KTConfig(max_kept_activations_gpu_gb=...): GPU budget of kept checkpoint activations")
     ap.add_argument("--overlap-lora-grads", action="store_true",
                     help="KTConfig(overlap_lora_grads=True): expert-LoRA gradients overlap the rest of the backward")
+    ap.add_argument("--overlap-shared-experts", action="store_true",
+                    help="KTConfig(overlap_shared_experts=True): shared experts (DeepSeek) while the engine runs")
     ap.add_argument("--reference", action="store_true", help="first train it all-on-GPU with plain PEFT SFTTrainer")
     ap.add_argument("--json", default=None, help="also write all records to this file")
     opts = ap.parse_args(argv)

@@ -40,10 +40,11 @@ class KTConfig:
             `backward()` returns. Pays off when the GPU work between two MoE layers' backwards
             (long sequences, heavy attention) outlasts the LoRA gradients; at Qwen3-30B-A3B's shape
             and 4 x 2048 tokens it measured no gain, hence off by default.
-        overlap_shared_experts (`bool`, *optional*):
+        overlap_shared_experts (`bool`, *optional*, defaults to `False`):
             For blocks that call their shared experts after the routed ones (DeepSeek, Kimi, GLM-4.5):
-            compute the shared experts while the CPU engine runs (`kt_trl.shared_overlap`). Defaults
-            to doing so when the hidden states are on CUDA; `True` also on the CPU, `False` never.
+            compute the shared experts on the GPU while the CPU engine runs (`kt_trl.shared_overlap`).
+            Their GPU time is about a thousandth of the engine's per layer, so there is little to win;
+            off until measured. Not for CPU-only training, where both compete for the same cores.
         freeze_experts (`bool`, *optional*, defaults to `False`):
             The engine holds the routed experts' base weights frozen. A model whose expert weights
             still require gradients (no PEFT, full fine-tuning) is refused unless this is `True`, in
@@ -57,7 +58,7 @@ class KTConfig:
     ```python
     >>> from kt_trl import KTConfig
     >>> KTConfig(isa="avx2", threads=2)
-    KTConfig(isa='avx2', threads=2, reuse_checkpointed_activations=True, max_kept_activations_gb=None, max_kept_activations_gpu_gb=None, overlap_lora_grads=False, overlap_shared_experts=None, freeze_experts=False, max_pending_activations=8)
+    KTConfig(isa='avx2', threads=2, reuse_checkpointed_activations=True, max_kept_activations_gb=None, max_kept_activations_gpu_gb=None, overlap_lora_grads=False, overlap_shared_experts=False, freeze_experts=False, max_pending_activations=8)
     >>> KTConfig().isa is None  # KT_TRL_ISA or "auto"
     True
     ```
@@ -69,7 +70,7 @@ class KTConfig:
     max_kept_activations_gb: float | None = None
     max_kept_activations_gpu_gb: float | None = None
     overlap_lora_grads: bool = False
-    overlap_shared_experts: bool | None = None
+    overlap_shared_experts: bool = False
     freeze_experts: bool = False
     max_pending_activations: int = 8
 

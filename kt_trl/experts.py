@@ -95,10 +95,8 @@ class CPUExperts:
         needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
         phase = self._phase(needs_grad)
         meanwhile = None
-        ahead = self.shared_ahead
-        overlap = self.config.overlap_shared_experts
-        if ahead is not None and ahead.usable and (overlap or (overlap is None and hidden_states.is_cuda)):
-            meanwhile = functools.partial(ahead.compute, hidden_states, torch.is_grad_enabled())
+        if self.shared_ahead is not None and self.shared_ahead.usable:
+            meanwhile = functools.partial(self.shared_ahead.compute, hidden_states, torch.is_grad_enabled())
         return RoutedExpertsFunction.apply(self, phase, hidden_states, top_k_weights, top_k_index, scales, *factors,
                                            meanwhile)
 

@@ -113,7 +113,7 @@ def _route_blocks(
         release_expert_weights(block.experts)
         runner = CPUExperts(engine, layer=block.layer, name=block.name, config=config, staging=staging, budgets=budgets)
         shared = getattr(block.block, layout.shared_after, None) if layout.shared_after else None
-        if shared is not None and config.overlap_shared_experts is not False:
+        if shared is not None and config.overlap_shared_experts:
             runner.shared_ahead = SharedExpertsAhead(shared)
         block.experts._kt_experts = runner
         attach_state_hooks(block.experts, layout, unpack_on_save=unpack_on_save)
