@@ -28,8 +28,11 @@ class EngineRunner:
         self.engine = engine
         self.staging = staging if staging is not None else HostStaging()
 
-    def forward(self, phase, x, ids, w, lora_gate_up, lora_down, *, device, dtype):
-        """`(y [T, H] as dtype on device, ExpertActivations)` for host `x [T, H]` bf16."""
+    def forward(self, phase, x, ids, w, lora_gate_up, lora_down, *, device, dtype, meanwhile=None):
+        """`(y [T, H] as dtype on device, ExpertActivations)` for host `x [T, H]` bf16 (`meanwhile()`
+        first, if given)."""
+        if meanwhile is not None:
+            meanwhile()
         y, saved = self.engine.forward(x, ids, w, lora_gate_up=lora_gate_up, lora_down=lora_down,
                                        save=phase != INFERENCE, empty=self.staging.empty_for(device))
         return self.staging.to_device(y, device=device, dtype=dtype), saved
@@ -60,9 +63,8 @@ class RoutedExpertsFunction(torch.autograd.Function):
         x_cpu, w_cpu, ids_cpu = runner.staging.to_host(x.detach().to(torch.bfloat16), w.detach(), ids.detach())
         lora_gate_up = _lora_for_engine(a_gate_up, b_gate_up, scales[0])
         lora_down = _lora_for_engine(a_down, b_down, scales[1])
-        extra = {} if meanwhile is None else {"meanwhile": meanwhile}
         y, saved = runner.forward(phase, x_cpu, ids_cpu, w_cpu, lora_gate_up, lora_down, device=x.device,
-                                  dtype=x.dtype, **extra)
+                                  dtype=x.dtype, meanwhile=meanwhile)
         ctx.runner, ctx.loras = runner, (lora_gate_up, lora_down)
         ctx.factors = (a_gate_up, b_gate_up, a_down, b_down)
         ctx.metas = [(t.device, t.dtype) if t is not None else None for t in (x, w, a_gate_up, b_gate_up, a_down, b_down)]
