@@ -43,8 +43,9 @@ class KTConfig:
         overlap_shared_experts (`bool`, *optional*, defaults to `False`):
             For blocks that call their shared experts after the routed ones (DeepSeek, Kimi, GLM-4.5):
             compute the shared experts on the GPU while the CPU engine runs (`kt_trl.shared_overlap`).
-            Their GPU time is about a thousandth of the engine's per layer, so there is little to win;
-            off until measured. Not for CPU-only training, where both compete for the same cores.
+            Their GPU time is about a thousandth of the engine's per layer: at DeepSeek-V3's layer
+            shape on an H200 the gain was within run-to-run noise, hence off by default. Not for
+            CPU-only training, where both compete for the same cores.
         freeze_experts (`bool`, *optional*, defaults to `False`):
             The engine holds the routed experts' base weights frozen. A model whose expert weights
             still require gradients (no PEFT, full fine-tuning) is refused unless this is `True`, in

@@ -7,7 +7,8 @@ meantime (their kernels run on the GPU while the engine runs on the CPU) and sta
 the block's own `shared_experts(residuals)` call, bound here per instance, returns the stash when it
 gets those same hidden states, and computes as usual otherwise. Opt-in
 (`KTConfig(overlap_shared_experts=True)`): the shared experts take about a thousandth of the
-engine's time per layer on an H200 (DeepSeek-V3, 8192 tokens: ~0.7 TFLOP against the engine's ~1 s),
+engine's time per layer on an H200 (DeepSeek-V3, 8192 tokens: ~0.7 TFLOP against the engine's
+2.6 s; measured, the gain was within run-to-run noise),
 and on a CPU-only run both would compete for the same cores. Blocks that call their shared experts
 first (Qwen2-MoE, ERNIE, HunYuan) have already queued them on the GPU by the time the experts run:
 nothing to reorder there.
