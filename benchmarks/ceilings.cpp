@@ -1,5 +1,7 @@
 // Machine ceilings for the benchmarks, measured in the same run as the engine:
-//   amx  <threads> <seconds>  register-resident TDPBF16PS loop (no memory traffic): AMX BF16 peak
+//   amx  <threads> <seconds>  register-resident TDPBF16PS loop (no memory traffic): AMX BF16 peak;
+//                             then the engine's 2x2 tile step with its four tile loads from an
+//                             L1-resident 32 KiB block: the ceiling a GEMM that loads its operands can reach
 //   read <threads> <GiB>      AVX-512 streaming reads of a buffer much larger than the caches: DRAM bandwidth
 // Prints one JSON line. Built by benchmarks/moe_layer.py with g++ at run time (x86-64 with AMX / AVX-512).
 #include <immintrin.h>
@@ -43,6 +45,36 @@ static double amx_thread(double seconds) {
     return iters * 16.0 * 16 * 32 * 2 / dt;   // FLOP/s: 16x16 outputs x 32 products x 2
 }
 
+// C (2x2 tiles) += A (32 rows x 256 K) . B (2 panels x 256 K), both L1-resident, repeated: every
+// step loads 2 A and 2 B tiles for 4 TDPBF16PS, as the engine's kernel does.
+static double amx_l1_thread(double seconds) {
+    TileConfig cfg{};
+    cfg.palette = 1;
+    for (int i = 0; i < 8; ++i) { cfg.rows[i] = 16; cfg.colsb[i] = 64; }
+    _tile_loadconfig(&cfg);
+    constexpr int K = 256;
+    alignas(64) static thread_local uint16_t a[32 * K], b[2 * K * 16];
+    for (int i = 0; i < 32 * K; ++i) a[i] = 0x3f80;   // 1.0
+    for (int i = 0; i < 2 * K * 16; ++i) b[i] = 0x3c00;
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    long steps = 0;
+    const double t0 = now();
+    while (now() - t0 < seconds) {
+        for (int rep = 0; rep < 100; ++rep)
+            for (int k = 0; k < K; k += 32) {
+                _tile_loadd(4, a + k, K * 2);
+                _tile_loadd(6, b + k * 16, 64);
+                _tile_loadd(7, b + K * 16 + k * 16, 64);
+                _tile_loadd(5, a + 16 * K + k, K * 2);
+                _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+            }
+        steps += 100 * (K / 32);
+    }
+    const double dt = now() - t0;
+    _tile_release();
+    return steps * 4 * 16.0 * 16 * 32 * 2 / dt;
+}
+
 static double read_thread(const float *p, size_t n, int reps) {
     __m512 acc = _mm512_setzero_ps();
     for (int r = 0; r < reps; ++r)
@@ -66,8 +98,13 @@ int main(int argc, char **argv) {
         for (int t = 0; t < threads; ++t) pool.emplace_back([&, t] { flops[t] = amx_thread(seconds); });
         for (auto &th : pool) th.join();
         double total = 0; for (double f : flops) total += f;
-        std::printf("{\"amx_peak_tflops\": %.3f, \"amx_peak_tflops_1thread\": %.3f, \"threads\": %d}\n",
-                    total / 1e12, flops[0] / 1e12, threads);
+        pool.clear();
+        std::vector<double> l1(threads);
+        for (int t = 0; t < threads; ++t) pool.emplace_back([&, t] { l1[t] = amx_l1_thread(seconds); });
+        for (auto &th : pool) th.join();
+        double total_l1 = 0; for (double f : l1) total_l1 += f;
+        std::printf("{\"amx_peak_tflops\": %.3f, \"amx_peak_tflops_1thread\": %.3f, \"amx_l1_tflops\": %.3f, "
+                    "\"threads\": %d}\n", total / 1e12, flops[0] / 1e12, total_l1 / 1e12, threads);
     } else {
         const size_t bytes = static_cast<size_t>(std::atof(argv[3]) * (1 << 30));
         const size_t per = bytes / threads / 256 * 256;
