@@ -1,6 +1,6 @@
 """kt_trl: LoRA fine-tuning of huge MoE LLMs on one GPU plus a big CPU, with stock TRL.
 
-Public API: `KTSFTTrainer`, `KTConfig`. Imports are lazy: `import kt_trl` loads neither trl nor the
+Public API: `KTSFTTrainer`, `KTConfig`, `save_per_expert_adapter`. Imports are lazy: `import kt_trl` loads neither trl nor the
 native engine.
 """
 
@@ -9,10 +9,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
-__all__ = ["KTConfig", "KTSFTTrainer", "__version__"]
+__all__ = ["KTConfig", "KTSFTTrainer", "save_per_expert_adapter", "__version__"]
 
 if TYPE_CHECKING:
     from .config import KTConfig
+    from .per_expert_adapter import save_per_expert_adapter
     from .trainer import KTSFTTrainer
 
 
@@ -25,4 +26,8 @@ def __getattr__(name: str):
         from .config import KTConfig
 
         return KTConfig
+    if name == "save_per_expert_adapter":
+        from .per_expert_adapter import save_per_expert_adapter
+
+        return save_per_expert_adapter
     raise AttributeError(f"module 'kt_trl' has no attribute {name!r}")

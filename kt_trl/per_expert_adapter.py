@@ -1,0 +1,172 @@
+"""Expert LoRA saved per expert, under the checkpoint's module names: the layout serving engines load.
+
+[NOTE] PEFT keeps LoRA on a fused 3-D expert parameter `[E, out, in]` (`target_parameters`) as one
+`A [E*r, in]` and one `B [out, r*E]` (DESIGN §1), and saves it that way: PEFT loads it back, but
+vLLM and SGLang load expert LoRA per expert, under the names the experts have in the model's
+checkpoint files (`...experts.{e}.gate_proj`, Mixtral's `...experts.{e}.w1`, ...). Those names
+and the gate/up split are family-specific, so they are not hard-coded here: transformers' own
+checkpoint conversion is run backwards (`revert_weight_conversion`, what `save_pretrained` does)
+on a probe whose values are the fused row indices. Each per-expert tensor it returns says which
+expert and which output rows it holds; that module gets `A_e` and the rows of `B_e`, with the
+wrapper's scaling folded into `B` relative to the adapter's default `lora_alpha / r`. Everything
+else in the adapter (attention LoRA, a router's) is saved as PEFT saves it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .containers import is_peft_model, unwrap_model
+
+__all__ = ["save_per_expert_adapter"]
+
+_PEFT_PREFIX = "base_model.model."
+
+
+def save_per_expert_adapter(model, output_dir: str | Path, adapter_name: str = "default") -> Path:
+    """Save a PEFT adapter with its fused-expert LoRA split into per-expert LoRA modules.
+
+    Args:
+        model: The trained `PeftModel` (or `KTSFTTrainer` / any trainer holding it, or a DDP / compile
+            wrapper around it).
+        output_dir: Directory for `adapter_config.json` and `adapter_model.safetensors`.
+        adapter_name: Which adapter of the model to save.
+
+    Returns:
+        The output directory.
+
+    Example:
+
+    ```python
+    >>> trainer.save_model("out")                                  # PEFT's layout, for PeftModel
+    >>> save_per_expert_adapter(trainer.model, "out/per_expert")   # per expert, for vLLM / SGLang
+    ```
+    """
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    peft_model = _find_peft_model(model)
+    if adapter_name not in peft_model.peft_config:
+        raise ValueError(f"The model has no adapter {adapter_name!r}; it has {sorted(peft_model.peft_config)}.")
+    config = peft_model.peft_config[adapter_name]
+    state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
+    base = unwrap_model(peft_model)
+    default_scale = _scaling(config.lora_alpha, config.r, config.use_rslora)
+
+    rank_pattern, alpha_pattern, split_params = dict(config.rank_pattern or {}), dict(config.alpha_pattern or {}), set()
+    for name, wrapper in peft_model.named_modules():
+        if type(wrapper).__name__ != "ParamWrapper" or adapter_name not in wrapper.lora_A:
+            continue
+        param = getattr(wrapper.get_base_layer(), wrapper.parameter_name)
+        if param.dim() != 3:
+            continue  # a 2-D parameter (a router's weight) is an ordinary LoRA module already
+        experts_path = re.sub(r"(\.base_layer)+$", "", name.removeprefix(_PEFT_PREFIX))
+        for kind in ("lora_A", "lora_B"):
+            state.pop(f"{name}.{kind}.weight")
+        modules = _per_expert_modules(base, f"{experts_path}.{wrapper.parameter_name}", param.shape)
+        r = wrapper.r[adapter_name]
+        A = wrapper.lora_A[adapter_name].weight.detach()
+        B = wrapper.lora_B[adapter_name].weight.detach()
+        E, out = param.shape[0], param.shape[1]
+        A, B = A.reshape(E, r, -1), B.reshape(out, r, E) * (wrapper.scaling[adapter_name] / default_scale)
+        for module, (e, rows) in modules.items():
+            state[f"{_PEFT_PREFIX}{module}.lora_A.weight"] = A[e].contiguous().clone()
+            state[f"{_PEFT_PREFIX}{module}.lora_B.weight"] = B[rows, :, e].contiguous()
+        split_params.add(wrapper.parameter_name)
+        if r != config.r:  # this rank differs from the default: PEFT needs it said, at the default scaling
+            for pattern in {_any_expert(module, e) for module, (e, _) in modules.items()}:
+                rank_pattern[pattern] = r
+                alpha_pattern[pattern] = default_scale * (math.sqrt(r) if config.use_rslora else r)
+
+    if not split_params:
+        raise ValueError(
+            "This adapter has no LoRA on fused 3-D expert parameters (PEFT `target_parameters`): it is already "
+            "per module; save it with `save_pretrained`."
+        )
+    state = _checkpoint_names(base, state)
+    out_config = copy.deepcopy(config)
+    out_config.target_parameters = [p for p in (config.target_parameters or [])
+                                    if p.rsplit(".", 1)[-1] not in split_params] or None
+    out_config.target_modules = sorted({key.removesuffix(".lora_A.weight").rsplit(".", 1)[-1]
+                                        for key in state if key.endswith(".lora_A.weight")})
+    out_config.rank_pattern, out_config.alpha_pattern = rank_pattern, alpha_pattern
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    out_config.save_pretrained(str(output_dir))
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
+              str(output_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return output_dir
+
+
+def _checkpoint_names(base: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename LoRA modules the way transformers renames their weights on save (Mixtral's router is
+    `mlp.gate` in the model, `block_sparse_moe.gate` in its checkpoints); per-expert names already are."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    renamed, cache = {}, {}
+    for key, value in state.items():
+        match = re.fullmatch(rf"{re.escape(_PEFT_PREFIX)}(.+)\.(lora_[AB]\.weight)", key)
+        if match:
+            module, kind = match.groups()
+            if module not in cache:
+                saved = list(revert_weight_conversion(base, {f"{module}.weight": torch.zeros(2, 2)}))
+                one = len(saved) == 1 and saved[0].endswith(".weight")
+                cache[module] = saved[0].removesuffix(".weight") if one else module
+            key = f"{_PEFT_PREFIX}{cache[module]}.{kind}"
+        renamed[key] = value
+    return renamed
+
+
+def _find_peft_model(model) -> nn.Module:
+    """The `PeftModel` in `model`, a trainer holding it, or DDP / compile wrappers around it."""
+    model = getattr(model, "model", model) if not isinstance(model, nn.Module) else model
+    for _ in range(16):
+        if is_peft_model(model):
+            return model
+        inner = next((getattr(model, a) for a in ("module", "_orig_mod") if isinstance(getattr(model, a, None), nn.Module)), None)
+        if inner is None:
+            break
+        model = inner
+    raise ValueError(f"Expected a PEFT model (or a trainer holding one), got {type(model).__name__}.")
+
+
+def _any_expert(module: str, expert: int) -> str:
+    """A regex of `module` (a per-expert name) with its expert index left open: one pattern per projection."""
+    head, _, tail = module.rpartition(f".{expert}.")
+    return re.escape(head) + r"\.\d+\." + re.escape(tail)
+
+
+def _scaling(alpha: float, r: int, rslora: bool) -> float:
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def _per_expert_modules(base: nn.Module, fused_key: str, shape) -> dict[str, tuple[int, torch.Tensor]]:
+    """Checkpoint module name -> (expert, rows of the fused output dim) for one fused parameter."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    E, out = shape[0], shape[1]
+    # Two equal input columns: a one-column probe would come back squeezed to 1-D.
+    probe = torch.arange(E * out, dtype=torch.float64).view(E, out, 1).expand(E, out, 2).contiguous()
+    split = revert_weight_conversion(base, {fused_key: probe})
+    modules, seen = {}, torch.zeros(E * out, dtype=torch.bool)
+    for key, tensor in split.items():
+        ok = tensor.dim() == 2 and tensor.shape[-1] == 2 and torch.equal(tensor[:, 0], tensor[:, 1])
+        ids = tensor[:, 0].long() if ok else None
+        expert = None if ids is None or not key.endswith(".weight") else (ids // out).unique()
+        if expert is None or expert.numel() != 1 or seen[ids].any():
+            raise ValueError(
+                f"{type(base).__name__}'s checkpoints do not store {fused_key} as one weight per expert "
+                f"(transformers saves it as {sorted(split)[:3]}...): its expert LoRA cannot be split per "
+                "expert; serve it with the adapter `save_pretrained` writes."
+            )
+        seen[ids] = True
+        modules[key.removesuffix(".weight")] = (int(expert), ids % out)
+    if not seen.all():
+        raise ValueError(f"transformers' conversion of {fused_key} dropped rows; cannot split its LoRA per expert.")
+    return modules
