@@ -29,14 +29,19 @@ __all__ = ["save_per_expert_adapter"]
 _PEFT_PREFIX = "base_model.model."
 
 
-def save_per_expert_adapter(model, output_dir: str | Path, adapter_name: str = "default") -> Path:
+def save_per_expert_adapter(model, output_dir: str | Path, adapter_name: str = "default", *,
+                            base_model: str | Path | None = None) -> Path:
     """Save a PEFT adapter with its fused-expert LoRA split into per-expert LoRA modules.
 
     Args:
         model: The trained `PeftModel` (or `KTSFTTrainer` / any trainer holding it, or a DDP / compile
-            wrapper around it).
+            wrapper around it), or the directory of an adapter saved by `save_model` /
+            `save_pretrained`. A directory is converted without loading any weight of the base
+            model: its architecture is built on the meta device from its config alone.
         output_dir: Directory for `adapter_config.json` and `adapter_model.safetensors`.
-        adapter_name: Which adapter of the model to save.
+        adapter_name: Which adapter of the model to save (in-memory models).
+        base_model: For an adapter directory, the base model's name or directory (only its
+            `config.json` is read). Defaults to the adapter's `base_model_name_or_path`.
 
     Returns:
         The output directory.
@@ -48,14 +53,19 @@ def save_per_expert_adapter(model, output_dir: str | Path, adapter_name: str = "
     >>> save_per_expert_adapter(trainer.model, "out/per_expert")   # per expert, for vLLM / SGLang
     ```
     """
-    from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    peft_model = _find_peft_model(model)
-    if adapter_name not in peft_model.peft_config:
-        raise ValueError(f"The model has no adapter {adapter_name!r}; it has {sorted(peft_model.peft_config)}.")
+    if isinstance(model, (str, Path)):
+        peft_model, state = _saved_adapter(Path(model), base_model)
+        adapter_name = "default"
+    else:
+        from peft import get_peft_model_state_dict
+
+        peft_model = _find_peft_model(model)
+        if adapter_name not in peft_model.peft_config:
+            raise ValueError(f"The model has no adapter {adapter_name!r}; it has {sorted(peft_model.peft_config)}.")
+        state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
     config = peft_model.peft_config[adapter_name]
-    state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
     base = unwrap_model(peft_model)
     default_scale = _scaling(config.lora_alpha, config.r, config.use_rslora)
 
@@ -67,12 +77,9 @@ def save_per_expert_adapter(model, output_dir: str | Path, adapter_name: str = "
         if param.dim() != 3:
             continue  # a 2-D parameter (a router's weight) is an ordinary LoRA module already
         experts_path = re.sub(r"(\.base_layer)+$", "", name.removeprefix(_PEFT_PREFIX))
-        for kind in ("lora_A", "lora_B"):
-            state.pop(f"{name}.{kind}.weight")
+        A, B = (state.pop(f"{name}.{kind}.weight").detach() for kind in ("lora_A", "lora_B"))
         modules = _per_expert_modules(base, f"{experts_path}.{wrapper.parameter_name}", param.shape)
         r = wrapper.r[adapter_name]
-        A = wrapper.lora_A[adapter_name].weight.detach()
-        B = wrapper.lora_B[adapter_name].weight.detach()
         E, out = param.shape[0], param.shape[1]
         A, B = A.reshape(E, r, -1), B.reshape(out, r, E) * (wrapper.scaling[adapter_name] / default_scale)
         for module, (e, rows) in modules.items():
@@ -121,6 +128,23 @@ def _checkpoint_names(base: nn.Module, state: dict[str, torch.Tensor]) -> dict[s
             key = f"{_PEFT_PREFIX}{cache[module]}.{kind}"
         renamed[key] = value
     return renamed
+
+
+def _saved_adapter(adapter_dir: Path, base_model) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A saved adapter's tensors, and its PEFT model rebuilt on the meta device for names and shapes."""
+    from peft import LoraConfig, get_peft_model
+    from peft.utils import load_peft_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise ValueError(f"{adapter_dir} has no adapter_config.json: pass a PEFT model or a saved adapter directory.")
+    config = LoraConfig.from_pretrained(str(adapter_dir))
+    base_model = base_model or config.base_model_name_or_path
+    if not base_model:
+        raise ValueError(f"{adapter_dir}/adapter_config.json names no base model: pass base_model=<name or directory>.")
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(base_model)))
+    return get_peft_model(skeleton, config), load_peft_weights(str(adapter_dir), device="cpu")
 
 
 def _find_peft_model(model) -> nn.Module:

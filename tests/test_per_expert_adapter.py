@@ -128,3 +128,31 @@ def test_a_model_prepared_for_the_engine_exports_the_same(tmp_path):
     assert before.keys() == after.keys()
     for key in before:
         torch.testing.assert_close(after[key], before[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_a_saved_adapter_directory_exports_the_same_as_the_model(family, tmp_path):
+    """From disk: the base architecture is built on the meta device from its config, no base weight read."""
+    base, peft_model = peft_pair(family, r=4, lora_alpha=8, target_modules="all-linear")
+    peft_model.save_pretrained(tmp_path / "adapter")
+    base.config.save_pretrained(tmp_path / "base")
+    from_model = load_file(str(save_per_expert_adapter(peft_model, tmp_path / "a") / "adapter_model.safetensors"))
+    out = save_per_expert_adapter(tmp_path / "adapter", tmp_path / "b", base_model=tmp_path / "base")
+    from_dir = load_file(str(out / "adapter_model.safetensors"))
+    assert from_dir.keys() == from_model.keys()
+    for key in from_model:
+        torch.testing.assert_close(from_dir[key], from_model[key], rtol=0, atol=0)
+    assert json.loads((out / "adapter_config.json").read_text())["target_modules"] == \
+        json.loads((tmp_path / "a" / "adapter_config.json").read_text())["target_modules"]
+
+
+def test_refuses_a_directory_that_is_no_adapter(tmp_path):
+    with pytest.raises(ValueError, match="no adapter_config.json"):
+        save_per_expert_adapter(tmp_path, tmp_path / "out")
+
+
+def test_a_saved_adapter_without_a_base_model_asks_for_one(tmp_path):
+    _, peft_model = peft_pair("qwen3_moe", r=4, lora_alpha=8, target_modules="all-linear")
+    peft_model.save_pretrained(tmp_path / "adapter")   # built from a config: no base_model_name_or_path
+    with pytest.raises(ValueError, match="pass base_model="):
+        save_per_expert_adapter(tmp_path / "adapter", tmp_path / "out")
