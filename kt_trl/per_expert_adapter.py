@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .containers import is_peft_model, unwrap_model
+from .progress import with_progress
 
 __all__ = ["save_per_expert_adapter"]
 
@@ -70,12 +71,13 @@ def save_per_expert_adapter(model, output_dir: str | Path, adapter_name: str = "
     default_scale = _scaling(config.lora_alpha, config.r, config.use_rslora)
 
     rank_pattern, alpha_pattern, split_params = dict(config.rank_pattern or {}), dict(config.alpha_pattern or {}), set()
-    for name, wrapper in peft_model.named_modules():
-        if type(wrapper).__name__ != "ParamWrapper" or adapter_name not in wrapper.lora_A:
-            continue
-        param = getattr(wrapper.get_base_layer(), wrapper.parameter_name)
-        if param.dim() != 3:
-            continue  # a 2-D parameter (a router's weight) is an ordinary LoRA module already
+    split = {}  # the per-expert LoRA, already under checkpoint names
+    wrappers = [(name, wrapper, getattr(wrapper.get_base_layer(), wrapper.parameter_name))
+                for name, wrapper in peft_model.named_modules()
+                if type(wrapper).__name__ == "ParamWrapper" and adapter_name in wrapper.lora_A]
+    # A 2-D parameter (a router's weight) is an ordinary LoRA module already.
+    wrappers = [(name, wrapper, param) for name, wrapper, param in wrappers if param.dim() == 3]
+    for name, wrapper, param in with_progress(wrappers, desc="Splitting expert LoRA per expert", unit="matrix"):
         experts_path = re.sub(r"(\.base_layer)+$", "", name.removeprefix(_PEFT_PREFIX))
         A, B = (state.pop(f"{name}.{kind}.weight").detach() for kind in ("lora_A", "lora_B"))
         modules = _per_expert_modules(base, f"{experts_path}.{wrapper.parameter_name}", param.shape)
@@ -83,8 +85,8 @@ def save_per_expert_adapter(model, output_dir: str | Path, adapter_name: str = "
         E, out = param.shape[0], param.shape[1]
         A, B = A.reshape(E, r, -1), B.reshape(out, r, E) * (wrapper.scaling[adapter_name] / default_scale)
         for module, (e, rows) in modules.items():
-            state[f"{_PEFT_PREFIX}{module}.lora_A.weight"] = A[e].contiguous().clone()
-            state[f"{_PEFT_PREFIX}{module}.lora_B.weight"] = B[rows, :, e].contiguous()
+            split[f"{_PEFT_PREFIX}{module}.lora_A.weight"] = A[e].contiguous().clone()
+            split[f"{_PEFT_PREFIX}{module}.lora_B.weight"] = B[rows, :, e].contiguous()
         split_params.add(wrapper.parameter_name)
         if r != config.r:  # this rank differs from the default: PEFT needs it said, at the default scaling
             for pattern in {_any_expert(module, e) for module, (e, _) in modules.items()}:
@@ -96,7 +98,7 @@ def save_per_expert_adapter(model, output_dir: str | Path, adapter_name: str = "
             "This adapter has no LoRA on fused 3-D expert parameters (PEFT `target_parameters`): it is already "
             "per module; save it with `save_pretrained`."
         )
-    state = _checkpoint_names(base, state)
+    state = {**_checkpoint_names(base, state), **split}
     out_config = copy.deepcopy(config)
     out_config.target_parameters = [p for p in (config.target_parameters or [])
                                     if p.rsplit(".", 1)[-1] not in split_params] or None
@@ -113,7 +115,7 @@ def save_per_expert_adapter(model, output_dir: str | Path, adapter_name: str = "
 
 def _checkpoint_names(base: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename LoRA modules the way transformers renames their weights on save (Mixtral's router is
-    `mlp.gate` in the model, `block_sparse_moe.gate` in its checkpoints); per-expert names already are."""
+    `mlp.gate` in the model, `block_sparse_moe.gate` in its checkpoints)."""
     from transformers.core_model_loading import revert_weight_conversion
 
     renamed, cache = {}, {}

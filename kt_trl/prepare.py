@@ -27,6 +27,7 @@ from .experts import (
     take_installed_engine,
 )
 from .lora import bind_expert_lora, requested_expert_lora
+from .progress import progress_bar
 from .report import RoutingReport, adapter_groups
 from .kept_activations import activation_budgets
 from .shared_overlap import SharedExpertsAhead
@@ -104,7 +105,7 @@ def _route_blocks(
     staging = HostStaging()  # one for all layers: its in-flight copies are released on any layer's call
     budgets = activation_budgets(config)  # model-wide
     to_pack = sum(not hasattr(block.experts, "_kt_engine") for block in blocks)
-    bar = _progress(total=to_pack, desc="Packing experts for the CPU engine", unit="layer")
+    bar = progress_bar(total=to_pack, desc="Packing experts for the CPU engine", unit="layer")
     for block in blocks:
         engine = take_installed_engine(block.experts)
         if engine is None:
@@ -118,15 +119,6 @@ def _route_blocks(
         block.experts._kt_experts = runner
         attach_state_hooks(block.experts, layout, unpack_on_save=unpack_on_save)
     bar.close()
-
-
-def _progress(*, total: int, **kwargs):
-    """A tqdm bar (notebook-aware) unless there is at most one layer to pack or transformers' progress
-    bars are off (`transformers.utils.logging.disable_progress_bar()`)."""
-    from tqdm.auto import tqdm
-    from transformers.utils.logging import is_progress_bar_enabled
-
-    return tqdm(total=total, disable=total < 2 or not is_progress_bar_enabled(), **kwargs)
 
 
 def _switch_experts_implementation(base: nn.Module, blocks: list[MoEBlock]) -> None:
