@@ -34,6 +34,7 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch, capsys):
         else:
             outputs = "".join(o.get("text", "") for c in notebook.cells for o in c.get("outputs", []))
             assert "loss" in outputs and (tmp_path / "quickstart-adapter" / "adapter_config.json").exists()
+            assert ".experts.0.gate_proj.lora_A.weight" in outputs
             return
     namespace = {"__name__": "__main__"}
     for source in _code_cells():
@@ -41,6 +42,7 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "routed experts of 2 layer(s)" in out and "loss " in out
     assert (tmp_path / "quickstart-adapter" / "adapter_model.safetensors").exists()
+    assert ".experts.0.gate_proj.lora_A.weight" in out
     assert namespace["losses"][-1] < namespace["losses"][0]
 
 
