@@ -19,10 +19,13 @@ def is_peft_model(model: nn.Module) -> bool:
     return callable(getattr(model, "get_base_model", None)) and hasattr(model, "peft_config")
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """Return the transformers model inside PEFT, DDP/FSDP, `torch.compile` and value-head wrappers."""
+def unwrap_model(model: nn.Module, *, keep_peft: bool = False) -> nn.Module:
+    """Return the transformers model inside PEFT, DDP/FSDP, `torch.compile` and value-head wrappers
+    (with `keep_peft`, the first `PeftModel` met instead)."""
     for _ in range(16):  # wrappers nest a few levels at most; a bound keeps a cycle from hanging
         if is_peft_model(model):
+            if keep_peft:
+                return model
             model = model.get_base_model()
         elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
             model = model._orig_mod

@@ -8,8 +8,8 @@ and the gate/up split are family-specific, so they are not hard-coded here: tran
 checkpoint conversion is run backwards (`revert_weight_conversion`, what `save_pretrained` does)
 on a probe whose values are the fused row indices. Each per-expert tensor it returns says which
 expert and which output rows it holds; that module gets `A_e` and the rows of `B_e`, with the
-wrapper's scaling folded into `B` relative to the adapter's default `lora_alpha / r`. Everything
-else in the adapter (attention LoRA, a router's) is saved as PEFT saves it.
+wrapper's scaling folded into `B` relative to the adapter's default `lora_alpha / r`. The other
+LoRA modules (attention, a router's) keep their tensors, under their checkpoint names too.
 """
 
 from __future__ import annotations
@@ -151,15 +151,11 @@ def _saved_adapter(adapter_dir: Path, base_model) -> tuple[nn.Module, dict[str, 
 
 def _find_peft_model(model) -> nn.Module:
     """The `PeftModel` in `model`, a trainer holding it, or DDP / compile wrappers around it."""
-    model = getattr(model, "model", model) if not isinstance(model, nn.Module) else model
-    for _ in range(16):
-        if is_peft_model(model):
-            return model
-        inner = next((getattr(model, a) for a in ("module", "_orig_mod") if isinstance(getattr(model, a, None), nn.Module)), None)
-        if inner is None:
-            break
-        model = inner
-    raise ValueError(f"Expected a PEFT model (or a trainer holding one), got {type(model).__name__}.")
+    model = model if isinstance(model, nn.Module) else getattr(model, "model", model)
+    inner = unwrap_model(model, keep_peft=True) if isinstance(model, nn.Module) else model
+    if not is_peft_model(inner):
+        raise ValueError(f"Expected a PEFT model (or a trainer holding one), got {type(model).__name__}.")
+    return inner
 
 
 def _any_expert(module: str, expert: int) -> str:

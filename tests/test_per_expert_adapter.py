@@ -156,3 +156,20 @@ def test_a_saved_adapter_without_a_base_model_asks_for_one(tmp_path):
     peft_model.save_pretrained(tmp_path / "adapter")   # built from a config: no base_model_name_or_path
     with pytest.raises(ValueError, match="pass base_model="):
         save_per_expert_adapter(tmp_path / "adapter", tmp_path / "out")
+
+
+def test_finds_the_peft_model_inside_a_wrapper_or_a_trainer(tmp_path):
+    """DDP-style `.module` wrappers and trainers (`.model`) around the PEFT model are looked through."""
+    _, peft_model = peft_pair("qwen3_moe", r=4, lora_alpha=8, target_modules="all-linear")
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    class Trainer:
+        model = Wrapper(peft_model)
+
+    direct = load_file(str(save_per_expert_adapter(peft_model, tmp_path / "a") / "adapter_model.safetensors"))
+    via = load_file(str(save_per_expert_adapter(Trainer(), tmp_path / "b") / "adapter_model.safetensors"))
+    assert via.keys() == direct.keys()
