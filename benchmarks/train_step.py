@@ -2,23 +2,21 @@
 
     python benchmarks/train_step.py [--family qwen3_moe] [--layers 48] [--batch 4] [--seq 2048]
         [--steps 4] [--warmup 1] [--reference] [--threads N] [--isa auto] [--json FILE]
-        [--max-kept-activations-gb GB] [--max-kept-activations-gpu-gb GB] [--overlap-lora-grads]
-        [--overlap-shared-experts]
+        [--max-kept-activations-gb GB] [--max-kept-activations-gpu-gb GB]
         [--hidden 2048] [--experts 128] [--intermediate 768] [--top-k 8] [--heads 32] [--kv-heads 4]
         [--head-dim 128] [--vocab 151936] [--dense-intermediate 6144]
 
 The defaults are the Qwen3-30B-A3B shape (`--family` also takes mixtral and deepseek_v3). The model is built without a checkpoint and without
 ever holding its expert weights twice: on the meta device first; then, layer by layer, a few
 random experts are generated and tiled into that layer's `ExpertEngine` (`from_experts`, installed
-with `kt_trl.experts.install_engine`); then everything else is materialised (bf16, random init) on
+with `kt_trl.weights.install_engine`); then everything else is materialised (bf16, random init) on
 the GPU, or the CPU without one. The experts never reach the GPU. `KTSFTTrainer` then trains LoRA r 16
 on attention (q, k, v, o) and on the experts (`target_parameters`), gradient checkpointing on, on
 random tokens.
 
 JSON lines: `runtime`, `model` (build time, packed bytes, host RSS after the build), one `step`
 per optimizer step (`warmup` marks the first ones): tokens/s; the training thread's step split into
-CPU expert forward, CPU expert backward (dx and dw; the LoRA gradients overlap with what follows
-and are reported apart as `lora_grads_overlapped_s`), transfers (host memcpy into pinned buffers +
+CPU expert forward, CPU expert backward (dx, dw and the expert-LoRA gradients), transfers (host memcpy into pinned buffers +
 device time of the copies), GPU wait (host blocked on the GPU beyond the copies), optimizer (host
 time of `optimizer.step`, the CPU AdamW over the expert LoRA included) and the rest; GPU peak
 memory; host RSS against the packed experts + expert-LoRA parameters, gradients and optimizer
@@ -92,8 +90,8 @@ def build_model(config, *, device: torch.device, seed: int, engines: bool):
 
     from kt_trl.containers import find_decoder_layers, find_moe_blocks
     from kt_trl.engine import ExpertEngine
-    from kt_trl.expert_layouts import match_layout
-    from kt_trl.experts import install_engine
+    from kt_trl.layouts import match_layout
+    from kt_trl.weights import install_engine
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
@@ -192,8 +190,8 @@ def step_meter(tokens: int, warmup: int, sink: list, kind: str):
             synchronize()
             step_s = time.perf_counter() - self.start
             for module in model.modules():  # after the sync every H2D copy is done: count its device time
-                if hasattr(module, "_kt_experts"):
-                    module._kt_experts.staging.release_finished()
+                if hasattr(module, "_kt_runner"):
+                    module._kt_runner.staging.release_finished()
             after = expert_counters(model)
             delta = {key: after[key] - self.before[key] for key in after}
             record = {"kind": kind, "step": state.global_step, "warmup": state.global_step <= warmup,
@@ -223,9 +221,7 @@ def split_step(step_s: float, optimizer_s: float, d: dict) -> dict:
     out = {key: round(value, 4) for key, value in parts.items()}
     out.update(expert_calls=[d["forward_calls"], d["reused_forwards"], d["backward_calls"]],
                transfer_gb=round((d["to_host_bytes"] + d["to_device_bytes"]) / 1e9, 4),
-               kept_forwards_declined=d["kept_activation_declined"],
-               lora_grads_overlapped_s=round(d["deferred_lora_seconds"], 4),
-               shared_experts_overlapped=d["shared_expert_hits"])
+               kept_forwards_declined=d["kept_activation_declined"])
     return out
 
 
@@ -249,9 +245,7 @@ def train(model, tokenizer, dataset, opts, output_dir: str, meter, *, kt: bool):
     kwargs = dict(processing_class=tokenizer, peft_config=peft_config, callbacks=[meter])
     if kt:
         kt_config = KTConfig(isa=opts.isa, threads=opts.threads, max_kept_activations_gb=opts.max_kept_activations_gb,
-                             max_kept_activations_gpu_gb=opts.max_kept_activations_gpu_gb,
-                             overlap_lora_grads=opts.overlap_lora_grads,
-                             overlap_shared_experts=opts.overlap_shared_experts)
+                             max_kept_activations_gpu_gb=opts.max_kept_activations_gpu_gb)
         trainer = KTSFTTrainer(model, args, dataset, kt_config=kt_config, **kwargs)
     else:
         trainer = SFTTrainer(model, args, train_dataset=dataset, **kwargs)
@@ -286,10 +280,6 @@ def parse(argv=None):
                     help="KTConfig(max_kept_activations_gb=...): host budget of kept checkpoint activations")
     ap.add_argument("--max-kept-activations-gpu-gb", type=float, default=None,
                     help="KTConfig(max_kept_activations_gpu_gb=...): GPU budget of kept checkpoint activations")
-    ap.add_argument("--overlap-lora-grads", action="store_true",
-                    help="KTConfig(overlap_lora_grads=True): expert-LoRA gradients overlap the rest of the backward")
-    ap.add_argument("--overlap-shared-experts", action="store_true",
-                    help="KTConfig(overlap_shared_experts=True): shared experts (DeepSeek) while the engine runs")
     ap.add_argument("--reference", action="store_true", help="first train it all-on-GPU with plain PEFT SFTTrainer")
     ap.add_argument("--json", default=None, help="also write all records to this file")
     opts = ap.parse_args(argv)

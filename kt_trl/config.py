@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-ISA_CHOICES = ("auto", "amx", "avx512", "avx2", "scalar")
+from ._native.isa import ISA_CHOICES
 
 
 @dataclass(frozen=True)
@@ -34,18 +34,6 @@ class KTConfig:
             GB over the whole model (host memory is the scarcer: the packed experts fill most of it);
             beyond it they go to host memory. Defaults to a quarter of the device's memory; `0` keeps
             them in host memory.
-        overlap_lora_grads (`bool`, *optional*, defaults to `False`):
-            In backward, return dx and dw to autograd first and compute the expert-LoRA gradients on
-            a worker thread meanwhile (`kt_trl.deferred_grads`); they reach `.grad` before
-            `backward()` returns. Pays off when the GPU work between two MoE layers' backwards
-            (long sequences, heavy attention) outlasts the LoRA gradients; at Qwen3-30B-A3B's shape
-            and 4 x 2048 tokens it measured no gain, hence off by default.
-        overlap_shared_experts (`bool`, *optional*, defaults to `False`):
-            For blocks that call their shared experts after the routed ones (DeepSeek, Kimi, GLM-4.5):
-            compute the shared experts on the GPU while the CPU engine runs (`kt_trl.shared_overlap`).
-            Their GPU time is about a thousandth of the engine's per layer: at DeepSeek-V3's layer
-            shape on an H200 the gain was within run-to-run noise, hence off by default. Not for
-            CPU-only training, where both compete for the same cores.
         freeze_experts (`bool`, *optional*, defaults to `False`):
             The engine holds the routed experts' base weights frozen. A model whose expert weights
             still require gradients (no PEFT, full fine-tuning) is refused unless this is `True`, in
@@ -59,7 +47,7 @@ class KTConfig:
     ```python
     >>> from kt_trl import KTConfig
     >>> KTConfig(isa="avx2", threads=2)
-    KTConfig(isa='avx2', threads=2, reuse_checkpointed_activations=True, max_kept_activations_gb=None, max_kept_activations_gpu_gb=None, overlap_lora_grads=False, overlap_shared_experts=False, freeze_experts=False, max_pending_activations=8)
+    KTConfig(isa='avx2', threads=2, reuse_checkpointed_activations=True, max_kept_activations_gb=None, max_kept_activations_gpu_gb=None, freeze_experts=False, max_pending_activations=8)
     >>> KTConfig().isa is None  # KT_TRL_ISA or "auto"
     True
     ```
@@ -70,8 +58,6 @@ class KTConfig:
     reuse_checkpointed_activations: bool = True
     max_kept_activations_gb: float | None = None
     max_kept_activations_gpu_gb: float | None = None
-    overlap_lora_grads: bool = False
-    overlap_shared_experts: bool = False
     freeze_experts: bool = False
     max_pending_activations: int = 8
 

@@ -1,6 +1,6 @@
 """Finding the transformers model and its MoE blocks inside whatever wraps them.
 
-Wrappers seen in practice (DESIGN §1): `PeftModel` (`get_base_model()`), DDP / FSDP / DataParallel
+Wrappers seen in practice: `PeftModel` (`get_base_model()`), DDP / FSDP / DataParallel
 (`.module`), `torch.compile` (`._orig_mod`), old trl value-head models (`.pretrained_model`); PEFT's
 `ParamWrapper`s nest around a fused experts module through `.base_layer`.
 """
@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .expert_layouts import ExpertLayout
+from .layouts import ExpertLayout
 
 
 def is_peft_model(model: nn.Module) -> bool:

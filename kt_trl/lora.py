@@ -22,11 +22,11 @@ import torch
 from torch import nn
 
 from .containers import MoEBlock
+from .engine import ExpertLoRA
+from .layouts import EXPERT_PARAMETERS
 
 logger = logging.getLogger(__name__)
 
-EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
-_V4_EXPERT_NAMES = ("gate_proj", "up_proj", "w1", "w2", "w3")
 
 
 def requested_expert_lora(peft_config) -> bool:
@@ -46,8 +46,6 @@ def requested_expert_lora(peft_config) -> bool:
 
 def expert_lora_factors(wrapper: nn.Module, adapter: str):
     """`ExpertLoRA` views (`A [E, r, in]`, `B [E, out, r]`, scale) of one `ParamWrapper` adapter."""
-    from .engine import ExpertLoRA
-
     num_experts, rank = wrapper.num_experts, wrapper.r[adapter]
     weight_a = wrapper.lora_A[adapter].weight  # [r*E, in]
     weight_b = wrapper.lora_B[adapter].weight  # [out, r*E]
@@ -81,7 +79,7 @@ def _routed_lora_forward(self: nn.Module, hidden_states, top_k_index, top_k_weig
             adapter = _active_adapter(wrapper)
             if adapter is not None:
                 loras[name] = expert_lora_factors(wrapper, adapter)
-    return experts._kt_experts(
+    return experts._kt_runner(
         hidden_states, top_k_index, top_k_weights,
         lora_gate_up=loras.get("gate_up_proj"), lora_down=loras.get("down_proj"),
     )

@@ -1,7 +1,7 @@
 """Expert LoRA saved per expert, under the checkpoint's module names: the layout serving engines load.
 
 [NOTE] PEFT keeps LoRA on a fused 3-D expert parameter `[E, out, in]` (`target_parameters`) as one
-`A [E*r, in]` and one `B [out, r*E]` (DESIGN §1), and saves it that way: PEFT loads it back, but
+`A [E*r, in]` and one `B [out, r*E]` (`kt_trl.lora` spells the layout out), and saves it that way: PEFT loads it back, but
 vLLM and SGLang load expert LoRA per expert, under the names the experts have in the model's
 checkpoint files (`...experts.{e}.gate_proj`, Mixtral's `...experts.{e}.w1`, ...). Those names
 and the gate/up split are family-specific, so they are not hard-coded here: transformers' own

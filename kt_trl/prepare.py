@@ -1,7 +1,7 @@
 """`prepare_model`: route a transformers MoE model's experts through the CPU engine.
 
 unwrap containers → match the family in the registry → find the MoE blocks → per block: pack the
-experts into an `ExpertEngine` (or take the one `experts.install_engine` gave it), release the HF
+experts into an `ExpertEngine` (or take the one `weights.install_engine` gave it), release the HF
 tensors, keep the module on the CPU, bind expert LoRA → switch the model to the `"kt_cpu"` experts
 implementation → `RoutingReport`.
 """
@@ -13,25 +13,16 @@ import logging
 import torch
 from torch import nn
 
+from .checkpointing import activation_budgets
 from .config import KTConfig
 from .containers import MoEBlock, find_decoder_layers, find_moe_blocks, is_peft_model, unwrap_model
-from .expert_state import attach_state_hooks
-from .expert_layouts import ExpertLayout, check_experts_module, match_layout
-from .experts import (
-    KT_IMPLEMENTATION,
-    CPUExperts,
-    keep_on_cpu,
-    pack_experts,
-    register_experts_implementation,
-    release_expert_weights,
-    take_installed_engine,
-)
+from .experts import KT_IMPLEMENTATION, EngineRunner, register_experts_implementation
+from .layouts import EXPERT_PARAMETERS, ExpertLayout, check_experts_module, match_layout
 from .lora import bind_expert_lora, requested_expert_lora
 from .progress import progress_bar
 from .report import RoutingReport, adapter_groups
-from .kept_activations import activation_budgets
-from .shared_overlap import SharedExpertsAhead
 from .staging import HostStaging
+from .weights import attach_state_hooks, keep_on_cpu, pack_experts, release_expert_weights, take_installed_engine
 
 logger = logging.getLogger(__name__)
 
@@ -112,11 +103,8 @@ def _route_blocks(
             engine = pack_experts(block.experts, layout)
             bar.update()
         release_expert_weights(block.experts)
-        runner = CPUExperts(engine, layer=block.layer, name=block.name, config=config, staging=staging, budgets=budgets)
-        shared = getattr(block.block, layout.shared_after, None) if layout.shared_after else None
-        if shared is not None and config.overlap_shared_experts:
-            runner.shared_ahead = SharedExpertsAhead(shared)
-        block.experts._kt_experts = runner
+        block.experts._kt_runner = EngineRunner(engine, layer=block.layer, name=block.name, config=config,
+                                                staging=staging, budgets=budgets)
         attach_state_hooks(block.experts, layout, unpack_on_save=unpack_on_save)
     bar.close()
 
@@ -139,7 +127,7 @@ def _switch_experts_implementation(base: nn.Module, blocks: list[MoEBlock]) -> N
 
 def _frozen_expert_params(experts: nn.Module) -> list[torch.Tensor]:
     """The parameters the engine holds frozen: the 3-D weights and (gpt-oss) their biases."""
-    names = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
+    names = (*EXPERT_PARAMETERS, *(f"{name}_bias" for name in EXPERT_PARAMETERS))
     return [p for name in names if isinstance(p := getattr(experts, name, None), torch.Tensor)]
 
 
@@ -198,10 +186,10 @@ def _build_report(model, base, blocks, layout, config) -> RoutingReport:
     return RoutingReport(
         family=layout.family,
         layers_routed=tuple(b.index for b in blocks),
-        experts_per_layer=tuple(b.experts._kt_experts.engine.num_experts for b in blocks),
+        experts_per_layer=tuple(b.experts._kt_runner.engine.num_experts for b in blocks),
         isa=str(info.get("isa")),
         threads=int(info.get("threads") or 0),
-        packed_bytes=sum(int(b.experts._kt_experts.engine.packed_bytes) for b in blocks),
+        packed_bytes=sum(int(b.experts._kt_runner.engine.packed_bytes) for b in blocks),
         expert_lora=expert_lora,
         adapters=adapters,
         untrained_groups=untrained,

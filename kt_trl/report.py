@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .expert_layouts import ExpertLayout
+from .layouts import ExpertLayout
 
 ADAPTER_GROUPS = ("attention", "router", "experts", "shared experts", "dense mlp", "other")
 

@@ -1,6 +1,6 @@
 """Moving one expert call's tensors between a CUDA device and the CPU engine.
 
-[NOTE] Data flow of one MoE layer whose hidden states live on a CUDA device (DESIGN §2):
+[NOTE] Data flow of one MoE layer whose hidden states live on a CUDA device:
 
     forward   x [T, H] (cast to BF16 on the GPU), top_k_index [T, k], top_k_weights [T, k]
               --non-blocking D2H--> pinned host tensors; one CUDA event recorded on the current
@@ -16,22 +16,7 @@ completed (`InFlightCopies`, checked on every call and bounded). The H2D copies 
 stream, so whatever the GPU does next with the result is ordered after them. On the CPU nothing of
 this happens: tensors pass through as before and no pinned memory is requested.
 
-CPU threads. Two pools use the host's cores: the engine's (`KTConfig.threads`, default one per
-physical core: the calling thread plus pinned workers that sleep on a condition variable between
-calls) and torch's intra-op pool (OpenMP, `torch.get_num_threads()`, default one per physical
-core). They take turns on the same cores instead of splitting them. An engine call is synchronous
-for the thread that makes it (the Python thread in forward, the autograd engine's device thread in
-backward): the engine's workers run only while that thread waits inside the call, and torch's
-intra-op threads are idle then, since the GPU waits for the experts' result and nothing else
-issues CPU work. Torch's CPU work (the memcpy into pinned buffers, the optimizer step over the
-expert LoRA held on the CPU) runs between engine calls while the engine's workers sleep. The one
-overlap is in backward, where the autograd engine runs CPU nodes on the thread that called
-`backward()` (accumulating the expert-LoRA gradients of the layer just finished) while its device
-thread calls the engine for the next layer: one short operation per LoRA tensor. kt_trl therefore
-sets nothing; set `torch.set_num_threads` / `OMP_NUM_THREADS` and `KTConfig(threads=...)` /
-`KT_TRL_THREADS` yourself only to leave cores to something else (dataloader workers, another
-process). With `KTConfig(overlap_lora_grads=True)` (off by default) the engine computes LoRA
-gradients from a worker thread while the training thread goes on (`kt_trl.deferred_grads`).
+Why kt_trl leaves torch's and the engine's thread counts alone: README, "CPU threads".
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ class KTSFTTrainer(SFTTrainer):
 
     Args:
         model (`str`, `PreTrainedModel` or `PeftModel`):
-            A transformers MoE causal LM of a supported family (see `kt_trl.expert_layouts`), or a
+            A transformers MoE causal LM of a supported family (see `kt_trl.layouts`), or a
             name/path `SFTTrainer` loads.
         args (`trl.SFTConfig`, *optional*):
             As for `SFTTrainer`.
@@ -63,7 +63,8 @@ class KTSFTTrainer(SFTTrainer):
         return self.kt_report
 
     def _move_model_to_device(self, model: nn.Module, device) -> None:
-        # The one point after PEFT wrapping and before any placement (DESIGN §1).
+        # trl has no model-preparation hook: this is the one point after PEFT wrapping and before
+        # any placement (Trainer.__init__ and Accelerator.prepare_model both move the model).
         self._prepare_model(model)
         super()._move_model_to_device(model, device)
 

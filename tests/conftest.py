@@ -23,7 +23,7 @@ transformers.logging.set_verbosity_error()
 for _name in ("datasets", "accelerate", "trl", "peft"):
     logging.getLogger(_name).setLevel(logging.ERROR)
 
-from tests.tiny_models import VOCAB  # noqa: E402
+from tests.helpers import VOCAB  # noqa: E402
 
 
 @pytest.fixture(scope="session")

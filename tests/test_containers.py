@@ -7,8 +7,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from kt_trl.containers import find_decoder_layers, find_moe_blocks, param_wrappers, unwrap_model
-from kt_trl.expert_layouts import match_layout
-from tests.tiny_models import expert_targets, tiny_model
+from kt_trl.layouts import match_layout
+from tests.helpers import expert_targets, tiny_model
 
 
 class Holder(torch.nn.Module):

@@ -12,33 +12,7 @@ from peft import LoraConfig, get_peft_model
 from kt_trl.config import KTConfig
 from kt_trl.experts import expert_counters, kt_experts_forward
 from kt_trl.prepare import prepare_model
-from tests.tiny_models import VOCAB, expert_targets, tiny_model
-
-# BF16 compute vs FP32 (same BF16-rounded weights): relative error of a whole gradient tensor.
-GRAD_RTOL = 3e-2
-
-
-def runners(model):
-    return [m._kt_experts for m in model.modules() if hasattr(m, "_kt_experts")]
-
-
-def peft_pair(family: str, *, router: bool = True, kt_config: KTConfig | None = None):
-    """(plain, kt) PeftModels with random non-zero LoRA on o_proj, router and experts."""
-    targets = ["o_proj"] + (["gate"] if router and family != "granitemoe" else [])
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, target_parameters=expert_targets(family),
-                        init_lora_weights=False)
-    torch.manual_seed(1)
-    plain = get_peft_model(tiny_model(family), config)
-    kt = copy.deepcopy(plain)
-    prepare_model(kt, kt_config)
-    return plain, kt
-
-
-def batch(seed: int = 0, shape=(2, 24)):
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, VOCAB, shape, generator=generator)
-    return {"input_ids": ids, "labels": ids}
-
+from tests.helpers import GRAD_RTOL, batch, expert_targets, peft_pair, runners, tiny_model
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "granitemoe"])
 def test_single_step_gradients_match_fp32(family):
@@ -179,13 +153,13 @@ def engine_of(experts):
 
 
 def test_installed_engines_are_routed_without_packing(monkeypatch):
-    from kt_trl import experts as experts_mod
     from kt_trl import prepare as prepare_mod
+    from kt_trl import weights as weights_mod
 
     packed = tiny_model("qwen3_moe")
     installed = copy.deepcopy(packed)
     for layer in installed.model.layers:
-        experts_mod.install_engine(layer.mlp.experts, engine_of(layer.mlp.experts))
+        weights_mod.install_engine(layer.mlp.experts, engine_of(layer.mlp.experts))
         assert layer.mlp.experts.gate_up_proj.stride() == (0, 0, 0)  # released at once
     installed.to("meta")  # stands in for .to_empty(device="cuda"): the experts stay on the CPU
     installed.to_empty(device="cpu")
@@ -202,7 +176,7 @@ def test_installed_engines_are_routed_without_packing(monkeypatch):
 
 
 def test_install_engine_refuses_mismatches():
-    from kt_trl.experts import install_engine
+    from kt_trl.weights import install_engine
 
     model = tiny_model("qwen3_moe")
     layers = model.model.layers
@@ -212,28 +186,3 @@ def test_install_engine_refuses_mismatches():
     prepare_model(model, KTConfig(freeze_experts=True))
     with pytest.raises(ValueError, match="before PEFT wrapping and preparation.*already prepared"):
         install_engine(layers[0].mlp.experts, engine_of(tiny_model("qwen3_moe").model.layers[0].mlp.experts))
-
-
-@pytest.mark.parametrize("checkpointing", [None, False, True], ids=["plain", "non-reentrant", "reentrant"])
-def test_overlapped_lora_gradients_equal_the_synchronous_ones(checkpointing):
-    """Deferred expert-LoRA gradients land in .grad by the end of backward(), bit-identical, accumulating."""
-    _, overlapped = peft_pair("qwen3_moe", kt_config=KTConfig(overlap_lora_grads=True))
-    _, synchronous = peft_pair("qwen3_moe")
-    jobs = {}
-    for model in (overlapped, synchronous):
-        if checkpointing is not None:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing})
-            model.enable_input_require_grads()
-        model.train()
-        before = expert_counters(model)["deferred_lora_jobs"]
-        for step in range(2):  # two micro-batches: the second adds to .grad
-            _train_step(model, batch(step))
-        jobs[id(model)] = expert_counters(model)["deferred_lora_jobs"] - before
-    assert jobs[id(overlapped)] == 2 * len(runners(overlapped)) and jobs[id(synchronous)] == 0
-    grads = dict(synchronous.named_parameters())
-    checked = 0
-    for name, param in overlapped.named_parameters():
-        if param.requires_grad:
-            assert torch.equal(param.grad, grads[name].grad), name
-            checked += ".experts." in name
-    assert checked == 4 * len(runners(overlapped))

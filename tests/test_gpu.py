@@ -14,7 +14,7 @@ from peft import LoraConfig
 from trl import SFTTrainer
 
 from kt_trl import KTSFTTrainer
-from tests.tiny_models import expert_targets, sft_args, step_losses, tiny_model
+from tests.helpers import expert_targets, sft_args, step_losses, tiny_model
 
 pytestmark = [
     pytest.mark.gpu,
@@ -63,22 +63,3 @@ def _cpu_features():
     from kt_trl._native import runtime_info
 
     return " ".join(runtime_info().get("cpu_features", []))
-
-
-def test_gpu_shared_expert_overlap_trains_the_same(tmp_path, tokenizer, dataset):
-    """DeepSeek-V3 with its shared experts computed while the engine runs, against without."""
-    from kt_trl import KTConfig
-
-    model = tiny_model("deepseek_v3")
-    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"], target_parameters=expert_targets("deepseek_v3"))
-    losses = []
-    for overlap in (False, True):
-        trainer = KTSFTTrainer(copy.deepcopy(model), gpu_args(tmp_path / str(overlap), family="deepseek_v3"), dataset,
-                               processing_class=copy.deepcopy(tokenizer), peft_config=copy.deepcopy(peft_config),
-                               kt_config=KTConfig(overlap_shared_experts=overlap))
-        trainer.train()
-        losses.append(torch.tensor(step_losses(trainer)))
-        hits = sum(r.shared_ahead.hits for r in (m._kt_experts for m in trainer.model.modules()
-                                                  if hasattr(m, "_kt_experts")) if r.shared_ahead is not None)
-        assert (hits > 0) == overlap
-    torch.testing.assert_close(losses[1], losses[0], rtol=1e-3, atol=0.0)

@@ -11,10 +11,10 @@ from peft.tuners.lora import ParamWrapper
 
 from kt_trl import KTConfig
 from kt_trl.containers import find_moe_blocks
-from kt_trl.expert_layouts import match_layout
+from kt_trl.layouts import match_layout
 from kt_trl.lora import bind_expert_lora, expert_lora_factors, requested_expert_lora
 from kt_trl.prepare import prepare_model
-from tests.tiny_models import VOCAB, expert_targets, tiny_model
+from tests.helpers import VOCAB, expert_targets, tiny_model
 
 TARGETS = expert_targets("qwen3_moe")
 

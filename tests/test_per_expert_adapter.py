@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from kt_trl.per_expert_adapter import save_per_expert_adapter
 
-from .tiny_models import FAMILIES, expert_targets, tiny_model
+from tests.helpers import FAMILIES, expert_targets, tiny_model
 
 PREFIX = "base_model.model."
 

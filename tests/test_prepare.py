@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 
 from kt_trl import KTConfig, KTSFTTrainer
 from kt_trl.prepare import prepare_model
-from tests.tiny_models import VOCAB, expert_targets, sft_args, tiny_model
+from tests.helpers import VOCAB, expert_targets, sft_args, tiny_model
 
 
 def all_linear(model):
@@ -19,7 +19,7 @@ def all_linear(model):
 
 
 def experts_modules(model):
-    return [m for m in model.modules() if hasattr(m, "_kt_experts")]
+    return [m for m in model.modules() if hasattr(m, "_kt_runner")]
 
 
 @pytest.mark.parametrize("enabled", [True, False])
@@ -38,10 +38,10 @@ def test_packing_shows_a_progress_bar_unless_disabled(capsys, enabled):
 def test_prepare_twice_is_a_noop():
     model = all_linear(tiny_model("qwen3_moe"))
     report = prepare_model(model)
-    engines = [m._kt_experts.engine for m in experts_modules(model)]
+    engines = [m._kt_runner.engine for m in experts_modules(model)]
     forwards = [m.forward for m in model.modules() if getattr(m, "_kt_routed", False)]
     assert prepare_model(model) is report
-    assert [m._kt_experts.engine for m in experts_modules(model)] == engines
+    assert [m._kt_runner.engine for m in experts_modules(model)] == engines
     assert [m.forward for m in model.modules() if getattr(m, "_kt_routed", False)] == forwards
 
 
@@ -73,7 +73,7 @@ def test_expert_weights_are_released():
     experts = model.model.layers[0].mlp.experts
     for param in (experts.gate_up_proj, experts.down_proj):
         assert param.stride() == (0, 0, 0) and param.untyped_storage().nbytes() <= 4
-    gate_up, _ = experts._kt_experts.engine.unpack()
+    gate_up, _ = experts._kt_runner.engine.unpack()
     torch.testing.assert_close(gate_up.float(), original, rtol=0, atol=0)  # BF16-exact values went in
 
 

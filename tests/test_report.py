@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kt_trl.expert_layouts import REGISTRY
+from kt_trl.layouts import REGISTRY
 from kt_trl.report import RoutingReport, _group
 
 QWEN2 = next(layout for layout in REGISTRY if layout.family == "Qwen2-MoE")

@@ -17,12 +17,11 @@ from peft import LoraConfig, get_peft_model
 from kt_trl import staging as staging_mod
 from kt_trl.config import KTConfig
 from kt_trl.engine import ExpertEngine, ExpertLoRA
-from kt_trl.experts import CPUExperts, expert_counters
+from kt_trl.experts import EngineRunner, expert_counters
 from kt_trl.prepare import prepare_model
 from kt_trl.staging import HostStaging, InFlightCopies
 from tests.native.moe_case import make_case
-from tests.test_experts import GRAD_RTOL, batch
-from tests.tiny_models import expert_targets, tiny_model
+from tests.helpers import GRAD_RTOL, batch, expert_targets, tiny_model
 
 
 
@@ -106,7 +105,7 @@ def peft_model(family="qwen3_moe"):
 def test_cpu_training_step_never_reaches_cuda(monkeypatch):
     model = peft_model()
     prepare_model(model)
-    runners = [m._kt_experts for m in model.modules() if hasattr(m, "_kt_experts")]
+    runners = [m._kt_runner for m in model.modules() if hasattr(m, "_kt_runner")]
     assert len({id(r.staging) for r in runners}) == 1  # one staging serves every layer
     monkeypatch.setattr(staging_mod, "_timing_event", lambda: pytest.fail("a CUDA event on the CPU path"))
     model.gradient_checkpointing_enable()
@@ -121,7 +120,7 @@ def test_cpu_training_step_never_reaches_cuda(monkeypatch):
 
 
 def expert_call(runner, case, device):
-    """Forward + backward of one CPUExperts call with inputs on `device`; outputs and gradients on the CPU."""
+    """Forward + backward of one EngineRunner call with inputs on `device`; outputs and gradients on the CPU."""
     def leaf(t, where="cpu"):
         return t.detach().clone().to(where).requires_grad_()
 
@@ -144,7 +143,7 @@ def cpu_values(y, leaves):
 
 def make_runner(case):
     engine = ExpertEngine(case.gate_up, case.down)
-    return CPUExperts(engine, layer=torch.nn.Linear(1, 1), name="test", config=KTConfig())
+    return EngineRunner(engine, layer=torch.nn.Linear(1, 1), name="test", config=KTConfig())
 
 
 @on_gpu

@@ -22,7 +22,7 @@ from trl import SFTTrainer
 
 from kt_trl import KTConfig, KTSFTTrainer
 from kt_trl.prepare import prepare_model
-from tests.tiny_models import FAMILIES, VOCAB, expert_targets, sft_args, step_losses, tiny_model
+from tests.helpers import FAMILIES, VOCAB, expert_targets, sft_args, step_losses, tiny_model
 
 LOSS_RTOL = 5e-3
 UPDATE_MIN_COSINE = 0.9
@@ -75,7 +75,7 @@ def test_parity_expert_lora_checkpointing_accumulation(family, tmp_path, tokeniz
     assert_parity(trainers)
     kt = trainers["kt"][0]
     assert kt.kt_report.expert_lora_parameters > 0
-    runners = [m._kt_experts for m in kt.model.modules() if hasattr(m, "_kt_experts")]
+    runners = [m._kt_runner for m in kt.model.modules() if hasattr(m, "_kt_runner")]
     # checkpointed layers reuse the first forward: one engine forward and one backward per micro-batch
     assert all(r.forward_calls == r.backward_calls == r.reused_forwards == 10 for r in runners)
 
@@ -112,7 +112,7 @@ def test_parity_checkpointing_variants(reuse, reentrant, calls, tmp_path, tokeni
         gradient_checkpointing_kwargs={"use_reentrant": reentrant},
     )
     assert_parity(trainers)
-    runners = [m._kt_experts for m in trainers["kt"][0].model.modules() if hasattr(m, "_kt_experts")]
+    runners = [m._kt_runner for m in trainers["kt"][0].model.modules() if hasattr(m, "_kt_runner")]
     assert all(r.forward_calls == calls and r.backward_calls == 5 for r in runners)  # 5 micro-batches
 
 

@@ -6,6 +6,7 @@ import os
 
 ISA_CODES = {"auto": -1, "scalar": 0, "avx2": 1, "avx512": 2, "amx": 3}
 ISA_NAMES = {v: k for k, v in ISA_CODES.items()}
+ISA_CHOICES = ("auto", "scalar", "avx2", "avx512", "amx")
 
 CPU_FEATURE_BITS = {
     "avx2": 1, "fma": 2, "f16c": 4, "avx512f": 8, "avx512bw": 16, "avx512vl": 32,

@@ -1,7 +1,8 @@
 """The architecture registry: where each MoE family keeps its routed experts, as data.
 
 Every family transformers 5 ships with fused experts stores them in one module with 3-D parameters
-(see DESIGN §1). The standard layout, which the CPU engine runs, is
+(never a ModuleList; the checkpoint files keep per-expert keys, which transformers fuses at load).
+The standard layout, which the CPU engine runs, is
 
     gate_up_proj [E, 2I, H]   gate rows first, then up rows (not interleaved), no bias
     down_proj    [E, H, I]
@@ -9,18 +10,23 @@ Every family transformers 5 ships with fused experts stores them in one module w
 
 Families differ only in where the MoE block sits in a decoder layer, what its router and shared
 experts are called, and (gpt-oss) in the expert layout itself: transposed `[E, H, 2I]` / `[E, I, H]`,
-gate/up interleaved, biases and a clamped SwiGLU, which `expert_weights` converts and the engine
-computes natively. One frozen `ExpertLayout` per family
-records that; `match_layout` finds the entry with a first-match chain of small `match_*` functions
+gate/up interleaved, biases and a clamped SwiGLU, which the converters at the bottom of this module
+turn into the standard layout one expert at a time (so a layer is never held twice), and the
+engine computes natively. One frozen `ExpertLayout` per family records that; `match_layout` finds the entry with a first-match chain of small `match_*` functions
 and refuses dense or unknown models with a `ValueError` that lists what is supported.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+
+EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
+"""The fused experts module's two 3-D parameters (and PEFT's `target_parameters` names)."""
 
 
 @dataclass(frozen=True)
@@ -34,14 +40,11 @@ class ExpertLayout:
         block_attr: Decoder-layer attribute holding the MoE block (`"mlp"`, Granite: `"block_sparse_moe"`).
         router_attr: MoE-block attribute of the router (stays on the GPU, trains there).
         shared_attrs: MoE-block attributes of shared experts (stay on the GPU).
-        shared_after: The shared-experts attribute the block calls after the routed experts, on the
-            same hidden states (they can then run while the CPU engine works: `kt_trl.shared_overlap`).
-        gate_up / down: Layout of the two 3-D parameters in the DESIGN's notation.
+        gate_up / down: Layout of the two 3-D parameters (`[E, 2I, H]` notation: E experts, H hidden, I intermediate).
         transposed: The parameters are `[E, H, 2I]` / `[E, I, H]` (gpt-oss).
         interleaved: Gate and up rows alternate (`x[..., ::2]`, `x[..., 1::2]`).
         bias: The experts have bias parameters (`gate_up_proj_bias`, `down_proj_bias`).
         act: Gated activation: `"silu"` or `"clamped_swiglu"` (gpt-oss, with `alpha` and `limit`).
-        unsupported: When set, why the engine cannot run this family yet, and what to do instead.
         no_expert_lora: When set, why LoRA on this family's experts is refused, and what to do instead.
     """
 
@@ -51,14 +54,12 @@ class ExpertLayout:
     block_attr: str = "mlp"
     router_attr: str = "gate"
     shared_attrs: tuple[str, ...] = ()
-    shared_after: str | None = None
     gate_up: str = "[E, 2I, H]"
     down: str = "[E, H, I]"
     transposed: bool = False
     interleaved: bool = False
     bias: bool = False
     act: str = "silu"
-    unsupported: str | None = None
     no_expert_lora: str | None = None
 
 
@@ -69,12 +70,9 @@ REGISTRY: tuple[ExpertLayout, ...] = (
     ),
     ExpertLayout("Mixtral", ("mixtral",), "MixtralExperts"),
     ExpertLayout("OLMoE", ("olmoe",), "OlmoeExperts"),
-    ExpertLayout("DeepSeek-V3", ("deepseek_v3", "kimi_k2"), "DeepseekV3Experts", shared_attrs=("shared_experts",),
-                 shared_after="shared_experts"),
-    ExpertLayout("DeepSeek-V2", ("deepseek_v2",), "DeepseekV2Experts", shared_attrs=("shared_experts",),
-                 shared_after="shared_experts"),
-    ExpertLayout("GLM4-MoE", ("glm4_moe",), "Glm4MoeExperts", shared_attrs=("shared_experts",),
-                 shared_after="shared_experts"),
+    ExpertLayout("DeepSeek-V3", ("deepseek_v3", "kimi_k2"), "DeepseekV3Experts", shared_attrs=("shared_experts",)),
+    ExpertLayout("DeepSeek-V2", ("deepseek_v2",), "DeepseekV2Experts", shared_attrs=("shared_experts",)),
+    ExpertLayout("GLM4-MoE", ("glm4_moe",), "Glm4MoeExperts", shared_attrs=("shared_experts",)),
     ExpertLayout("ERNIE-4.5-MoE", ("ernie4_5_moe",), "Ernie4_5_MoeExperts", shared_attrs=("shared_experts",)),
     ExpertLayout("MiniMax-M2", ("minimax_m2",), "MiniMaxM2Experts"),
     ExpertLayout("HunYuan-V1-MoE", ("hunyuan_v1_moe",), "HunYuanMoEV1Experts", shared_attrs=("shared_mlp",)),
@@ -100,7 +98,7 @@ REGISTRY: tuple[ExpertLayout, ...] = (
 
 def supported_families() -> list[str]:
     """Families the engine runs today, in registry order."""
-    return [layout.family for layout in REGISTRY if layout.unsupported is None]
+    return [layout.family for layout in REGISTRY]
 
 
 def _model_type(model: nn.Module) -> str | None:
@@ -151,14 +149,12 @@ def match_layout(model: nn.Module) -> ExpertLayout:
             raise ValueError(
                 f"MoE family {model_type!r} ({', '.join(fused)}) is not in kt_trl's registry; supported families: "
                 f"{supported}. Train it with plain trl.SFTTrainer, or add an ExpertLayout entry to "
-                "kt_trl/expert_layouts.py after checking its experts use the standard [E, 2I, H] SwiGLU layout."
+                "kt_trl/layouts.py after checking its experts use the standard [E, 2I, H] SwiGLU layout."
             )
         raise ValueError(
             f"{type(model).__name__} (model_type {model_type!r}) has no routed experts: kt_trl moves only MoE "
             f"experts to the CPU engine. Use plain trl.SFTTrainer for dense models; supported MoE families: {supported}."
         )
-    if layout.unsupported is not None:
-        raise ValueError(f"{layout.family}: {layout.unsupported} Supported families: {supported}.")
     return layout
 
 
@@ -217,3 +213,58 @@ def _shape_problems(layout: ExpertLayout, gate_up, down) -> list[str]:
         return [f"gate_up_proj {tuple(gate_up.shape)} and down_proj {tuple(down.shape)} do not form "
                 f"{layout.gate_up} / {layout.down}"]
     return []
+
+
+# Converters between a family's layout and the engine's standard one, one expert at a time.
+
+
+def _deinterleave(t: torch.Tensor) -> torch.Tensor:
+    """Gate entries (even positions) first, then up (odd) along the first dimension."""
+    return torch.cat([t[0::2], t[1::2]])
+
+
+def _interleave(t: torch.Tensor) -> torch.Tensor:
+    half = t.shape[0] // 2
+    out = torch.empty_like(t)
+    out[0::2], out[1::2] = t[:half], t[half:]
+    return out
+
+
+def engine_expert(layout: ExpertLayout, gate_up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One expert in the family's layout -> `(gate_up [2I, H], down [H, I])` on the CPU."""
+    gate_up, down = gate_up.detach().to("cpu"), down.detach().to("cpu")
+    if layout.transposed:
+        gate_up, down = gate_up.t(), down.t()
+    if layout.interleaved:
+        gate_up = _deinterleave(gate_up)
+    return gate_up.contiguous(), down.contiguous()
+
+
+def engine_bias(layout: ExpertLayout, experts: nn.Module, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(gate_up_bias [2I] gate then up, down_bias [H])` of one expert, FP32 on the CPU."""
+    b_gu = experts.gate_up_proj_bias.detach()[expert].to("cpu", torch.float32)
+    b_d = experts.down_proj_bias.detach()[expert].to("cpu", torch.float32)
+    return (_deinterleave(b_gu) if layout.interleaved else b_gu).contiguous(), b_d.contiguous()
+
+
+def engine_experts(layout: ExpertLayout, experts: nn.Module) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Yield `(gate_up [2I, H], down [H, I])` per expert in the engine's layout (CPU), with
+    `(gate_up_bias [2I], down_bias [H])` appended when the family has biases."""
+    for e in range(experts.gate_up_proj.shape[0]):
+        weights = engine_expert(layout, experts.gate_up_proj[e], experts.down_proj[e])
+        yield weights + engine_bias(layout, experts, e) if layout.bias else weights
+
+
+def engine_dims(layout: ExpertLayout, experts: nn.Module) -> tuple[int, int, int]:
+    """`(E, H, I)` of an experts module."""
+    E, a, b = experts.gate_up_proj.shape
+    return (E, a, b // 2) if layout.transposed else (E, b, a // 2)
+
+
+def hf_expert(layout: ExpertLayout, gate_up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One expert from the engine's layout back to the family's: the inverse of `engine_expert`."""
+    if layout.interleaved:
+        gate_up = _interleave(gate_up)
+    if layout.transposed:
+        gate_up, down = gate_up.t(), down.t()
+    return gate_up.contiguous(), down.contiguous()

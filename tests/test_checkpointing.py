@@ -7,7 +7,7 @@ import logging
 import torch
 
 from kt_trl.engine import ExpertActivations
-from kt_trl.kept_activations import ActivationBudget, DeviceActivationBudget, KeptForwards
+from kt_trl.checkpointing import ActivationBudget, DeviceActivationBudget, KeptForwards
 
 
 class FakeAcceleratorOutput:
@@ -65,7 +65,7 @@ def test_accelerator_first_and_back_to_host_on_recomputation():
 
 def test_out_of_accelerator_memory_falls_back_to_host(caplog):
     kept = queue(RecordingStaging(out_of_memory=True))
-    with caplog.at_level(logging.WARNING, logger="kt_trl.kept_activations"):
+    with caplog.at_level(logging.WARNING, logger="kt_trl.checkpointing"):
         assert kept.keep(torch.zeros(3, 2, dtype=torch.long), FakeAcceleratorOutput(), saved_activations())
     assert kept.device_budget.bytes == 0 and kept.device_budget.declined == 1
     assert kept.budget.bytes == 144 + 48  # the activations and the ids, in host memory

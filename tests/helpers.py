@@ -1,9 +1,16 @@
-"""Tiny MoE models of every supported family, and the SFTConfig the trainer tests share."""
+"""Helpers the tests share: tiny MoE models of every supported family, the SFTConfig of the trainer
+tests, PEFT model pairs, batches and the gradient tolerance."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import transformers
+from peft import LoraConfig, get_peft_model
+
+from kt_trl.config import KTConfig
+from kt_trl.prepare import prepare_model
 
 VOCAB = 384
 _COMMON = dict(
@@ -94,3 +101,29 @@ def sft_args(output_dir, family: str = "qwen3_moe", **overrides):
 
 def step_losses(trainer) -> list[float]:
     return [log["loss"] for log in trainer.state.log_history if "loss" in log]
+
+
+# BF16 compute vs FP32 (same BF16-rounded weights): relative error of a whole gradient tensor.
+GRAD_RTOL = 3e-2
+
+
+def runners(model):
+    return [m._kt_runner for m in model.modules() if hasattr(m, "_kt_runner")]
+
+
+def peft_pair(family: str, *, router: bool = True, kt_config: KTConfig | None = None):
+    """(plain, kt) PeftModels with random non-zero LoRA on o_proj, router and experts."""
+    targets = ["o_proj"] + (["gate"] if router and family != "granitemoe" else [])
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, target_parameters=expert_targets(family),
+                        init_lora_weights=False)
+    torch.manual_seed(1)
+    plain = get_peft_model(tiny_model(family), config)
+    kt = copy.deepcopy(plain)
+    prepare_model(kt, kt_config)
+    return plain, kt
+
+
+def batch(seed: int = 0, shape=(2, 24)):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, shape, generator=generator)
+    return {"input_ids": ids, "labels": ids}

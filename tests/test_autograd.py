@@ -1,15 +1,15 @@
-"""routed_experts under torch.autograd, and the reference itself under gradcheck."""
+"""The autograd Function over the engine (through `routed_experts`), and the reference under gradcheck."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kt_trl.autograd import routed_experts
+from kt_trl.experts import routed_experts
 from kt_trl.engine import ExpertEngine, ExpertLoRA
 from kt_trl.reference import routed_experts_reference
 
-from .moe_case import REL_TOL, make_case, peft_b_view, rel_err, run_reference
+from tests.native.moe_case import REL_TOL, make_case, peft_b_view, rel_err, run_reference
 
 
 def test_reference_passes_gradcheck_in_float64():

@@ -1,34 +1,77 @@
-"""What a gradient-checkpointed layer's first expert forward keeps for its recomputation.
+"""Gradient checkpointing and the CPU experts: which phase a call is in, and what it keeps.
 
 [NOTE] Gradient checkpointing (TRL's default) runs a checkpointed decoder layer's forward twice:
 once without keeping activations and once more inside backward. The second CPU expert forward is
 pure waste when the first one keeps what the backward needs: per layer and micro-batch the routing
 ids, the output `y` and the engine's `ExpertActivations` (`T·k·2I` BF16 values plus the LoRA
 intermediates; at Qwen3-30B-A3B's shape and 8192 tokens 0.2 GB per layer, 10 GB for 48 layers).
+`call_phase` tells the first forward from its recomputation (`Phase`); `KeptForwards` is one
+layer's queue of what first forwards kept.
 
-Where they wait, in order of preference:
+Where kept activations wait, in order of preference:
   1. on the accelerator the model runs on, up to `KTConfig.max_kept_activations_gpu_gb` (default a
      quarter of its memory; out of memory there falls through to 2): host memory, which the packed
      experts mostly fill, is the scarcer of the two. They go through the staging's pinned buffers
      with a non-blocking copy, and the recomputation copies them back (a few ms per layer);
   2. in host memory, up to `KTConfig.max_kept_activations_gb` (default no limit);
   3. nowhere: the recomputation calls the engine again.
-Both limits are model-wide (`ActivationBudget`); `KeptForwards` is one layer's queue.
+Both limits are model-wide (`ActivationBudget`).
 """
 
 from __future__ import annotations
 
 import collections
+import enum
 import logging
 import threading
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from .engine import ExpertActivations
 from .staging import HostStaging
 
 logger = logging.getLogger(__name__)
+
+
+class Phase(enum.Enum):
+    """What one expert call is, as far as its backward is concerned."""
+
+    TRAIN = "train"          # a forward whose backward follows (no activation reuse)
+    FIRST = "first"          # a checkpointed layer's first forward: keeps what the backward needs
+    RECOMPUTE = "recompute"  # that layer's recomputation inside backward: takes it back
+    INFERENCE = "inference"  # no backward follows: nothing is saved
+
+
+def _in_backward() -> bool:
+    # torch has no public "is autograd's engine running" query; the graph-task id is -1 outside
+    # backward in every torch 2.x release.
+    return torch._C._current_graph_task_id() != -1
+
+
+def _reentrant(layer: nn.Module) -> bool:
+    """Whether `layer` is checkpointed with `use_reentrant=True` (transformers binds the kwargs with partial)."""
+    function = getattr(layer, "_gradient_checkpointing_func", None)
+    return bool(getattr(function, "keywords", {}).get("use_reentrant", False))
+
+
+def call_phase(layer: nn.Module | None, *, reuse: bool, needs_grad: bool) -> Phase:
+    """The `Phase` of an expert call inside decoder `layer` (None: outside any layer).
+
+    Args:
+        layer: The decoder layer holding the experts; it tells whether it is gradient-checkpointed.
+        reuse: `KTConfig.reuse_checkpointed_activations`.
+        needs_grad: Whether any input of the call requires a gradient.
+    """
+    checkpointed = reuse and layer is not None and getattr(layer, "gradient_checkpointing", False) and layer.training
+    if checkpointed:
+        if _in_backward():
+            return Phase.RECOMPUTE
+        # reentrant checkpointing runs the first forward under no_grad
+        if torch.is_grad_enabled() or _reentrant(layer):
+            return Phase.FIRST
+    return Phase.TRAIN if needs_grad else Phase.INFERENCE
 
 
 @dataclass

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from kt_trl.containers import find_decoder_layers, find_moe_blocks
-from kt_trl.expert_layouts import REGISTRY, check_experts_module, match_experts_class, match_layout, supported_families
-from tests.tiny_models import FAMILIES, tiny_model
+from kt_trl.layouts import REGISTRY, check_experts_module, match_experts_class, match_layout, supported_families
+from tests.helpers import FAMILIES, tiny_model
 
 FAMILY_NAMES = {
     "qwen3_moe": "Qwen3-MoE", "qwen2_moe": "Qwen2-MoE", "mixtral": "Mixtral", "olmoe": "OLMoE",

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from kt_trl import KTConfig
 from kt_trl.prepare import prepare_model
-from tests.tiny_models import VOCAB, expert_targets, tiny_model
+from tests.helpers import VOCAB, expert_targets, tiny_model
 
 FROZEN = KTConfig(freeze_experts=True)
 
