@@ -143,7 +143,7 @@ def _expert_seconds(model) -> tuple[float, float, int]:
 def _parse(argv):
     parser = argparse.ArgumentParser(prog="python -m kt_trl.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps (default 60)")
-    parser.add_argument("--output-dir", default=None, help="where to save the adapter (default: a temp dir)")
+    parser.add_argument("--output-dir", default=None, help="where to save the adapter (default: a temporary directory, removed at the end)")
     parser.add_argument("--isa", default=None, help="engine ISA: auto, amx, avx512, avx2, scalar (default: KT_TRL_ISA or auto)")
     parser.add_argument("--threads", type=int, default=None, help="engine threads (default: physical cores)")
     parser.add_argument("--hidden-size", type=int, default=256)
@@ -153,21 +153,29 @@ def _parse(argv):
 
 
 def main(argv=None) -> dict:
-    """Train, print a summary, return it as a dict (losses, tokens/s, timings, ISA, adapter path)."""
+    """Train, print a summary, return it as a dict (losses, tokens/s, timings, ISA, adapter path or
+    None when no `--output-dir` was given)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import datasets
-    import torch
     import transformers
-    from transformers.trainer_callback import ProgressCallback
-    from trl import SFTConfig
-
-    from . import KTConfig, KTSFTTrainer
 
     transformers.logging.set_verbosity_error()
     datasets.disable_progress_bars()
 
     opts = _parse(argv)
-    output_dir = opts.output_dir or tempfile.mkdtemp(prefix="kt_trl_demo_")
+    if opts.output_dir is None:  # nothing left behind: the adapter goes to a directory removed at the end
+        with tempfile.TemporaryDirectory(prefix="kt_trl_demo_") as output_dir:
+            return _train(opts, output_dir, kept=False)
+    return _train(opts, opts.output_dir, kept=True)
+
+
+def _train(opts, output_dir: str, *, kept: bool) -> dict:
+    import torch
+    from transformers.trainer_callback import ProgressCallback
+    from trl import SFTConfig
+
+    from . import KTConfig, KTSFTTrainer
+
     dataset = load_instructions()
     tokenizer = build_tokenizer(dataset)
     model = build_model(
@@ -190,12 +198,12 @@ def main(argv=None) -> dict:
     trainer.train()
     seconds = time.perf_counter() - start
     trainer.save_model(output_dir)
-    summary = _summarize(trainer, seconds, output_dir)
+    summary = _summarize(trainer, seconds, output_dir if kept else None)
     _print(summary, trainer.kt_report)
     return summary
 
 
-def _summarize(trainer, seconds: float, output_dir: str) -> dict:
+def _summarize(trainer, seconds: float, output_dir: str | None) -> dict:
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     expert_forward, expert_backward, calls = _expert_seconds(trainer.model)
     return {
@@ -228,7 +236,10 @@ def _print(summary: dict, report) -> None:
         )
     )
     print(f"ISA path: {summary['isa']} ({summary['threads']} threads)")
-    print(f"adapter saved to: {summary['adapter_dir']}")
+    if summary["adapter_dir"] is None:
+        print("adapter saved to a temporary directory, now removed (pass --output-dir DIR to keep it)")
+    else:
+        print(f"adapter saved to: {summary['adapter_dir']}")
 
 
 if __name__ == "__main__":

@@ -27,3 +27,11 @@ def test_shipped_dataset_and_tokenizer():
     assert text.startswith("<|im_start|>user\n") and text.endswith("<|im_end|>\n")
     ids = tokenizer(text)["input_ids"]
     assert tokenizer.decode(ids) == text and len(tokenizer) <= 384
+
+
+def test_demo_without_output_dir_leaves_nothing_behind(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(demo.tempfile, "tempdir", None)  # re-read TMPDIR
+    summary = demo.main(["--steps", "1", "--hidden-size", "64", "--layers", "1", "--experts", "8"])
+    assert summary["adapter_dir"] is None and list(tmp_path.iterdir()) == []
+    assert "pass --output-dir DIR to keep it" in capsys.readouterr().out
