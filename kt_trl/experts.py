@@ -58,14 +58,22 @@ class EngineRunner:
         self.config = config if config is not None else KTConfig()
         self.staging = staging if staging is not None else HostStaging()
         self._layer = weakref.ref(layer) if layer is not None else (lambda: None)
-        host, device = budgets if budgets is not None else activation_budgets(self.config)
-        self.pending = KeptForwards(name, max_pending=self.config.max_pending_activations, budget=host,
-                                    device_budget=device, staging=self.staging)
+        self.configure(self.config, budgets=budgets)
         self.forward_calls = 0
         self.backward_calls = 0
         self.reused_forwards = 0
         self.forward_seconds = 0.0
         self.backward_seconds = 0.0
+
+    def configure(self, config: KTConfig, *, budgets: tuple[ActivationBudget, DeviceActivationBudget] | None = None):
+        """Use `config` (and the model's kept-activation budgets) from the next call on; activations
+        kept under the old settings are dropped."""
+        if getattr(self, "pending", None) is not None:
+            self.pending.clear()
+        self.config = config
+        host, device = budgets if budgets is not None else activation_budgets(config)
+        self.pending = KeptForwards(self.name, max_pending=config.max_pending_activations, budget=host,
+                                    device_budget=device, staging=self.staging)
 
     def __call__(self, hidden_states, top_k_index, top_k_weights, *, lora_gate_up=None, lora_down=None):
         """Routed experts `y [T, H]` for `hidden_states [T, H]`, `top_k_index [T, k]`, `top_k_weights [T, k]`.

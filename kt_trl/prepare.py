@@ -39,7 +39,9 @@ def prepare_model(
         model (`nn.Module`):
             A transformers MoE causal LM, possibly inside `PeftModel`, DDP/FSDP or value-head wrappers.
         config (`KTConfig`, *optional*):
-            Engine settings; defaults to `KTConfig()`.
+            Engine settings; defaults to `KTConfig()` for a new model and, for a prepared one, to
+            the settings it has. A different config on a prepared model is applied (the ISA and
+            threads of the engine, activation reuse and its budgets).
         expert_lora_requested (`bool`, *optional*):
             Whether the user asked for LoRA on the experts; read from the `PeftModel`'s config when
             not given. If asked and no expert got an adapter, this raises.
@@ -56,11 +58,13 @@ def prepare_model(
     (0, 1)
     ```
     """
-    config = config or KTConfig()
     base = unwrap_model(model)
     previous = getattr(base, "_kt_report", None)
-    if previous is not None and not _unbound_wrappers(base):
+    if previous is not None and config is not None and config != base._kt_config:
+        _apply_config(base, config)
+    elif previous is not None and not _unbound_wrappers(base):
         return previous
+    config = config or getattr(base, "_kt_config", None) or KTConfig()
     layout = match_layout(base)
     blocks = find_moe_blocks(find_decoder_layers(base), layout)
     if not blocks:
@@ -80,7 +84,7 @@ def prepare_model(
     if expert_lora_requested and not any(adapted):
         raise ValueError(_no_expert_lora_message(layout))
     report = _build_report(model, base, blocks, layout, config)
-    base._kt_report = report
+    base._kt_report, base._kt_config = report, config
     logger.info(report.summary())
     return report
 
@@ -91,6 +95,7 @@ def _route_blocks(
     for block in blocks:
         check_experts_module(layout, block.experts, where=block.name)
     _check_expert_grads(blocks, config)
+    _warn_if_not_bf16(blocks)
     _configure_runtime(config)
     _switch_experts_implementation(base, blocks)
     staging = HostStaging()  # one for all layers: its in-flight copies are released on any layer's call
@@ -109,6 +114,19 @@ def _route_blocks(
     bar.close()
 
 
+def _apply_config(base: nn.Module, config: KTConfig) -> None:
+    """Give an already-prepared model's engine and runners the settings of `config`."""
+    _configure_runtime(config)
+    budgets = activation_budgets(config)
+    for runner in _runners(base):
+        runner.configure(config, budgets=budgets)
+    logger.info("kt_trl: applied %s to the prepared model.", config)
+
+
+def _runners(base: nn.Module) -> list[EngineRunner]:
+    return [m._kt_runner for m in base.modules() if isinstance(getattr(m, "_kt_runner", None), EngineRunner)]
+
+
 def _switch_experts_implementation(base: nn.Module, blocks: list[MoEBlock]) -> None:
     """`set_experts_implementation("kt_cpu")`, checked on every block before any weight moves."""
     register_experts_implementation()
@@ -123,6 +141,17 @@ def _switch_experts_implementation(base: nn.Module, blocks: list[MoEBlock]) -> N
                 f"module (it would run {implementation!r}), so kt_trl cannot route it; nothing was changed. "
                 "Please report this model class to kt_trl."
             )
+
+
+def _warn_if_not_bf16(blocks: list[MoEBlock]) -> None:
+    dtypes = {block.experts.gate_up_proj.dtype for block in blocks} - {torch.bfloat16}
+    if dtypes:
+        logger.warning(
+            "kt_trl: this model's routed experts are %s; the CPU engine computes them in BF16 (weights and "
+            "inputs rounded to BF16, FP32 accumulation, outputs returned as %s). Everything else keeps its dtype.",
+            "/".join(sorted(str(d).removeprefix("torch.") for d in dtypes)),
+            "/".join(sorted(str(d).removeprefix("torch.") for d in dtypes)),
+        )
 
 
 def _frozen_expert_params(experts: nn.Module) -> list[torch.Tensor]:

@@ -6,6 +6,7 @@ from torch import nn
 from trl import SFTTrainer
 
 from .config import KTConfig
+from .containers import unwrap_model
 from .lora import requested_expert_lora
 from .prepare import prepare_model
 from .report import RoutingReport
@@ -27,7 +28,9 @@ class KTSFTTrainer(SFTTrainer):
         train_dataset (`datasets.Dataset` or `IterableDataset`):
             As for `SFTTrainer`. Third positional argument, as TRL users write it.
         kt_config (`KTConfig`, *optional*):
-            Engine settings (ISA, threads, activation reuse under gradient checkpointing).
+            Engine settings (ISA, threads, activation reuse under gradient checkpointing). Defaults
+            to `KTConfig()`, or for a model a trainer prepared before, to the settings it has; a
+            config given for such a model is applied to it.
         **kwargs:
             Any other `SFTTrainer` keyword (`peft_config`, `processing_class`, `eval_dataset`, ...).
 
@@ -48,7 +51,7 @@ class KTSFTTrainer(SFTTrainer):
     _name = "KT-SFT"
 
     def __init__(self, model, args=None, train_dataset=None, *, kt_config: KTConfig | None = None, **kwargs):
-        self.kt_config = kt_config if kt_config is not None else KTConfig()
+        self.kt_config = kt_config  # None: KTConfig() for a new model, the settings it has for a prepared one
         self.kt_report: RoutingReport | None = None
         # PEFT rewrites the config in place (e.g. resolves "all-linear"), so read the intent first.
         self._kt_expert_lora_requested = requested_expert_lora(kwargs.get("peft_config"))
@@ -60,6 +63,8 @@ class KTSFTTrainer(SFTTrainer):
         """Route `model`'s experts through the CPU engine (idempotent; `prepare_model` logs the report once)."""
         requested = self._kt_expert_lora_requested or None
         self.kt_report = prepare_model(model, self.kt_config, expert_lora_requested=requested)
+        if self.kt_config is None:
+            self.kt_config = unwrap_model(model)._kt_config
         return self.kt_report
 
     def _move_model_to_device(self, model: nn.Module, device) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -219,3 +220,48 @@ def test_gpt_oss_load_state_dict_repacks_weights_and_biases():
         expected = fresh.model.layers[1].mlp.experts(x, ids, w)
         got = model.model.layers[1].mlp.experts(x, ids, w)
     assert ((got - expected).norm() / expected.norm()) < 1e-2
+
+
+def test_a_new_config_on_a_prepared_model_is_applied():
+    from kt_trl._native import configure, runtime_info
+
+    model = tiny_model("qwen3_moe")
+    first = prepare_model(model, KTConfig(freeze_experts=True))
+    assert first.reuse_checkpointed_activations
+    try:
+        report = prepare_model(model, KTConfig(isa="scalar", threads=1, reuse_checkpointed_activations=False,
+                                               freeze_experts=True))
+        assert (report.isa, report.threads, report.reuse_checkpointed_activations) == ("scalar", 1, False)
+        assert runtime_info()["isa"] == "scalar" and runtime_info()["threads"] == 1
+        runners = [m._kt_runner for m in experts_modules(model)]
+        assert all(not r.config.reuse_checkpointed_activations for r in runners)
+        assert len({id(r.pending.budget) for r in runners}) == 1  # still one model-wide budget
+        assert prepare_model(model) is report  # no config: the model keeps the one it has
+    finally:
+        configure(isa="auto", threads=2)
+
+
+def test_a_second_trainer_keeps_or_applies_the_config(tmp_path, tokenizer, dataset):
+    model = tiny_model("qwen3_moe")
+    args = sft_args(tmp_path)
+    first = KTSFTTrainer(model, args, dataset, processing_class=copy.deepcopy(tokenizer),
+                         kt_config=KTConfig(reuse_checkpointed_activations=False, freeze_experts=True))
+    second = KTSFTTrainer(first.model, args, dataset, processing_class=copy.deepcopy(tokenizer))
+    assert second.kt_config == first.kt_config and not second.kt_report.reuse_checkpointed_activations
+    third = KTSFTTrainer(first.model, args, dataset, processing_class=copy.deepcopy(tokenizer),
+                         kt_config=KTConfig(freeze_experts=True))
+    assert third.kt_report.reuse_checkpointed_activations
+
+
+def test_float32_experts_are_announced_once(caplog):
+    model = tiny_model("qwen3_moe")
+    assert model.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.float32
+    with caplog.at_level(logging.WARNING, logger="kt_trl.prepare"):
+        prepare_model(model, KTConfig(freeze_experts=True))
+        prepare_model(model)
+    assert [r.getMessage().count("float32") for r in caplog.records] == [2]
+    assert "computes them in BF16" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kt_trl.prepare"):
+        prepare_model(tiny_model("qwen3_moe").to(torch.bfloat16), KTConfig(freeze_experts=True))
+    assert "BF16" not in caplog.text
