@@ -11,12 +11,16 @@ one targeted, usually down_proj). Each holds, per adapter,
 PEFT's own forward materialises `W + delta W` for every expert on every call. We never run it: the
 outer wrapper *instance* gets a bound forward that hands `ExpertLoRA` views of the same parameters to
 the engine, so the optimizer, `save_pretrained` and `PeftModel.from_pretrained` keep working.
+Every expert wrapper also gets a bound `merge` / `unmerge` that add / subtract `delta W_e` in the
+engine's packed weights (PEFT's own would write into the zero-byte placeholders), so
+`merge_adapter()` and `merge_and_unload()` work and the merged model saves its merged experts.
 """
 
 from __future__ import annotations
 
 import logging
 import types
+import warnings
 
 import torch
 from torch import nn
@@ -65,24 +69,63 @@ def _active_adapter(wrapper: nn.Module) -> str | None:
 
 
 def _routed_lora_forward(self: nn.Module, hidden_states, top_k_index, top_k_weights):
-    """Forward bound on PEFT's outer expert `ParamWrapper`: the engine computes base + LoRA."""
+    """Forward bound on PEFT's outer expert `ParamWrapper`: the engine computes base + LoRA.
+
+    As PEFT's own forward: disabled adapters are unmerged first; a merged adapter is in the
+    engine's weights already, so only unmerged ones are passed as LoRA.
+    """
     wrappers = self._kt_wrappers
     experts = self.get_base_layer()
-    if any(w.merged for w in wrappers.values()):
-        raise ValueError(
-            "Merged LoRA adapters cannot be applied to CPU-routed experts (the engine holds the frozen base "
-            "weights); call model.unmerge_adapter() before training or evaluating with kt_trl."
-        )
     loras = {}
-    if not self.disable_adapters:
-        for name, wrapper in wrappers.items():
-            adapter = _active_adapter(wrapper)
-            if adapter is not None:
-                loras[name] = expert_lora_factors(wrapper, adapter)
+    for name, wrapper in wrappers.items():
+        if self.disable_adapters and wrapper.merged:
+            wrapper.unmerge()
+        adapter = None if self.disable_adapters or wrapper.merged else _active_adapter(wrapper)
+        if adapter is not None:
+            loras[name] = expert_lora_factors(wrapper, adapter)
     return experts._kt_runner(
         hidden_states, top_k_index, top_k_weights,
         lora_gate_up=loras.get("gate_up_proj"), lora_down=loras.get("down_proj"),
     )
+
+
+def _merge_into_engine(self: nn.Module, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+    """`ParamWrapper.merge` for CPU-routed experts: `W_e += scale * B_e A_e` in the engine, layer by layer.
+
+    PEFT's own merge adds to the parameter, which here is a zero-byte placeholder.
+    """
+    from peft.tuners.tuners_utils import check_adapters_to_merge
+
+    for adapter in check_adapters_to_merge(self, adapter_names):
+        if adapter in self.lora_A:
+            _add_delta_to_engine(self, adapter, sign=1.0, check_finite=safe_merge)
+            self.merged_adapters.append(adapter)
+
+
+def _unmerge_from_engine(self: nn.Module) -> None:
+    """`ParamWrapper.unmerge` for CPU-routed experts (subtracts what `_merge_into_engine` added)."""
+    if not self.merged:
+        warnings.warn("Already unmerged. Nothing to do.")
+        return
+    while self.merged_adapters:
+        adapter = self.merged_adapters.pop()
+        if adapter in self.lora_A:
+            _add_delta_to_engine(self, adapter, sign=-1.0, check_finite=False)
+
+
+def _add_delta_to_engine(wrapper: nn.Module, adapter: str, *, sign: float, check_finite: bool) -> None:
+    engine = wrapper.get_base_layer()._kt_runner.engine
+    lora = expert_lora_factors(wrapper, adapter)
+    gate_up, down = engine.unpack()  # this layer only: [E, 2I, H], [E, H, I] bf16
+    target = gate_up if wrapper.parameter_name == "gate_up_proj" else down
+    with torch.no_grad():
+        for e in range(engine.num_experts):
+            # [out, in] = [out, r] @ [r, in], in FP32, rounded to BF16 once
+            merged = target[e].float() + sign * lora.scale * (lora.B[e].float() @ lora.A[e].float())
+            if check_finite and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
+            target[e] = merged.to(target.dtype)
+            engine.load_expert(e, gate_up[e], down[e])
 
 
 def _check_wrappers(block: MoEBlock) -> dict[str, nn.Module]:
@@ -125,6 +168,8 @@ def bind_expert_lora(block: MoEBlock) -> bool:
     by_name = _check_wrappers(block)
     for wrapper in by_name.values():
         _to_fp32_cpu(wrapper)
+        wrapper.merge = types.MethodType(_merge_into_engine, wrapper)
+        wrapper.unmerge = types.MethodType(_unmerge_from_engine, wrapper)
     outer._kt_wrappers = by_name
     outer.forward = types.MethodType(_routed_lora_forward, outer)
     outer._kt_routed = True

@@ -15,7 +15,7 @@ from torch import nn
 
 from .checkpointing import activation_budgets
 from .config import KTConfig
-from .containers import MoEBlock, find_decoder_layers, find_moe_blocks, is_peft_model, unwrap_model
+from .containers import MoEBlock, find_decoder_layers, find_moe_blocks, unwrap_model
 from .experts import KT_IMPLEMENTATION, EngineRunner, register_experts_implementation
 from .layouts import EXPERT_PARAMETERS, ExpertLayout, check_experts_module, match_layout
 from .lora import bind_expert_lora, requested_expert_lora
@@ -74,8 +74,7 @@ def prepare_model(
     if layout.no_expert_lora and any(block.wrappers for block in blocks):
         raise ValueError(f"{layout.family}: {layout.no_expert_lora}")
     if previous is None:
-        # a PEFT save keeps adapter keys only: unpacking the experts into every state_dict() would be waste
-        _route_blocks(base, blocks, layout, config, unpack_on_save=not is_peft_model(model))
+        _route_blocks(base, blocks, layout, config)
     adapted = [bind_expert_lora(block) for block in blocks]
     for block in blocks:  # the outermost module at `block.experts` owns host-only tensors
         keep_on_cpu(block.slot)
@@ -89,9 +88,7 @@ def prepare_model(
     return report
 
 
-def _route_blocks(
-    base: nn.Module, blocks: list[MoEBlock], layout: ExpertLayout, config: KTConfig, *, unpack_on_save: bool
-) -> None:
+def _route_blocks(base: nn.Module, blocks: list[MoEBlock], layout: ExpertLayout, config: KTConfig) -> None:
     for block in blocks:
         check_experts_module(layout, block.experts, where=block.name)
     _check_expert_grads(blocks, config)
@@ -110,7 +107,8 @@ def _route_blocks(
         release_expert_weights(block.experts)
         block.experts._kt_runner = EngineRunner(engine, layer=block.layer, name=block.name, config=config,
                                                 staging=staging, budgets=budgets)
-        attach_state_hooks(block.experts, layout, unpack_on_save=unpack_on_save)
+        keep_on_cpu(block.experts)  # also once PEFT's unload() puts it back in the model
+        attach_state_hooks(block.experts, layout)
     bar.close()
 
 

@@ -10,6 +10,7 @@ from .containers import unwrap_model
 from .lora import requested_expert_lora
 from .prepare import prepare_model
 from .report import RoutingReport
+from .saving import save_checkpoint_atomically
 
 
 class KTSFTTrainer(SFTTrainer):
@@ -72,6 +73,15 @@ class KTSFTTrainer(SFTTrainer):
         # any placement (Trainer.__init__ and Accelerator.prepare_model both move the model).
         self._prepare_model(model)
         super()._move_model_to_device(model, device)
+
+    def _save_checkpoint(self, model: nn.Module, trial) -> None:
+        # Written under a hidden name and renamed when complete: resume never finds half a checkpoint.
+        save_checkpoint_atomically(self, lambda: super(KTSFTTrainer, self)._save_checkpoint(model, trial),
+                                   run_dir=super()._get_output_dir(trial=trial))
+
+    def _get_output_dir(self, trial) -> str:
+        staging = getattr(self, "_kt_staging_dir", None)
+        return staging if staging is not None else super()._get_output_dir(trial=trial)
 
     def _wrap_model(self, model: nn.Module, training: bool = True, dataloader=None) -> nn.Module:
         self._prepare_model(model)

@@ -9,8 +9,10 @@ loudly (they are zero-stride). This module moves weights across that line:
   (an engine built elsewhere, for weights that never exist as one Hugging Face tensor);
 - out and back in through `state_dict()` / `load_state_dict()`, by three per-instance hooks:
   - `state_dict`: the engine's weights (unpacked to BF16, the values it computes with) replace
-    the placeholders. Only for models that are not `PeftModel`s: a PEFT save keeps adapter keys
-    alone, so unpacking every expert at every checkpoint would only cost host RAM.
+    the placeholders, one layer at a time. Not when the state dict is a `PeftModel`'s (keys under
+    `base_model.model.`): PEFT keeps only the adapter keys of it, so unpacking every expert at every
+    checkpoint would only cost host RAM. The model `unload()` / `merge_and_unload()` return is
+    no `PeftModel`: it saves its experts (merged ones included).
   - `load_state_dict` (pre): incoming `gate_up_proj` / `down_proj` (in the family's layout) are
     packed into the engine expert by expert and taken out of the state dict ...
   - `load_state_dict` (post): ... and out of the missing keys, so `strict=True` still holds;
@@ -118,7 +120,12 @@ def take_installed_engine(experts: nn.Module) -> ExpertEngine | None:
     return engine
 
 
+PEFT_PREFIX = "base_model.model."
+
+
 def _state_dict_hook(module: nn.Module, state_dict, prefix: str, local_metadata) -> None:
+    if prefix.startswith(PEFT_PREFIX):
+        return
     gate_up, down = module._kt_runner.engine.unpack()
     layout = module._kt_layout
     if layout.transposed or layout.interleaved:   # back to the family's layout, expert by expert
@@ -161,10 +168,9 @@ def _load_post_hook(module: nn.Module, incompatible_keys) -> None:
     module._kt_loaded_keys = set()
 
 
-def attach_state_hooks(experts: nn.Module, layout: ExpertLayout, *, unpack_on_save: bool) -> None:
+def attach_state_hooks(experts: nn.Module, layout: ExpertLayout) -> None:
     """Register the hooks on a prepared experts module (carrying `_kt_runner`) of the family `layout`."""
     experts._kt_layout = layout
-    if unpack_on_save:
-        experts.register_state_dict_post_hook(_state_dict_hook)
+    experts.register_state_dict_post_hook(_state_dict_hook)
     experts.register_load_state_dict_pre_hook(_load_pre_hook)
     experts.register_load_state_dict_post_hook(_load_post_hook)

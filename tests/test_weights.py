@@ -58,3 +58,59 @@ def test_peft_state_dict_keeps_placeholders():
     state = model.state_dict()
     placeholder = state["base_model.model.model.layers.0.mlp.experts.base_layer.base_layer.gate_up_proj"]
     assert placeholder.stride() == (0, 0, 0)  # no unpacked copy made
+
+
+def lora_pair(family="qwen3_moe"):
+    """(plain, kt) PeftModels with the same random non-zero LoRA on attention and experts."""
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"], target_parameters=expert_targets(family),
+                        init_lora_weights=False)
+    torch.manual_seed(3)
+    plain = get_peft_model(tiny_model(family), config)
+    kt = copy.deepcopy(plain)
+    prepare_model(kt)
+    return plain, kt
+
+
+def expert_weights(model) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.state_dict().items() if n.endswith(("experts.gate_up_proj", "experts.down_proj"))}
+
+
+def test_unload_saves_the_base_experts(tmp_path):
+    plain, kt = lora_pair()
+    kt.unload().save_pretrained(tmp_path)
+    reloaded = expert_weights(AutoModelForCausalLM.from_pretrained(tmp_path))
+    expected = expert_weights(plain.unload())
+    assert reloaded.keys() == expected.keys() and len(expected) == 4
+    for name, value in expected.items():
+        assert value.abs().sum() > 0
+        torch.testing.assert_close(reloaded[name], value, rtol=0, atol=0)
+
+
+def test_merge_and_unload_saves_the_merged_experts(tmp_path):
+    plain, kt = lora_pair()
+    unmerged = logits(kt)
+    torch.testing.assert_close(logits(plain), unmerged, rtol=0.02, atol=0.02)
+    merged_plain = plain.merge_and_unload()
+    merged_kt = kt.merge_and_unload()
+    assert merged_kt.config._experts_implementation == "kt_cpu"   # still the engine, now with W + s·B·A
+    torch.testing.assert_close(logits(merged_kt), unmerged, rtol=0.02, atol=0.02)
+    merged_kt.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)     # plain transformers, per-expert keys on disk
+    expected = merged_plain.state_dict()
+    for name, value in reloaded.state_dict().items():
+        if ".experts." in name:  # the BF16 rounding of W + delta W, once
+            torch.testing.assert_close(value, expected[name], rtol=1e-2, atol=1e-2)
+            assert not torch.equal(value, tiny_model("qwen3_moe").state_dict()[name])  # the LoRA is in
+    torch.testing.assert_close(logits(reloaded), logits(merged_plain), rtol=0.02, atol=0.02)
+
+
+def test_merge_adapter_and_unmerge_keep_the_outputs():
+    _, kt = lora_pair()
+    before = logits(kt)
+    kt.merge_adapter()
+    torch.testing.assert_close(logits(kt), before, rtol=0.02, atol=0.02)
+    kt.unmerge_adapter()
+    torch.testing.assert_close(logits(kt), before, rtol=0.02, atol=0.02)
+    with kt.disable_adapter():
+        disabled = logits(kt)
+    assert not torch.allclose(disabled, before, rtol=0.02, atol=0.02)
