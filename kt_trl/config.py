@@ -34,6 +34,14 @@ class KTConfig:
             GB over the whole model (host memory is the scarcer: the packed experts fill most of it);
             beyond it they go to host memory. Defaults to a quarter of the device's memory; `0` keeps
             them in host memory.
+        gpu_experts (`str` or `int`, *optional*, defaults to `"auto"`):
+            Routed experts that stay on the accelerator, in transformers' own expert path (whole
+            layers; `kt_trl.placement`). `"auto"`: as many layers as fit next to the rest of
+            training when the model trains on a CUDA device, none on a CPU-only run; an `int`: that
+            many experts counted over the model, rounded down to whole layers (on a CPU-only run
+            they compute through torch on the CPU); `"none"`: every routed expert on the CPU engine.
+        max_gpu_memory_gb (`float`, *optional*):
+            Accelerator memory (GB) `gpu_experts="auto"` may plan with; defaults to what is free.
         freeze_experts (`bool`, *optional*, defaults to `False`):
             The engine holds the routed experts' base weights frozen. A model whose expert weights
             still require gradients (no PEFT, full fine-tuning) is refused unless this is `True`, in
@@ -47,7 +55,7 @@ class KTConfig:
     ```python
     >>> from kt_trl import KTConfig
     >>> KTConfig(isa="avx2", threads=2)
-    KTConfig(isa='avx2', threads=2, reuse_checkpointed_activations=True, max_kept_activations_gb=None, max_kept_activations_gpu_gb=None, freeze_experts=False, max_pending_activations=8)
+    KTConfig(isa='avx2', threads=2, reuse_checkpointed_activations=True, max_kept_activations_gb=None, max_kept_activations_gpu_gb=None, gpu_experts='auto', max_gpu_memory_gb=None, freeze_experts=False, max_pending_activations=8)
     >>> KTConfig().isa is None  # KT_TRL_ISA or "auto"
     True
     ```
@@ -58,6 +66,8 @@ class KTConfig:
     reuse_checkpointed_activations: bool = True
     max_kept_activations_gb: float | None = None
     max_kept_activations_gpu_gb: float | None = None
+    gpu_experts: str | int = "auto"
+    max_gpu_memory_gb: float | None = None
     freeze_experts: bool = False
     max_pending_activations: int = 8
 
@@ -68,7 +78,10 @@ class KTConfig:
             raise ValueError(f"KTConfig(threads={self.threads!r}) must be a positive int, or None for one per physical core.")
         if self.max_pending_activations < 1:
             raise ValueError("KTConfig(max_pending_activations=...) must be >= 1.")
-        for name in ("max_kept_activations_gb", "max_kept_activations_gpu_gb"):
+        gpu = self.gpu_experts
+        if not (gpu in ("auto", "none") or (isinstance(gpu, int) and not isinstance(gpu, bool) and gpu >= 0)):
+            raise ValueError(f"KTConfig(gpu_experts={gpu!r}) must be 'auto', 'none' or a number of experts >= 0.")
+        for name in ("max_kept_activations_gb", "max_kept_activations_gpu_gb", "max_gpu_memory_gb"):
             gb = getattr(self, name)
             if gb is not None and not gb >= 0:
                 raise ValueError(f"KTConfig({name}={gb!r}) must be >= 0 GB, or None for the default.")

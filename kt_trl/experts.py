@@ -140,15 +140,31 @@ def routed_experts(engine: ExpertEngine, hidden_states: torch.Tensor, top_k_inde
 
 
 def kt_experts_forward(self: nn.Module, hidden_states, top_k_index, top_k_weights):
-    """The `"kt_cpu"` entry of transformers' `ExpertsInterface` (experts without expert LoRA)."""
+    """The `"kt_cpu"` entry of transformers' `ExpertsInterface` (experts without expert LoRA).
+
+    A layer `KTConfig.gpu_experts` keeps on the training device runs the implementation the model
+    had before preparation.
+    """
     runner = getattr(self, "_kt_runner", None)
-    if runner is None:
-        raise RuntimeError(
-            f"{type(self).__name__} runs experts_implementation='{KT_IMPLEMENTATION}' but was not prepared by "
-            "kt_trl.prepare.prepare_model; prepare the model (KTSFTTrainer does) or call "
-            "model.set_experts_implementation('grouped_mm') on a model that still holds its expert weights."
-        )
-    return runner(hidden_states, top_k_index, top_k_weights)
+    if runner is not None:
+        return runner(hidden_states, top_k_index, top_k_weights)
+    if hasattr(self, "_kt_device_implementation"):
+        return _transformers_experts(self)(self, hidden_states, top_k_index, top_k_weights)
+    raise RuntimeError(
+        f"{type(self).__name__} runs experts_implementation='{KT_IMPLEMENTATION}' but was not prepared by "
+        "kt_trl.prepare.prepare_model; prepare the model (KTSFTTrainer does) or call "
+        "model.set_experts_implementation('grouped_mm') on a model that still holds its expert weights."
+    )
+
+
+def _transformers_experts(experts: nn.Module):
+    """The expert function transformers would call for `experts` under its former implementation."""
+    from transformers.integrations.moe import ExpertsInterface
+
+    name = experts._kt_device_implementation
+    function = ExpertsInterface._global_mapping.get(name) if name not in (None, "eager", KT_IMPLEMENTATION) else None
+    # "eager" is the class's own forward, which transformers' decorator wraps (functools.wraps)
+    return function if function is not None else type(experts).forward.__wrapped__
 
 
 def register_experts_implementation() -> None:

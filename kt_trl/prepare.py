@@ -19,6 +19,7 @@ from .containers import MoEBlock, find_decoder_layers, find_moe_blocks, unwrap_m
 from .experts import KT_IMPLEMENTATION, EngineRunner, register_experts_implementation
 from .layouts import EXPERT_PARAMETERS, ExpertLayout, check_experts_module, match_layout
 from .lora import bind_expert_lora, requested_expert_lora
+from .placement import gpu_layers
 from .progress import progress_bar
 from .report import RoutingReport, adapter_groups
 from .staging import HostStaging
@@ -28,9 +29,11 @@ logger = logging.getLogger(__name__)
 
 
 def prepare_model(
-    model: nn.Module, config: KTConfig | None = None, *, expert_lora_requested: bool | None = None
+    model: nn.Module, config: KTConfig | None = None, *, expert_lora_requested: bool | None = None,
+    tokens_per_batch: int | None = None, gradient_checkpointing: bool | None = None,
 ) -> RoutingReport:
-    """Route the routed experts of `model` through the native CPU engine, in place.
+    """Route the routed experts of `model` through the native CPU engine, in place; the layers
+    `KTConfig.gpu_experts` keeps on the accelerator stay in transformers' own path.
 
     Runs after PEFT wrapping and before device placement; idempotent (a second call returns the
     same report, binding expert LoRA wrappers added since).
@@ -45,6 +48,9 @@ def prepare_model(
         expert_lora_requested (`bool`, *optional*):
             Whether the user asked for LoRA on the experts; read from the `PeftModel`'s config when
             not given. If asked and no expert got an adapter, this raises.
+        tokens_per_batch (`int`, *optional*), gradient_checkpointing (`bool`, *optional*):
+            The micro-batch training will run, for `gpu_experts="auto"`'s activation estimate
+            (`KTSFTTrainer` passes them from its `SFTConfig`).
 
     Returns:
         `RoutingReport`
@@ -71,30 +77,39 @@ def prepare_model(
         raise ValueError(
             f"{layout.family}: no decoder layer has a '{layout.block_attr}.experts' module; nothing to route."
         )
+    if previous is None:
+        on_device = gpu_layers(base, blocks, config, tokens=tokens_per_batch, checkpointed=gradient_checkpointing)
+        _route_blocks(base, [b for b in blocks if b.index not in on_device], layout, config,
+                      on_device=[b for b in blocks if b.index in on_device])
+    on_device = [b for b in blocks if getattr(b.experts, "_kt_on_device", False)]
+    blocks = [b for b in blocks if not getattr(b.experts, "_kt_on_device", False)]
     if layout.no_expert_lora and any(block.wrappers for block in blocks):
         raise ValueError(f"{layout.family}: {layout.no_expert_lora}")
-    if previous is None:
-        _route_blocks(base, blocks, layout, config)
-    adapted = [bind_expert_lora(block) for block in blocks]
+    adapted = [bind_expert_lora(block) for block in blocks] + [bool(b.wrappers) for b in on_device]
     for block in blocks:  # the outermost module at `block.experts` owns host-only tensors
         keep_on_cpu(block.slot)
     if expert_lora_requested is None:
         expert_lora_requested = any(requested_expert_lora(c) for c in (getattr(model, "peft_config", None) or {}).values())
     if expert_lora_requested and not any(adapted):
         raise ValueError(_no_expert_lora_message(layout))
-    report = _build_report(model, base, blocks, layout, config)
+    report = _build_report(model, base, blocks, layout, config, on_device=on_device)
     base._kt_report, base._kt_config = report, config
     logger.info(report.summary())
     return report
 
 
-def _route_blocks(base: nn.Module, blocks: list[MoEBlock], layout: ExpertLayout, config: KTConfig) -> None:
+def _route_blocks(base: nn.Module, blocks: list[MoEBlock], layout: ExpertLayout, config: KTConfig, *,
+                  on_device: list[MoEBlock]) -> None:
+    for block in on_device:  # transformers' own expert path, on whatever device the model trains on
+        block.experts._kt_on_device = True
+    if not blocks:
+        return
     for block in blocks:
         check_experts_module(layout, block.experts, where=block.name)
     _check_expert_grads(blocks, config)
     _warn_if_not_bf16(blocks)
     _configure_runtime(config)
-    _switch_experts_implementation(base, blocks)
+    _switch_experts_implementation(base, blocks, on_device)
     staging = HostStaging()  # one for all layers: its in-flight copies are released on any layer's call
     budgets = activation_budgets(config)  # model-wide
     to_pack = sum(not hasattr(block.experts, "_kt_engine") for block in blocks)
@@ -114,6 +129,13 @@ def _route_blocks(base: nn.Module, blocks: list[MoEBlock], layout: ExpertLayout,
 
 def _apply_config(base: nn.Module, config: KTConfig) -> None:
     """Give an already-prepared model's engine and runners the settings of `config`."""
+    placed = base._kt_config
+    if (config.gpu_experts, config.max_gpu_memory_gb) != (placed.gpu_experts, placed.max_gpu_memory_gb):
+        raise ValueError(
+            f"This model was prepared with gpu_experts={placed.gpu_experts!r}, max_gpu_memory_gb="
+            f"{placed.max_gpu_memory_gb!r}; which layers keep their experts on the GPU cannot change afterwards. "
+            "Pass those same values (or no kt_config), or prepare a freshly loaded model."
+        )
     _configure_runtime(config)
     budgets = activation_budgets(config)
     for runner in _runners(base):
@@ -125,12 +147,15 @@ def _runners(base: nn.Module) -> list[EngineRunner]:
     return [m._kt_runner for m in base.modules() if isinstance(getattr(m, "_kt_runner", None), EngineRunner)]
 
 
-def _switch_experts_implementation(base: nn.Module, blocks: list[MoEBlock]) -> None:
-    """`set_experts_implementation("kt_cpu")`, checked on every block before any weight moves."""
+def _switch_experts_implementation(base: nn.Module, blocks: list[MoEBlock], on_device: list[MoEBlock]) -> None:
+    """`set_experts_implementation("kt_cpu")`, checked on every block before any weight moves; the
+    blocks kept on the device remember the implementation they ran (`kt_experts_forward` calls it)."""
     register_experts_implementation()
     previous = base.config._experts_implementation
+    for block in on_device:
+        block.experts._kt_device_implementation = previous
     base.set_experts_implementation(KT_IMPLEMENTATION)
-    for block in blocks:
+    for block in blocks + on_device:
         implementation = getattr(getattr(block.experts, "config", None), "_experts_implementation", None)
         if implementation != KT_IMPLEMENTATION:
             base.set_experts_implementation(previous)
@@ -186,7 +211,8 @@ def _configure_runtime(config: KTConfig) -> dict:
 def _unbound_wrappers(base: nn.Module) -> bool:
     layout = match_layout(base)
     blocks = find_moe_blocks(find_decoder_layers(base), layout)
-    return any(b.wrappers and not getattr(b.wrappers[0], "_kt_routed", False) for b in blocks)
+    return any(b.wrappers and not getattr(b.wrappers[0], "_kt_routed", False) for b in blocks
+               if not getattr(b.experts, "_kt_on_device", False))
 
 
 def _no_expert_lora_message(layout: ExpertLayout) -> str:
@@ -199,15 +225,12 @@ def _no_expert_lora_message(layout: ExpertLayout) -> str:
     )
 
 
-def _build_report(model, base, blocks, layout, config) -> RoutingReport:
+def _build_report(model, base, blocks, layout, config, *, on_device: list[MoEBlock]) -> RoutingReport:
     from ._native import runtime_info
 
     info = runtime_info()
-    expert_lora = tuple(
-        (name, p.numel())
-        for name, p in model.named_parameters()
-        if p.requires_grad and ".experts." in f".{name}." and ".lora_" in name
-    )
+    on_cpu = {id(p) for b in blocks for w in b.wrappers for adapters in (w.lora_A, w.lora_B) for p in adapters.parameters()}
+    expert_lora = tuple((name, p.numel()) for name, p in model.named_parameters() if p.requires_grad and id(p) in on_cpu)
     params = list(model.parameters())
     adapters, untrained = adapter_groups(model, layout)
     return RoutingReport(
@@ -223,4 +246,6 @@ def _build_report(model, base, blocks, layout, config) -> RoutingReport:
         trainable_parameters=sum(p.numel() for p in params if p.requires_grad),
         total_parameters=sum(p.numel() for p in params),
         reuse_checkpointed_activations=config.reuse_checkpointed_activations,
+        gpu_layers=tuple(b.index for b in on_device),
+        gpu_expert_bytes=sum(p.numel() * p.element_size() for b in on_device for p in b.experts.parameters(recurse=False)),
     )

@@ -29,6 +29,9 @@ class RoutingReport:
         trainable_parameters: Trainable parameters, expert LoRA included.
         total_parameters: All parameters, the engine-held expert weights included.
         reuse_checkpointed_activations: Whether gradient checkpointing reuses the first expert forward.
+        gpu_layers: Decoder-layer indices whose experts stay in transformers' path on the training
+            device (`KTConfig.gpu_experts`).
+        gpu_expert_bytes: Their expert weights' bytes.
     """
 
     family: str
@@ -43,6 +46,8 @@ class RoutingReport:
     trainable_parameters: int
     total_parameters: int
     reuse_checkpointed_activations: bool
+    gpu_layers: tuple[int, ...] = ()
+    gpu_expert_bytes: int = 0
 
     @property
     def expert_lora_parameters(self) -> int:
@@ -62,11 +67,13 @@ class RoutingReport:
         """A few human-readable lines."""
         layers = len(self.layers_routed)
         experts = sorted(set(self.experts_per_layer))
+        on_device = (f"; {len(self.gpu_layers)} layer(s) keep theirs on the training device "
+                     f"({self.gpu_expert_bytes / 2**20:.1f} MiB)" if self.gpu_layers else "")
         return "\n".join(
             (
                 f"kt_trl: {self.family}: routed experts of {layers} layer(s) "
                 f"({'/'.join(map(str, experts))} experts each) to the CPU engine "
-                f"[{self.isa}, {self.threads} thread(s)], {self.packed_bytes / 2**20:.1f} MiB packed",
+                f"[{self.isa}, {self.threads} thread(s)], {self.packed_bytes / 2**20:.1f} MiB packed{on_device}",
                 self.adapters_line(),
                 "kt_trl: gradient checkpointing "
                 + ("reuses the first CPU expert forward" if self.reuse_checkpointed_activations else "recomputes the CPU expert forward"),

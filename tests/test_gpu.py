@@ -13,7 +13,7 @@ import torch
 from peft import LoraConfig
 from trl import SFTTrainer
 
-from kt_trl import KTSFTTrainer
+from kt_trl import KTConfig, KTSFTTrainer
 from tests.helpers import expert_targets, sft_args, step_losses, tiny_model
 
 pytestmark = [
@@ -34,7 +34,8 @@ def test_gpu_parity_and_placement(family, tmp_path, tokenizer, dataset):
                        processing_class=copy.deepcopy(tokenizer), peft_config=copy.deepcopy(peft_config))
     plain.train()
     kt = KTSFTTrainer(copy.deepcopy(model), gpu_args(tmp_path / "kt", family=family), dataset,
-                      processing_class=copy.deepcopy(tokenizer), peft_config=copy.deepcopy(peft_config))
+                      processing_class=copy.deepcopy(tokenizer), peft_config=copy.deepcopy(peft_config),
+                      kt_config=KTConfig(gpu_experts="none"))
     _assert_placement(kt.model)
     kt.train()
     _assert_placement(kt.model)
@@ -47,10 +48,10 @@ def test_gpu_parity_and_placement(family, tmp_path, tokenizer, dataset):
         assert kt.kt_report.isa == "amx"
 
 
-def _assert_placement(model):
+def _assert_placement(model, gpu_layers=()):
     on_gpu = on_cpu = 0
     for name, param in model.named_parameters():
-        if ".experts." in name:
+        if ".experts." in name and not any(f"layers.{i}." in name for i in gpu_layers):
             assert param.device.type == "cpu", f"{name} is on {param.device}"
             on_cpu += 1
         else:
@@ -63,3 +64,22 @@ def _cpu_features():
     from kt_trl._native import runtime_info
 
     return " ".join(runtime_info().get("cpu_features", []))
+
+
+@pytest.mark.parametrize("gpu_experts, gpu_layers", [("auto", (0, 1)), (8, (0,))])
+def test_gpu_resident_experts_train_like_plain_peft(gpu_experts, gpu_layers, tmp_path, tokenizer, dataset):
+    """Experts kept on the GPU (all of them where they fit, or a layer) train like plain PEFT there."""
+    model = tiny_model("qwen3_moe")
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"], target_parameters=expert_targets("qwen3_moe"))
+    plain = SFTTrainer(copy.deepcopy(model), gpu_args(tmp_path / "plain"), train_dataset=dataset,
+                       processing_class=copy.deepcopy(tokenizer), peft_config=copy.deepcopy(peft_config))
+    plain.train()
+    kt = KTSFTTrainer(copy.deepcopy(model), gpu_args(tmp_path / "kt"), dataset, processing_class=copy.deepcopy(tokenizer),
+                      peft_config=copy.deepcopy(peft_config), kt_config=KTConfig(gpu_experts=gpu_experts))
+    assert kt.kt_report.gpu_layers == gpu_layers
+    kt.train()
+    on_gpu = [n for n, p in kt.model.named_parameters() if ".experts." in n and p.device.type == "cuda"]
+    assert on_gpu and all(any(f"layers.{i}." in n for i in gpu_layers) for n in on_gpu)
+    if len(gpu_layers) < 2:
+        _assert_placement(kt.model, gpu_layers)
+    torch.testing.assert_close(torch.tensor(step_losses(kt)), torch.tensor(step_losses(plain)), rtol=2e-2, atol=0.0)

@@ -193,7 +193,7 @@ def test_staged_host_tensors_are_pinned():
 def test_checkpointed_model_step_on_cuda_matches_cpu(monkeypatch, gpu_gb):
     plain = peft_model()
     kt = copy.deepcopy(plain)
-    prepare_model(kt, KTConfig(max_kept_activations_gpu_gb=gpu_gb))
+    prepare_model(kt, KTConfig(max_kept_activations_gpu_gb=gpu_gb, gpu_experts="none"))
     kt.cuda()
     for model in (plain, kt):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -1,0 +1,124 @@
+"""Which MoE layers keep their routed experts on the accelerator, and which go to the CPU engine.
+
+[NOTE] Where a model fits the GPU, plain PEFT on the GPU is an order of magnitude faster than the
+CPU engine, and where it half fits, every layer kept there takes its share of the step off the
+CPU. The split is by whole layers: a GPU-resident layer keeps its experts in transformers' own
+expert path (PEFT's own expert LoRA, nothing staged), so saving, resume, merging and
+`PeftModel.from_pretrained` see the same fused parameters whatever the split.
+
+`KTConfig(gpu_experts="auto")` keeps as many layers as fit in the accelerator's memory
+(`KTConfig(max_gpu_memory_gb=...)` caps it) after what training needs besides them: the other
+weights, the LoRA parameters with their gradients and AdamW state, and an activation estimate for
+the micro-batch; an integer keeps that many experts (whole layers of them); `"none"` keeps none.
+Layers whose engine was installed beforehand (`weights.install_engine`) stay on the CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import KTConfig
+from .containers import MoEBlock
+
+logger = logging.getLogger(__name__)
+
+# Bytes per trainable parameter: FP32 weight, gradient and AdamW's two moments.
+TRAINABLE_BYTES = 16
+MARGIN_FRACTION, MARGIN_BYTES = 0.08, 2 * 10**9  # allocator fragmentation, CUDA context, workspaces
+
+
+@dataclass(frozen=True)
+class GPUBudget:
+    """How the accelerator's memory was shared out (bytes).
+
+    Attributes:
+        capacity: Device memory considered (free memory, capped by `max_gpu_memory_gb`).
+        reserved: What training needs besides the GPU-resident experts (weights, LoRA state,
+            activations, margin).
+        per_layer: One layer's routed experts with their LoRA state.
+        layers: How many layers' experts fit.
+    """
+
+    capacity: int
+    reserved: int
+    per_layer: int
+    layers: int
+
+
+def _param_bytes(params) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def _expert_lora(block: MoEBlock) -> list[torch.Tensor]:
+    return [p for w in block.wrappers for adapters in (w.lora_A, w.lora_B) for p in adapters.parameters()]
+
+
+def _expert_layer_bytes(block: MoEBlock) -> int:
+    frozen = _param_bytes(block.experts.parameters(recurse=False))
+    return frozen + TRAINABLE_BYTES * sum(p.numel() for p in _expert_lora(block))
+
+
+def activation_bytes(model: nn.Module, tokens: int, *, checkpointed: bool) -> int:
+    """A rough peak of activation memory for a micro-batch of `tokens` tokens.
+
+    With gradient checkpointing: every layer's input, plus one layer recomputed with its expert
+    intermediates, plus the logits in BF16 and FP32 with their gradient. Without: every layer's
+    intermediates.
+    """
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    hidden, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    top_k = getattr(config, "num_experts_per_tok", 8)
+    inter = getattr(config, "moe_intermediate_size", None) or getattr(config, "intermediate_size", hidden)
+    per_layer = tokens * (12 * hidden + 3 * top_k * 2 * inter) * 2
+    logits = tokens * vocab * (2 + 4 + 4)
+    return (layers * tokens * hidden * 2 + 2 * per_layer if checkpointed else layers * per_layer) + logits
+
+
+def gpu_budget(model: nn.Module, blocks: list[MoEBlock], config: KTConfig, *, tokens: int, checkpointed: bool,
+               device: torch.device) -> GPUBudget:
+    """How many of `blocks`' layers fit on `device` next to the rest of training."""
+    free, _ = torch.cuda.mem_get_info(device)
+    capacity = free if config.max_gpu_memory_gb is None else min(free, int(config.max_gpu_memory_gb * 1e9))
+    expert_params = {id(p) for b in blocks for p in b.experts.parameters(recurse=False)}
+    lora_params = {id(p) for b in blocks for p in _expert_lora(b)}
+    others = [p for p in model.parameters() if id(p) not in expert_params and id(p) not in lora_params]
+    reserved = (_param_bytes(others) + TRAINABLE_BYTES * sum(p.numel() for p in others if p.requires_grad)
+                + activation_bytes(model, tokens, checkpointed=checkpointed) + int(MARGIN_FRACTION * capacity) + MARGIN_BYTES)
+    per_layer = max(_expert_layer_bytes(blocks[0]), 1) if blocks else 1
+    return GPUBudget(capacity, reserved, per_layer, max(0, (capacity - reserved) // per_layer))
+
+
+def gpu_layers(model: nn.Module, blocks: list[MoEBlock], config: KTConfig, *, tokens: int | None,
+               checkpointed: bool | None) -> set[int]:
+    """Decoder-layer indices whose experts stay in transformers' path on the training device.
+
+    Args:
+        model: The unwrapped model (on the CPU or the meta device, before placement).
+        blocks: Its MoE blocks.
+        config: `KTConfig` (`gpu_experts`, `max_gpu_memory_gb`).
+        tokens: Tokens per micro-batch, for the activation estimate (None: 4096).
+        checkpointed: Whether training uses gradient checkpointing (None: TRL's default, yes).
+    """
+    free = [b for b in blocks if not hasattr(b.experts, "_kt_engine")]  # installed engines stay on the CPU
+    if config.gpu_experts == "none" or not free:
+        return set()
+    if config.gpu_experts == "auto":
+        if not torch.cuda.is_available():
+            return set()
+        budget = gpu_budget(model, blocks, config, tokens=tokens or 4096, checkpointed=checkpointed is not False,
+                            device=torch.device("cuda"))
+        count = min(budget.layers, len(free))
+        logger.info("kt_trl: %.1f GB of GPU memory, %.1f GB for the rest of training, %.2f GB per layer of experts: "
+                    "%d of %d MoE layers keep their experts on the GPU.", budget.capacity / 1e9,
+                    budget.reserved / 1e9, budget.per_layer / 1e9, count, len(blocks))
+    else:
+        experts = free[0].experts.gate_up_proj.shape[0]
+        count = min(config.gpu_experts // experts, len(free))
+        if config.gpu_experts % experts:
+            logger.warning("kt_trl: gpu_experts=%d keeps whole layers of %d experts: %d layer(s), %d experts.",
+                           config.gpu_experts, experts, count, count * experts)
+    return {b.index for b in free[:count]}
