@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 TINY = ["--layers", "2", "--hidden", "64", "--experts", "8", "--intermediate", "32", "--vocab", "512", "--seq", "64",
-        "--batch", "2", "--steps", "2"]
+        "--batch", "2", "--steps", "2", "--gpu-experts", "none"]
 
 
 @pytest.fixture(scope="module")
@@ -59,3 +59,12 @@ def test_built_model_never_holds_dense_experts(train_step):
         assert experts.gate_up_proj.stride() == (0, 0, 0) and experts.down_proj.stride() == (0, 0, 0)
         assert experts._kt_engine.dims == (8, 64, 32)
     assert all(p.device.type == "cpu" and p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+def test_layers_kept_dense_train_like_plain_peft(train_step):
+    records = train_step.main([*TINY[:-2], "--gpu-experts", "8", "--reference"])  # one layer of 8 experts
+    summary = next(r for r in records if r["kind"] == "summary")
+    assert summary["gpu_layers"] == [0]
+    assert all(r["expert_calls"] == [1, 1, 1] for r in records if r["kind"] == "step")  # layer 1 only
+    parity = next(r for r in records if r["kind"] == "parity")
+    assert parity["max_loss_rel_diff"] < 5e-3
