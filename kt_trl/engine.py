@@ -149,40 +149,33 @@ class ExpertEngine:
         ``empty(shape, dtype)``, if given, allocates ``y`` (e.g. in pinned memory); it defaults
         to the engine's cached host memory, where the activations always go.
         """
-        ids, weights = _routing(top_k_index, top_k_weights)
+        ids, weights = _routing_to_cpu(top_k_index, top_k_weights)
         y, saved = ops.experts_forward(self._handle, self.dims, x, ids, weights, lora_gate_up, lora_down, save,
                                        empty=empty or ops.host_empty)
         return y, ExpertActivations(*saved)
 
     def backward(self, grad_output, x, top_k_index, top_k_weights, saved: ExpertActivations, *,
                  lora_gate_up: ExpertLoRA | None = None, lora_down: ExpertLoRA | None = None,
-                 need_dx: bool = True, need_dw: bool = True, need_lora_grads: bool = True, empty=None,
-                 lora_grads=None, defer_lora_grads: bool = False):
+                 need_dx: bool = True, need_dw: bool = True, need_lora_grads: bool = True, empty=None):
         """``(dx bf16 | None, dw float32 | None, (dA_gu, dB_gu) | None, (dA_d, dB_d) | None)``.
 
-        LoRA gradients have the shapes and strides of the given A and B, in new tensors or in
-        ``lora_grads = ((dA_gu, dB_gu), (dA_d, dB_d))`` (None for a projection without LoRA).
-        With ``defer_lora_grads`` the call returns after dx and dw and the LoRA gradients are
-        written by `kt_trl._native.ops.finish_deferred()` (or at the engine's next forward or
-        backward); until then every tensor of the call must stay alive. ``empty`` allocates dx and
+        LoRA gradients are new tensors with the shapes and strides of the given A and B (None for
+        a projection without LoRA, or with ``need_lora_grads=False``). ``empty`` allocates dx and
         dw as in `forward`.
         """
-        ids, weights = _routing(top_k_index, top_k_weights)
-        if not need_lora_grads:
-            g_gu = g_d = None
-        elif lora_grads is not None:
-            g_gu, g_d = lora_grads
-        else:
+        ids, weights = _routing_to_cpu(top_k_index, top_k_weights)
+        if need_lora_grads:
             g_gu, g_d = _grad_buffers(lora_gate_up), _grad_buffers(lora_down)
+        else:
+            g_gu = g_d = None
         dx, dw = ops.experts_backward(self._handle, self.dims, grad_output, x, ids, weights, saved.as_tuple(),
                                       lora_gate_up, lora_down, need_dx=need_dx, need_dw=need_dw,
-                                      grads_gate_up=g_gu, grads_down=g_d,
-                                      defer_lora_grads=defer_lora_grads and (g_gu or g_d) is not None,
-                                      empty=empty or ops.host_empty)
+                                      grads_gate_up=g_gu, grads_down=g_d, empty=empty or ops.host_empty)
         return dx, dw, g_gu, g_d
 
 
-def _routing(ids: torch.Tensor, weights: torch.Tensor):
+def _routing_to_cpu(ids: torch.Tensor, weights: torch.Tensor):
+    """``top_k_index`` and ``top_k_weights`` as contiguous CPU tensors of dtypes the engine reads."""
     ids = ids.detach().to("cpu")
     if ids.dtype not in (torch.int64, torch.int32):
         ids = ids.long()

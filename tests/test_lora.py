@@ -86,15 +86,6 @@ def test_disable_adapter_runs_the_base_experts():
     assert not torch.equal(logits(kt), logits(base_kt))
 
 
-def test_merged_adapters_are_refused():
-    kt = expert_peft()
-    prepare_model(kt)
-    for wrapper in blocks(kt)[0].wrappers:
-        wrapper.merged_adapters.append("default")  # what merge() records; merging itself fails on placeholders
-    with pytest.raises(ValueError, match="unmerge_adapter"):
-        logits(kt)
-
-
 def test_two_active_adapters_are_refused():
     kt = expert_peft()
     kt.add_adapter("second", LoraConfig(r=4, lora_alpha=8, target_parameters=TARGETS))

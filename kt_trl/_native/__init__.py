@@ -29,15 +29,17 @@ def configure(isa: str | None = None, threads: int | None = None) -> dict:
     Returns:
         `dict`: what :func:`runtime_info` returns.
     Raises:
-        KTUnsupportedISAError: the CPU lacks the requested path.
+        ValueError: an unknown ISA name or a negative thread count (argument or environment).
+        KTUnsupportedISAError: the CPU lacks the requested path (or ``KT_TRL_HIDE_CPU_FEATURES``
+            hides a feature it needs).
     """
     global _configured
     from . import isa as isa_mod
-    from .ops import runtime_configure
+    from .ops import cpu_info, runtime_configure
 
-    runtime_configure(isa_mod.isa_code(isa_mod.requested_isa(isa)), isa_mod.requested_threads(threads))
+    runtime_configure(isa_mod.requested_isa(isa), isa_mod.requested_threads(threads))
     _configured = True
-    info = runtime_info()
+    info = cpu_info()
     logger.info("kt_trl native engine: ISA %s, %d threads", info["isa"], info["threads"])
     return info
 
@@ -49,14 +51,20 @@ def ensure_configured() -> None:
 
 
 def runtime_info() -> dict:
-    """Active ISA path, worker threads, physical cores and detected CPU features."""
+    """Active ISA path, worker threads, physical cores and detected CPU features.
+
+    Applies the environment's settings first if nothing has configured the engine yet, so what it
+    reports is what the next engine call uses.
+    """
     from .ops import cpu_info
 
+    ensure_configured()
     return cpu_info()
 
 
 def available_isas() -> list[str]:
-    """ISA paths this CPU can run, best last."""
+    """ISA paths this CPU can run, best last (less those ``KT_TRL_HIDE_CPU_FEATURES`` hides)."""
+    from .isa import ISA_NAMES
     from .ops import isa_available
 
-    return [name for name in ("scalar", "avx2", "avx512", "amx") if isa_available(name)]
+    return [name for name in ISA_NAMES if isa_available(name)]

@@ -1,30 +1,33 @@
-"""ISA and thread settings: the one place that reads ``KT_TRL_ISA`` and ``KT_TRL_THREADS``."""
+"""ISA, thread and CPU-feature settings: the one place that reads ``KT_TRL_ISA``, ``KT_TRL_THREADS``
+and ``KT_TRL_HIDE_CPU_FEATURES``.
+
+Only names live here, so that settings can be validated without loading the library; their
+codes are the library's ``KT_ISA_*`` / ``KT_CPU_*`` constants, looked up by ops.py.
+"""
 
 from __future__ import annotations
 
 import os
 
-ISA_CODES = {"auto": -1, "scalar": 0, "avx2": 1, "avx512": 2, "amx": 3}
-ISA_NAMES = {v: k for k, v in ISA_CODES.items()}
-ISA_CHOICES = ("auto", "scalar", "avx2", "avx512", "amx")
-
-CPU_FEATURE_BITS = {
-    "avx2": 1, "fma": 2, "f16c": 4, "avx512f": 8, "avx512bw": 16, "avx512vl": 32,
-    "avx512_bf16": 64, "amx_tile": 128, "amx_bf16": 256, "amx_permitted": 512,
-}
+# The engine's ISA paths, best last (KT_ISA_SCALAR < ... < KT_ISA_AMX in kt_trl.h).
+ISA_NAMES = ("scalar", "avx2", "avx512", "amx")
+# What KTConfig(isa=...), configure(isa=...) and KT_TRL_ISA accept: "auto" picks the best path.
+ISA_CHOICES = ("auto", *ISA_NAMES)
 
 
-def isa_code(name: str) -> int:
-    """Code of an ISA name; ValueError listing the valid names otherwise."""
-    key = name.strip().lower()
-    if key not in ISA_CODES:
-        raise ValueError(f"unknown ISA {name!r}; use one of {sorted(ISA_CODES)}")
-    return ISA_CODES[key]
+def parse_isa(name: str, *, source: str = "isa") -> str:
+    """The canonical (lower-case) ISA name; ValueError naming the valid ones otherwise."""
+    key = name.strip().lower() if isinstance(name, str) else name
+    if key not in ISA_CHOICES:
+        raise ValueError(f"unknown ISA {source}={name!r}; use one of {ISA_CHOICES}")
+    return key
 
 
 def requested_isa(isa: str | None) -> str:
-    """The argument if given, else ``KT_TRL_ISA``, else ``auto``."""
-    return isa if isa is not None else os.environ.get("KT_TRL_ISA", "auto")
+    """The argument if given, else ``KT_TRL_ISA``, else ``auto``; validated."""
+    if isa is not None:
+        return parse_isa(isa)
+    return parse_isa(os.environ.get("KT_TRL_ISA", "auto"), source="KT_TRL_ISA")
 
 
 def requested_threads(threads: int | None) -> int:
@@ -38,3 +41,11 @@ def requested_threads(threads: int | None) -> int:
     if threads < 0:
         raise ValueError(f"threads must be >= 0 (0 = one per physical core), got {threads}")
     return threads
+
+
+def hidden_cpu_features() -> tuple[str, ...]:
+    """``KT_TRL_HIDE_CPU_FEATURES``: comma-separated feature names (those of
+    ``runtime_info()["cpu_features"]``, e.g. ``amx_bf16``) the engine must treat as absent, so that
+    the refusal of a path can be tested on a CPU that has it. Names are checked by ops.py."""
+    env = os.environ.get("KT_TRL_HIDE_CPU_FEATURES", "")
+    return tuple(name.strip().lower() for name in env.split(",") if name.strip())

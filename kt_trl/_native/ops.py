@@ -1,10 +1,13 @@
 """Typed wrappers of the C ABI: the only module that casts tensors to pointers.
 
 Every wrapper validates device, dtype, shape and layout before the cast, keeps the tensors alive
-for the call, and turns a failing status into an exception (errors.check).
+for the call, and turns a failing status into an exception (errors.check). Enum values are the
+library's ``KT_*`` constants, never copies.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -13,7 +16,9 @@ from .errors import check
 from .ffi import load
 
 _CTYPES = {torch.bfloat16: "uint16_t *", torch.float32: "float *", torch.int64: "int64_t *", torch.int32: "int32_t *"}
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.int32: 2, torch.int64: 3}
+# The KT_DTYPE_* constant of each dtype the engine reads (routing ids and weights).
+DTYPE_CONSTANTS = {torch.float32: "KT_DTYPE_FP32", torch.bfloat16: "KT_DTYPE_BF16", torch.int32: "KT_DTYPE_INT32",
+                   torch.int64: "KT_DTYPE_INT64"}
 
 
 def as_ptr(t: torch.Tensor, *, dtype: torch.dtype, shape: tuple[int, ...], name: str, contiguous: bool = True):
@@ -57,24 +62,52 @@ def host_empty(shape, dtype: torch.dtype = torch.float32, stride=None) -> torch.
     return flat.view(shape) if stride is None else flat.as_strided(shape, stride)
 
 
-def runtime_configure(isa_code: int, threads: int) -> None:
+@functools.lru_cache(maxsize=None)
+def constants(prefix: str) -> dict[str, int]:
+    """The library's ``KT_<prefix>_*`` constants as ``{lower-case suffix: value}``, by value.
+
+    E.g. ``constants("CPU")["amx_bf16"] == lib.KT_CPU_AMX_BF16``; ``KT_*_COUNT`` is left out.
+    """
+    _, lib = load()
+    start = f"KT_{prefix}_"
+    names = [n for n in dir(lib) if n.startswith(start) and n != f"KT_{prefix}_COUNT"]
+    return {n[len(start):].lower(): int(getattr(lib, n)) for n in sorted(names, key=lambda n: getattr(lib, n))}
+
+
+def _runtime_lib():
+    """``(ffi, lib)`` with ``KT_TRL_HIDE_CPU_FEATURES`` applied: for the calls that read or select ISA paths."""
     ffi, lib = load()
-    check(lib, ffi, lib.kt_runtime_configure(isa_code, threads), "configure")
+    bits = constants("CPU")
+    hidden = 0
+    for name in isa_mod.hidden_cpu_features():
+        if name not in bits:
+            raise ValueError(f"KT_TRL_HIDE_CPU_FEATURES names an unknown CPU feature {name!r}; "
+                             f"use some of {tuple(bits)}")
+        hidden |= bits[name]
+    lib.kt_cpu_hide_features(hidden)
+    return ffi, lib
+
+
+def runtime_configure(isa: str, threads: int) -> None:
+    """Selects the ISA path (a name of ``isa.ISA_CHOICES``) and the worker count (0 = physical cores)."""
+    ffi, lib = _runtime_lib()
+    check(lib, ffi, lib.kt_runtime_configure(constants("ISA")[isa], threads), "configure")
 
 
 def isa_available(name: str) -> bool:
-    _, lib = load()
-    return bool(lib.kt_isa_available(isa_mod.isa_code(name)))
+    _, lib = _runtime_lib()
+    return bool(lib.kt_isa_available(constants("ISA")[name]))
 
 
 def cpu_info() -> dict:
-    _, lib = load()
+    _, lib = _runtime_lib()
     bits = lib.kt_cpu_features()
+    isa_names = {code: name for name, code in constants("ISA").items()}
     return {
-        "isa": isa_mod.ISA_NAMES[lib.kt_runtime_isa()],
+        "isa": isa_names[lib.kt_runtime_isa()],
         "threads": int(lib.kt_runtime_threads()),
         "physical_cores": int(lib.kt_physical_cores()),
-        "cpu_features": [n for n, b in isa_mod.CPU_FEATURE_BITS.items() if bits & b],
+        "cpu_features": [n for n, b in constants("CPU").items() if bits & b],
     }
 
 
@@ -98,14 +131,13 @@ def experts_load(handle, expert: int, gate_up: torch.Tensor, down: torch.Tensor,
     check(lib, ffi, status, "kt_experts_load")
 
 
-ACTIVATIONS = {"silu": 0, "clamped_swiglu": 1}
-
-
 def experts_set_activation(handle, activation: str, alpha: float, limit: float) -> None:
+    """``activation`` is a name of ``constants("ACT")``: ``"silu"`` or ``"clamped_swiglu"``."""
     ffi, lib = load()
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; use one of {sorted(ACTIVATIONS)}")
-    check(lib, ffi, lib.kt_experts_set_activation(handle, ACTIVATIONS[activation], alpha, limit),
+    kinds = constants("ACT")
+    if activation not in kinds:
+        raise ValueError(f"unknown activation {activation!r}; use one of {sorted(kinds)}")
+    check(lib, ffi, lib.kt_experts_set_activation(handle, kinds[activation], alpha, limit),
           "kt_experts_set_activation")
 
 
@@ -123,8 +155,9 @@ def experts_unpack(handle, expert: int, hidden: int, intermediate: int) -> tuple
     ffi, lib = load()
     gate_up = torch.empty(2 * intermediate, hidden, dtype=torch.bfloat16)
     down = torch.empty(hidden, intermediate, dtype=torch.bfloat16)
-    status = lib.kt_experts_unpack(handle, as_ptr(gate_up, dtype=torch.bfloat16, shape=gate_up.shape, name="gate_up"),
-                                   as_ptr(down, dtype=torch.bfloat16, shape=down.shape, name="down"), expert)
+    status = lib.kt_experts_unpack(handle, expert,
+                                   as_ptr(gate_up, dtype=torch.bfloat16, shape=gate_up.shape, name="gate_up"),
+                                   as_ptr(down, dtype=torch.bfloat16, shape=down.shape, name="down"))
     check(lib, ffi, status, "kt_experts_unpack")
     return gate_up, down
 
@@ -134,8 +167,9 @@ def experts_packed_bytes(handle) -> int:
     return int(lib.kt_experts_packed_bytes(handle))
 
 
-def _routing(ids: torch.Tensor, weights: torch.Tensor, keep: list):
-    ffi, _ = load()
+def _routing_descriptor(ids: torch.Tensor, weights: torch.Tensor, keep: list):
+    """``kt_routing *`` of ``ids [T, k]`` (int64 | int32) and ``weights [T, k]`` (float32 | bfloat16)."""
+    ffi, lib = load()
     if ids.dim() != 2:
         raise ValueError(f"top_k_index must be [T, k], got shape {list(ids.shape)}")
     if ids.dtype not in (torch.int64, torch.int32):
@@ -144,9 +178,9 @@ def _routing(ids: torch.Tensor, weights: torch.Tensor, keep: list):
         raise TypeError(f"top_k_weights must be float32 or bfloat16, got {weights.dtype}")
     r = ffi.new("kt_routing *")
     r.ids = as_ptr(ids, dtype=ids.dtype, shape=ids.shape, name="top_k_index")
-    r.ids_dtype = _DTYPE_CODES[ids.dtype]
+    r.ids_dtype = getattr(lib, DTYPE_CONSTANTS[ids.dtype])
     r.weights = as_ptr(weights, dtype=weights.dtype, shape=ids.shape, name="top_k_weights")
-    r.weights_dtype = _DTYPE_CODES[weights.dtype]
+    r.weights_dtype = getattr(lib, DTYPE_CONSTANTS[weights.dtype])
     r.tokens, r.top_k = ids.shape
     keep += [ids, weights]
     return r
@@ -172,7 +206,7 @@ def _lora(lora, num_experts: int, out_features: int, in_features: int, name: str
 def _call_inputs(dims, ids, weights, lora_gate_up, lora_down, keep: list):
     """The routing and LoRA descriptors that forward and backward both pass."""
     E, H, I = dims
-    return (_routing(ids, weights, keep), _lora(lora_gate_up, E, 2 * I, H, "gate_up", keep),
+    return (_routing_descriptor(ids, weights, keep), _lora(lora_gate_up, E, 2 * I, H, "gate_up", keep),
             _lora(lora_down, E, H, I, "down", keep))
 
 
@@ -182,6 +216,19 @@ def _rank(lora) -> int:
 
 def _opt_ptr(t, dtype, shape, name):
     return load()[0].NULL if t is None else as_ptr(t, dtype=dtype, shape=shape, name=name)
+
+
+def _saved_activations(saved, rows: int, two_i: int, lora_gate_up, lora_down, keep: list):
+    """``kt_saved_activations *`` of ``saved`` = (gate_up [T*k, 2I] bf16 | None, lora_gate_up [T*k, r] | None,
+    lora_down [T*k, r] | None)."""
+    ffi, _ = load()
+    gate_up, lgu, ld = saved
+    s = ffi.new("kt_saved_activations *")
+    s.gate_up = _opt_ptr(gate_up, torch.bfloat16, (rows, two_i), "saved gate_up")
+    s.lora_gate_up = _opt_ptr(lgu, torch.float32, (rows, _rank(lora_gate_up)), "saved gate_up LoRA")
+    s.lora_down = _opt_ptr(ld, torch.float32, (rows, _rank(lora_down)), "saved down LoRA")
+    keep += [gate_up, lgu, ld]
+    return s
 
 
 def experts_forward(handle, dims, x, ids, weights, lora_gate_up, lora_down, save: bool, empty=host_empty):
@@ -197,79 +244,60 @@ def experts_forward(handle, dims, x, ids, weights, lora_gate_up, lora_down, save
     keep: list = []
     routing, lgu, ld = _call_inputs(dims, ids, weights, lora_gate_up, lora_down, keep)
     y = empty((T, H), torch.bfloat16)
-    saved_gu = host_empty((T * k, 2 * I), torch.bfloat16) if save else None
-    saved_lgu = host_empty((T * k, _rank(lora_gate_up))) if save and lora_gate_up is not None else None
-    saved_ld = host_empty((T * k, _rank(lora_down))) if save and lora_down is not None else None
-
+    saved = (host_empty((T * k, 2 * I), torch.bfloat16) if save else None,
+             host_empty((T * k, _rank(lora_gate_up))) if save and lora_gate_up is not None else None,
+             host_empty((T * k, _rank(lora_down))) if save and lora_down is not None else None)
     status = lib.kt_experts_forward(
         handle, as_ptr(y, dtype=torch.bfloat16, shape=(T, H), name="y"),
-        _opt_ptr(saved_gu, torch.bfloat16, (T * k, 2 * I), "saved gate_up"),
-        _opt_ptr(saved_lgu, torch.float32, (T * k, _rank(lora_gate_up)), "saved gate_up LoRA"),
-        _opt_ptr(saved_ld, torch.float32, (T * k, _rank(lora_down)), "saved down LoRA"),
+        _saved_activations(saved, T * k, 2 * I, lora_gate_up, lora_down, keep),
         as_ptr(x, dtype=torch.bfloat16, shape=(T, H), name="hidden_states"), routing, lgu, ld)
     check(lib, ffi, status, "kt_experts_forward")
-    return y, (saved_gu, saved_lgu, saved_ld)
+    return y, saved
+
+
+def _lora_grad(dst, grads, lora, name: str, keep: list) -> None:
+    """Fills the ``kt_lora_grad`` ``dst`` from ``grads`` = (dA | None, dB | None) shaped like ``lora``'s A and B."""
+    if grads is None:
+        return
+    dA, dB = grads
+    if dA is not None:
+        dst.dA = as_ptr(dA, dtype=torch.float32, shape=lora.A.shape, name=f"{name} dA")
+    if dB is not None:
+        if dB.shape != lora.B.shape or dB.stride() != lora.B.stride():
+            raise ValueError(f"{name} dB must have the shape and strides of B")
+        dst.dB = as_ptr(dB, dtype=torch.float32, shape=lora.B.shape, name=f"{name} dB", contiguous=False)
+    keep += [dA, dB]
 
 
 def experts_backward(handle, dims, dy, x, ids, weights, saved, lora_gate_up, lora_down, *,
                      need_dx: bool = True, need_dw: bool = True, grads_gate_up=None, grads_down=None,
-                     accumulate: bool = False, defer_lora_grads: bool = False, empty=host_empty):
-    """``(dx [T, H] BF16 | None, dw [T, k] FP32 | None)``, allocated by ``empty(shape, dtype)``; LoRA
-    gradients go into ``grads_*`` = (dA, dB): before returning, or with ``defer_lora_grads`` by
-    `finish_deferred()` (or the engine's next forward or backward), the caller keeping every tensor
-    of the call alive until then."""
+                     empty=host_empty):
+    """``(dx [T, H] BF16 | None, dw [T, k] FP32 | None)``, allocated by ``empty(shape, dtype)``; the LoRA
+    gradients are written into ``grads_*`` = (dA, dB) (either may be None) before returning."""
     ffi, lib = load()
     E, H, I = dims
     T, k = ids.shape
     keep: list = []
     routing, lgu, ld = _call_inputs(dims, ids, weights, lora_gate_up, lora_down, keep)
-    saved_gu, saved_lgu, saved_ld = saved
     dx = empty((T, H), torch.bfloat16) if need_dx else None
     dw = empty((T, k), torch.float32) if need_dw else None
-
-    def grad(g, lora, name):
-        if g is None:
-            return ffi.NULL
-        dA, dB = g
-        s = ffi.new("kt_lora_grad *")
-        s.dA = ffi.NULL if dA is None else as_ptr(dA, dtype=torch.float32, shape=lora.A.shape, name=f"{name} dA")
-        if dB is not None:
-            if dB.shape != lora.B.shape or dB.stride() != lora.B.stride():
-                raise ValueError(f"{name} dB must have the shape and strides of B")
-            s.dB = as_ptr(dB, dtype=torch.float32, shape=lora.B.shape, name=f"{name} dB", contiguous=False)
-        keep.extend([dA, dB])
-        return s
-
+    grads = ffi.new("kt_gradients *")
+    grads.dx = _opt_ptr(dx, torch.bfloat16, (T, H), "dx")
+    grads.dw = _opt_ptr(dw, torch.float32, (T, k), "dw")
+    _lora_grad(grads.lora_gate_up, grads_gate_up, lora_gate_up, "gate_up", keep)
+    _lora_grad(grads.lora_down, grads_down, lora_down, "down", keep)
     status = lib.kt_experts_backward(
-        handle, _opt_ptr(dx, torch.bfloat16, (T, H), "dx"), _opt_ptr(dw, torch.float32, (T, k), "dw"),
-        grad(grads_gate_up, lora_gate_up, "gate_up"), grad(grads_down, lora_down, "down"),
-        (lib.KT_BACKWARD_ACCUMULATE if accumulate else 0) | (lib.KT_BACKWARD_DEFER_LORA_GRADS if defer_lora_grads else 0),
-        as_ptr(dy, dtype=torch.bfloat16, shape=(T, H), name="grad_output"),
+        handle, grads, as_ptr(dy, dtype=torch.bfloat16, shape=(T, H), name="grad_output"),
         as_ptr(x, dtype=torch.bfloat16, shape=(T, H), name="hidden_states"), routing,
-        _opt_ptr(saved_gu, torch.bfloat16, (T * k, 2 * I), "saved gate_up"),
-        _opt_ptr(saved_lgu, torch.float32, (T * k, _rank(lora_gate_up)), "saved gate_up LoRA"),
-        _opt_ptr(saved_ld, torch.float32, (T * k, _rank(lora_down)), "saved down LoRA"),
-        lgu, ld)
+        _saved_activations(saved, T * k, 2 * I, lora_gate_up, lora_down, keep), lgu, ld)
     check(lib, ffi, status, "kt_experts_backward")
     return dx, dw
 
 
-def finish_deferred() -> None:
-    """Computes the LoRA gradients a ``defer_lora_grads`` backward left pending (no-op if none).
-
-    Blocks until done; releases the GIL meanwhile (any thread may call it).
-    """
-    ffi, lib = load()
-    check(lib, ffi, lib.kt_finish_deferred(), "kt_finish_deferred")
-
-
-STAGES = ("plan", "lora_prep", "fwd_gather", "fwd_gate_up", "fwd_act", "fwd_down", "fwd_combine",
-          "bwd_gather", "bwd_down_t", "bwd_act", "bwd_gate_up_t", "bwd_combine", "bwd_lora")
-
-
 def profile_read(reset: bool = False) -> dict[str, float]:
-    """Milliseconds per engine stage since the last reset (KT_STAGE_* of kt_trl.h)."""
+    """Milliseconds per engine stage since the last reset (the KT_STAGE_* of kt_trl.h, lower-case)."""
     ffi, lib = load()
-    buf = ffi.new("double[]", len(STAGES))
+    stages = constants("STAGE")
+    buf = ffi.new("double[]", lib.KT_STAGE_COUNT)
     lib.kt_profile_read(buf, int(reset))
-    return {name: round(buf[i], 3) for i, name in enumerate(STAGES)}
+    return {name: round(buf[code], 3) for name, code in stages.items()}

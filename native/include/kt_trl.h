@@ -28,7 +28,7 @@ extern "C" {
 typedef int32_t kt_status;
 
 enum {
-    KT_ABI_VERSION = 3
+    KT_ABI_VERSION = 4
 };
 
 enum {
@@ -56,10 +56,11 @@ enum {
     KT_CPU_AVX512F = 8,
     KT_CPU_AVX512BW = 16,
     KT_CPU_AVX512VL = 32,
-    KT_CPU_AVX512BF16 = 64,
+    KT_CPU_AVX512_BF16 = 64,
     KT_CPU_AMX_TILE = 128,
     KT_CPU_AMX_BF16 = 256,
-    KT_CPU_AMX_PERMITTED = 512
+    KT_CPU_AMX_PERMITTED = 512,
+    KT_CPU_AVX512DQ = 1024
 };
 
 enum {
@@ -94,10 +95,31 @@ typedef struct {
     float scale;
 } kt_lora;
 
+/* Gradients of one projection's LoRA factors (FP32, layouts of kt_lora); NULL = not wanted. */
 typedef struct {
     float *dA;
     float *dB;
 } kt_lora_grad;
+
+/* What a forward saves for its backward, in caller-owned buffers in route order (route = t * k + j):
+ *   gate_up       [T*k, 2I] BF16           pre-activation gate | up
+ *   lora_gate_up  [T*k, r_gate_up] FP32    x A_gate_up^T   (NULL without a gate_up LoRA)
+ *   lora_down     [T*k, r_down] FP32       h A_down^T      (NULL without a down LoRA)
+ * Rows of sentinel routes are zeros. */
+typedef struct {
+    uint16_t *gate_up;
+    float *lora_gate_up;
+    float *lora_down;
+} kt_saved_activations;
+
+/* What a backward writes; any pointer may be NULL to skip that output.
+ *   dx [T, H] BF16, dw [T, k] FP32, and the LoRA gradients of each projection (overwritten). */
+typedef struct {
+    uint16_t *dx;
+    float *dw;
+    kt_lora_grad lora_gate_up;
+    kt_lora_grad lora_down;
+} kt_gradients;
 
 /* Gated activations (kt_experts_set_activation). CLAMPED_SWIGLU is gpt-oss's:
  * g' = min(g, limit), u' = clamp(u, -limit, limit), act = (u' + 1) * g' * sigmoid(alpha * g'). */
@@ -120,8 +142,7 @@ enum {
     KT_STAGE_BWD_ACT = 9,
     KT_STAGE_BWD_GATE_UP_T = 10,
     KT_STAGE_BWD_COMBINE = 11,
-    KT_STAGE_BWD_LORA = 12,
-    KT_STAGE_COUNT = 13
+    KT_STAGE_COUNT = 12
 };
 
 typedef struct kt_experts kt_experts;
@@ -129,23 +150,27 @@ typedef struct kt_experts kt_experts;
 int32_t kt_abi_version(void);
 const char *kt_last_error(void);
 
-/* CPU and runtime. */
+/* CPU and runtime. kt_cpu_features and kt_isa_available leave out the features hidden with
+ * kt_cpu_hide_features (none by default), and so does the ISA selection of kt_runtime_configure:
+ * a test can force a path's refusal on a CPU that has it. */
 uint32_t kt_cpu_features(void);
+void kt_cpu_hide_features(uint32_t features);
 int32_t kt_isa_available(int32_t isa);
 int32_t kt_physical_cores(void);
 /* Selects the ISA path (KT_ISA_AUTO or one that kt_isa_available) and the worker count
- * (0 = physical cores). Safe to call again; waits for running calls to finish. */
+ * (0 = physical cores). Safe to call again; waits for running calls to finish. An engine call
+ * made before any kt_runtime_configure configures KT_ISA_AUTO with 0 threads. */
 kt_status kt_runtime_configure(int32_t isa, int32_t threads);
+/* The configured ISA path and worker count: pure reads, KT_ISA_AUTO and 0 until configured. */
 int32_t kt_runtime_isa(void);
 int32_t kt_runtime_threads(void);
 /* Milliseconds spent in each stage (KT_STAGE_COUNT values) since the last reset, summed over calls. */
 void kt_profile_read(double *ms, int32_t reset);
 
-/* Host memory for engine outputs: blocks freed with kt_host_free are cached (up to the limit,
- * default 2 GiB) and reused, so repeated calls do not pay page faults on fresh memory. */
+/* Host memory for engine outputs: blocks freed with kt_host_free are cached (up to 2 GiB) and
+ * reused, so repeated calls do not pay page faults on fresh memory. */
 kt_status kt_host_alloc(void **out, int64_t bytes);
 void kt_host_free(void *block);
-void kt_host_cache_limit(int64_t bytes);
 int64_t kt_host_cached_bytes(void);
 
 /* Engine for one layer's experts. Weights are packed expert by expert from any row-strided BF16
@@ -158,36 +183,23 @@ kt_status kt_experts_load(kt_experts *experts, int64_t expert, const uint16_t *g
  * ([2I], gate then up) and down ([H]) outputs; experts whose biases were never loaded have zeros. */
 kt_status kt_experts_set_activation(kt_experts *experts, int32_t kind, float alpha, float limit);
 kt_status kt_experts_load_bias(kt_experts *experts, int64_t expert, const float *gate_up_bias, const float *down_bias);
-kt_status kt_experts_unpack(const kt_experts *experts, uint16_t *gate_up, uint16_t *down, int64_t expert);
+/* The packed weights of one expert back in the layout of kt_experts_load (contiguous rows). */
+kt_status kt_experts_unpack(const kt_experts *experts, int64_t expert, uint16_t *gate_up, uint16_t *down);
 int64_t kt_experts_packed_bytes(const kt_experts *experts);
 
-/* Forward. y [T, H] BF16. What backward needs is written to caller-owned buffers in route order
- * (route = t * k + j): saved_gate_up [T*k, 2I] BF16 (pre-activation gate and up),
- * saved_lora_gate_up [T*k, r_gate_up] and saved_lora_down [T*k, r_down] FP32 (x A^T and h A^T);
- * the saved pointers may be NULL when no backward follows (and must be NULL when that LoRA is). */
-kt_status kt_experts_forward(kt_experts *experts, uint16_t *y, uint16_t *saved_gate_up,
-                             float *saved_lora_gate_up, float *saved_lora_down,
+/* Forward: y [T, H] BF16 from x [T, H] BF16. `saved` receives what backward needs; it, or any of
+ * its pointers, may be NULL when no backward follows (and its LoRA pointers must be NULL when
+ * that LoRA is). */
+kt_status kt_experts_forward(kt_experts *experts, uint16_t *y, const kt_saved_activations *saved,
                              const uint16_t *x, const kt_routing *routing,
                              const kt_lora *lora_gate_up, const kt_lora *lora_down);
 
-/* Backward. dx [T, H] BF16, dw [T, k] FP32, LoRA gradients in FP32, added to the buffers when
- * flags has KT_BACKWARD_ACCUMULATE and overwritten otherwise. Inputs: dy [T, H] BF16 and what
- * forward received and saved. Any of dx, dw, grad_* may be NULL to skip that output.
- * With KT_BACKWARD_DEFER_LORA_GRADS the call returns once dx and dw are written; the LoRA
- * gradients are computed by kt_finish_deferred(), or at the start of the next forward or backward
- * call, whichever comes first. Until then the caller keeps every buffer of this call alive. */
-enum {
-    KT_BACKWARD_ACCUMULATE = 1,
-    KT_BACKWARD_DEFER_LORA_GRADS = 2
-};
-kt_status kt_experts_backward(kt_experts *experts, uint16_t *dx, float *dw,
-                              const kt_lora_grad *grad_gate_up, const kt_lora_grad *grad_down,
-                              int32_t flags, const uint16_t *dy, const uint16_t *x,
-                              const kt_routing *routing, const uint16_t *saved_gate_up,
-                              const float *saved_lora_gate_up, const float *saved_lora_down,
-                              const kt_lora *lora_gate_up, const kt_lora *lora_down);
-/* Computes the deferred LoRA gradients of the last backward, if any are pending (blocking). */
-kt_status kt_finish_deferred(void);
+/* Backward into `grads` (not NULL), given dy [T, H] BF16 and what forward received and saved:
+ * saved->gate_up always, x for the gate_up LoRA's dA, saved->lora_* for that LoRA's dB. */
+kt_status kt_experts_backward(kt_experts *experts, const kt_gradients *grads, const uint16_t *dy,
+                              const uint16_t *x, const kt_routing *routing,
+                              const kt_saved_activations *saved, const kt_lora *lora_gate_up,
+                              const kt_lora *lora_down);
 /* cffi-cdef-end */
 
 #ifdef __cplusplus

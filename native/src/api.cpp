@@ -1,5 +1,7 @@
 // The extern "C" boundary: every argument is checked here, every exception becomes a kt_status
-// plus a thread-local message. Nothing below this file sees an unchecked pointer or size.
+// plus a thread-local message (guarded, error.h), or a fallback value where there is no status to
+// return (guarded_or). Only entry points that cannot throw (constants, the message, delete) call
+// straight through. Nothing below this file sees an unchecked pointer or size.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -13,31 +15,8 @@
 #include "error.h"
 #include "kt_trl.h"
 
-#define KT_API extern "C" __attribute__((visibility("default")))
-
 namespace kt {
 namespace {
-
-template <typename F>
-kt_status guarded(F &&f) {
-    try {
-        f();
-        set_last_error("");
-        return KT_OK;
-    } catch (const Error &e) {
-        set_last_error(e.what());
-        return e.status;
-    } catch (const std::bad_alloc &) {
-        set_last_error("out of memory");
-        return KT_ERR_OUT_OF_MEMORY;
-    } catch (const std::exception &e) {
-        set_last_error(e.what());
-        return KT_ERR_INTERNAL;
-    } catch (...) {
-        set_last_error("unknown internal error");
-        return KT_ERR_INTERNAL;
-    }
-}
 
 // a * b * c without overflow, or an error naming what.
 int64_t checked_product(int64_t a, int64_t b, int64_t c, const char *what) {
@@ -62,20 +41,23 @@ void check_expert_index(const kt_experts *ex, int64_t e) {
 // What forward and backward both check first: the engine, the routing and the two LoRAs.
 struct CallInputs {
     RoutePlan plan;
-    LoraView lgu, ld;
+    LoraView lora_gu, lora_dn;
 };
 
-void check_call(CallInputs &in, const kt_experts *ex, const kt_routing *routing, const kt_lora *lora_gu,
-                const kt_lora *lora_d) {
+void check_call(CallInputs &in, const kt_experts *ex, const kt_routing *routing, const kt_lora *lora_gate_up,
+                const kt_lora *lora_down) {
     check_experts(ex);
     {
         StageTimer timer(KT_STAGE_PLAN);
         plan_routes(in.plan, routing, ex->E);
     }
     checked_product(in.plan.T * in.plan.k, ex->H + 2 * ex->I, 8, "tokens x top_k");
-    in.lgu = lora_view(lora_gu, ex->E, 2 * ex->I, ex->H, "gate_up");
-    in.ld = lora_view(lora_d, ex->E, ex->H, ex->I, "down");
+    in.lora_gu = lora_view(lora_gate_up, ex->E, 2 * ex->I, ex->H, "gate_up");
+    in.lora_dn = lora_view(lora_down, ex->E, ex->H, ex->I, "down");
 }
+
+// Whether a projection's gradients ask for anything.
+bool wanted(const kt_lora_grad &g) { return g.dA || g.dB; }
 
 }  // namespace
 
@@ -105,31 +87,41 @@ using namespace kt;
 
 KT_API int32_t kt_abi_version(void) { return KT_ABI_VERSION; }
 KT_API const char *kt_last_error(void) { return last_error(); }
-KT_API uint32_t kt_cpu_features(void) { return cpu_features(); }
-KT_API int32_t kt_isa_available(int32_t isa) { return isa_available(isa) ? 1 : 0; }
-KT_API int32_t kt_physical_cores(void) { return physical_cores(); }
+KT_API uint32_t kt_cpu_features(void) { return guarded_or<uint32_t>(0, [] { return cpu_features(); }); }
+KT_API void kt_cpu_hide_features(uint32_t features) { hide_cpu_features(features); }
+
+KT_API int32_t kt_isa_available(int32_t isa) {
+    return guarded_or<int32_t>(0, [&] { return isa_available(isa) ? 1 : 0; });
+}
+
+KT_API int32_t kt_physical_cores(void) { return guarded_or<int32_t>(1, [] { return physical_cores(); }); }
 
 KT_API kt_status kt_runtime_configure(int32_t isa, int32_t threads) {
     return guarded([&] {
         std::lock_guard<std::mutex> lock(runtime_lock());
-        finish_deferred();   // with the kernels and threads it was planned for
         configure(isa, threads);
     });
 }
 
 KT_API int32_t kt_runtime_isa(void) {
-    std::lock_guard<std::mutex> lock(runtime_lock());
-    return runtime().isa;
+    return guarded_or<int32_t>(KT_ISA_AUTO, [] {
+        std::lock_guard<std::mutex> lock(runtime_lock());
+        return runtime().isa;
+    });
 }
 
 KT_API int32_t kt_runtime_threads(void) {
-    std::lock_guard<std::mutex> lock(runtime_lock());
-    return runtime().threads;
+    return guarded_or<int32_t>(0, [] {
+        std::lock_guard<std::mutex> lock(runtime_lock());
+        return runtime().threads;
+    });
 }
 
 KT_API void kt_profile_read(double *ms, int32_t reset) {
-    std::lock_guard<std::mutex> lock(runtime_lock());
-    profile_read(ms, reset != 0);
+    guarded_or([&] {
+        std::lock_guard<std::mutex> lock(runtime_lock());
+        profile_read(ms, reset != 0);
+    });
 }
 
 KT_API kt_status kt_experts_create(kt_experts **out, int64_t E, int64_t H, int64_t I) {
@@ -161,20 +153,7 @@ KT_API kt_status kt_experts_create(kt_experts **out, int64_t E, int64_t H, int64
     });
 }
 
-KT_API void kt_experts_destroy(kt_experts *ex) {
-    {
-        std::lock_guard<std::mutex> lock(runtime_lock());
-        drop_deferred(ex);   // a pending job would read the packed weights being freed
-    }
-    delete ex;
-}
-
-KT_API kt_status kt_finish_deferred(void) {
-    return guarded([&] {
-        std::lock_guard<std::mutex> lock(runtime_lock());
-        finish_deferred();
-    });
-}
+KT_API void kt_experts_destroy(kt_experts *ex) { delete ex; }
 
 KT_API kt_status kt_experts_load(kt_experts *ex, int64_t e, const uint16_t *gate_up, int64_t gate_up_ld,
                                  const uint16_t *down, int64_t down_ld) {
@@ -214,7 +193,7 @@ KT_API kt_status kt_experts_load_bias(kt_experts *ex, int64_t e, const float *ga
     });
 }
 
-KT_API kt_status kt_experts_unpack(const kt_experts *ex, uint16_t *gate_up, uint16_t *down, int64_t e) {
+KT_API kt_status kt_experts_unpack(const kt_experts *ex, int64_t e, uint16_t *gate_up, uint16_t *down) {
     return guarded([&] {
         check_expert_index(ex, e);
         KT_CHECK(ex->loaded[e], "expert %lld has no weights yet", (long long)e);
@@ -228,49 +207,44 @@ KT_API int64_t kt_experts_packed_bytes(const kt_experts *ex) {
     return ex ? ex->E * (ex->gu_elems + ex->d_elems) * static_cast<int64_t>(sizeof(uint16_t)) : 0;
 }
 
-KT_API kt_status kt_experts_forward(kt_experts *ex, uint16_t *y, uint16_t *saved_gu, float *saved_lgu,
-                                    float *saved_ld, const uint16_t *x, const kt_routing *routing,
-                                    const kt_lora *lora_gu, const kt_lora *lora_d) {
+KT_API kt_status kt_experts_forward(kt_experts *ex, uint16_t *y, const kt_saved_activations *saved,
+                                    const uint16_t *x, const kt_routing *routing, const kt_lora *lora_gate_up,
+                                    const kt_lora *lora_down) {
     return guarded([&] {
         std::lock_guard<std::mutex> lock(runtime_lock());
-        (void)runtime();
+        ensure_runtime();
         CallInputs in;
-        check_call(in, ex, routing, lora_gu, lora_d);
-        const RoutePlan &plan = in.plan;
-        const LoraView &lgu = in.lgu, &ld = in.ld;
-        KT_CHECK(plan.T == 0 || (x && y), "x or y pointer is NULL");
-        KT_CHECK(lgu.r > 0 || !saved_lgu, "saved_lora_gate_up must be NULL without a gate_up LoRA");
-        KT_CHECK(ld.r > 0 || !saved_ld, "saved_lora_down must be NULL without a down LoRA");
-        finish_deferred();   // its scratch is about to be reused
-        if (plan.T == 0) return;
-        forward_layer(*ex, y, saved_gu, saved_lgu, saved_ld, x, plan, lgu, ld);
+        check_call(in, ex, routing, lora_gate_up, lora_down);
+        const kt_saved_activations out = saved ? *saved : kt_saved_activations{};   // NULL: save nothing
+        KT_CHECK(in.plan.T == 0 || (x && y), "x or y pointer is NULL");
+        KT_CHECK(in.lora_gu.r > 0 || !out.lora_gate_up, "saved lora_gate_up must be NULL without a gate_up LoRA");
+        KT_CHECK(in.lora_dn.r > 0 || !out.lora_down, "saved lora_down must be NULL without a down LoRA");
+        if (in.plan.T == 0) return;
+        forward_layer(*ex, y, out, x, in.plan, in.lora_gu, in.lora_dn);
     });
 }
 
-KT_API kt_status kt_experts_backward(kt_experts *ex, uint16_t *dx, float *dw, const kt_lora_grad *grad_gu,
-                                     const kt_lora_grad *grad_d, int32_t flags, const uint16_t *dy,
-                                     const uint16_t *x, const kt_routing *routing, const uint16_t *saved_gu,
-                                     const float *saved_lgu, const float *saved_ld, const kt_lora *lora_gu,
-                                     const kt_lora *lora_d) {
+KT_API kt_status kt_experts_backward(kt_experts *ex, const kt_gradients *grads, const uint16_t *dy,
+                                     const uint16_t *x, const kt_routing *routing, const kt_saved_activations *saved,
+                                     const kt_lora *lora_gate_up, const kt_lora *lora_down) {
     return guarded([&] {
         std::lock_guard<std::mutex> lock(runtime_lock());
-        (void)runtime();
+        ensure_runtime();
         CallInputs in;
-        check_call(in, ex, routing, lora_gu, lora_d);
-        const RoutePlan &plan = in.plan;
-        const LoraView &lgu = in.lgu, &ld = in.ld;
-        KT_CHECK(!grad_gu || lgu.r > 0, "grad_gate_up given without a gate_up LoRA");
-        KT_CHECK(!grad_d || ld.r > 0, "grad_down given without a down LoRA");
-        KT_CHECK(plan.T == 0 || (dy && saved_gu), "dy or saved_gate_up pointer is NULL");
-        KT_CHECK(plan.T == 0 || !(lgu.r > 0 && grad_gu && grad_gu->dA) || x, "x is needed for the gate_up LoRA A gradient");
-        KT_CHECK(plan.T == 0 || !(lgu.r > 0 && grad_gu && grad_gu->dB) || saved_lgu,
-                 "saved_lora_gate_up is needed for the gate_up LoRA B gradient");
-        KT_CHECK(plan.T == 0 || !(ld.r > 0 && grad_d && grad_d->dB) || saved_ld,
-                 "saved_lora_down is needed for the down LoRA B gradient");
-        KT_CHECK((flags & ~(KT_BACKWARD_ACCUMULATE | KT_BACKWARD_DEFER_LORA_GRADS)) == 0, "unknown backward flags %d",
-                 flags);
-        const BackwardOut out{dx, dw, grad_gu, grad_d, (flags & KT_BACKWARD_ACCUMULATE) != 0};
-        backward_layer(*ex, out, dy, x, std::move(in.plan), saved_gu, saved_lgu, saved_ld, lgu, ld,
-                       (flags & KT_BACKWARD_DEFER_LORA_GRADS) != 0);
+        check_call(in, ex, routing, lora_gate_up, lora_down);
+        KT_CHECK(grads != nullptr, "grads pointer is NULL");
+        const kt_saved_activations in_saved = saved ? *saved : kt_saved_activations{};
+        const kt_lora_grad &g_gu = grads->lora_gate_up, &g_dn = grads->lora_down;
+        const bool rows = in.plan.T > 0;
+        KT_CHECK(!wanted(g_gu) || in.lora_gu.r > 0, "gate_up LoRA gradients asked for without a gate_up LoRA");
+        KT_CHECK(!wanted(g_dn) || in.lora_dn.r > 0, "down LoRA gradients asked for without a down LoRA");
+        KT_CHECK(!rows || dy, "dy pointer is NULL");
+        KT_CHECK(!rows || in_saved.gate_up,
+                 "saved_gate_up (saved->gate_up) is NULL: the forward must save its activations for a backward");
+        KT_CHECK(!rows || !g_gu.dA || x, "x is needed for the gate_up LoRA A gradient");
+        KT_CHECK(!rows || !g_gu.dB || in_saved.lora_gate_up,
+                 "saved lora_gate_up is needed for the gate_up LoRA B gradient");
+        KT_CHECK(!rows || !g_dn.dB || in_saved.lora_down, "saved lora_down is needed for the down LoRA B gradient");
+        backward_layer(*ex, *grads, dy, x, in.plan, in_saved, in.lora_gu, in.lora_dn);
     });
 }

@@ -5,6 +5,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdio>
 #include <mutex>
 #include <set>
@@ -45,13 +46,14 @@ uint32_t detect() {
         if (b & (1u << 16)) f |= KT_CPU_AVX512F;
         if (b & (1u << 30)) f |= KT_CPU_AVX512BW;
         if (b & (1u << 31)) f |= KT_CPU_AVX512VL;
+        if (b & (1u << 17)) f |= KT_CPU_AVX512DQ;
     }
     const bool amx_tile = d & (1u << 24), amx_bf16 = d & (1u << 22);
     if (tile_os && amx_tile) f |= KT_CPU_AMX_TILE;
     if (tile_os && amx_bf16) f |= KT_CPU_AMX_BF16;
     unsigned a1, b1, c1, d1;
     __cpuid_count(7, 1, a1, b1, c1, d1);
-    if (zmm_os && (a1 & (1u << 5))) f |= KT_CPU_AVX512BF16;
+    if (zmm_os && (a1 & (1u << 5))) f |= KT_CPU_AVX512_BF16;
     return f;
 }
 
@@ -67,11 +69,17 @@ bool request_amx_permission() {
     return granted;
 }
 
+namespace {
+std::atomic<uint32_t> g_hidden{0};
+}  // namespace
+
+void hide_cpu_features(uint32_t features) { g_hidden.store(features); }
+
 uint32_t cpu_features() {
     static const uint32_t base = detect();
     uint32_t f = base;
     if ((f & KT_CPU_AMX_TILE) && request_amx_permission()) f |= KT_CPU_AMX_PERMITTED;
-    return f;
+    return f & ~g_hidden.load();
 }
 
 namespace {

@@ -9,22 +9,8 @@
 namespace kt {
 namespace {
 
-bool g_configured = false;
-Runtime g_runtime{&kernels_scalar, transpose_block_scalar, KT_ISA_SCALAR, 1};
-
-const Kernels *table(int32_t isa) {
-    switch (isa) {
-        case KT_ISA_AMX: return &kernels_amx;
-        case KT_ISA_AVX512: return &kernels_avx512;
-        case KT_ISA_AVX2: return &kernels_avx2;
-        default: return &kernels_scalar;
-    }
-}
-
-TransposeBlockFn transpose_for(int32_t isa) {
-    if (isa == KT_ISA_AMX || isa == KT_ISA_AVX512) return transpose_block_avx512;
-    return isa == KT_ISA_AVX2 ? transpose_block_avx2 : transpose_block_scalar;
-}
+// Written only under the runtime lock.
+Runtime g_runtime{&kernels_scalar, KT_ISA_AUTO, 0};
 
 const char *isa_name(int32_t isa) {
     switch (isa) {
@@ -38,10 +24,21 @@ const char *isa_name(int32_t isa) {
 
 }  // namespace
 
+const Kernels &kernels_for(int32_t isa) {
+    switch (isa) {
+        case KT_ISA_AMX: return kernels_amx;
+        case KT_ISA_AVX512: return kernels_avx512;
+        case KT_ISA_AVX2: return kernels_avx2;
+        default: return kernels_scalar;
+    }
+}
+
+// Each path needs every feature its file is compiled for (CMakeLists.txt).
 bool isa_available(int32_t isa) {
     const uint32_t f = cpu_features();
     const uint32_t avx2 = KT_CPU_AVX2 | KT_CPU_FMA | KT_CPU_F16C;
-    const uint32_t avx512 = avx2 | KT_CPU_AVX512F | KT_CPU_AVX512BW | KT_CPU_AVX512VL | KT_CPU_AVX512BF16;
+    const uint32_t avx512 =
+        avx2 | KT_CPU_AVX512F | KT_CPU_AVX512BW | KT_CPU_AVX512VL | KT_CPU_AVX512DQ | KT_CPU_AVX512_BF16;
     switch (isa) {
         case KT_ISA_SCALAR: return true;
         case KT_ISA_AVX2: return (f & avx2) == avx2;
@@ -69,13 +66,13 @@ void configure(int32_t isa, int32_t threads) {
              isa_name(isa), isa_name(best_isa()));
     const int n = threads > 0 ? threads : physical_cores();
     ThreadPool::resize(n);
-    g_runtime = Runtime{table(isa), transpose_for(isa), isa, n};
-    g_configured = true;
+    g_runtime = Runtime{&kernels_for(isa), isa, n};
 }
 
-Runtime runtime() {
-    if (!g_configured) configure(KT_ISA_AUTO, 0);
-    return g_runtime;
+Runtime runtime() { return g_runtime; }
+
+void ensure_runtime() {
+    if (g_runtime.isa == KT_ISA_AUTO) configure(KT_ISA_AUTO, 0);
 }
 
 std::mutex &runtime_lock() {

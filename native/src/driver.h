@@ -83,25 +83,13 @@ LoraView lora_view(const kt_lora *lora, int64_t E, int64_t out, int64_t in, cons
 // j increasing, c_j = w[t, j] when weighted and 1 otherwise: the one rounding of y and dx.
 void sum_routes(uint16_t *out, const float *rows, const RoutePlan &plan, int64_t H, bool weighted);
 
-void forward_layer(const kt_experts &ex, uint16_t *y, uint16_t *saved_gu, float *saved_lgu, float *saved_ld,
-                   const uint16_t *x, const RoutePlan &plan, const LoraView &lgu, const LoraView &ld);
+// Forward of one layer (kt_experts_forward, its arguments checked); saved's pointers may be NULL.
+void forward_layer(const kt_experts &ex, uint16_t *y, const kt_saved_activations &saved, const uint16_t *x,
+                   const RoutePlan &plan, const LoraView &lora_gu, const LoraView &lora_dn);
 
-struct BackwardOut {
-    uint16_t *dx;
-    float *dw;
-    const kt_lora_grad *g_gu, *g_d;
-    bool accumulate;
-};
-
-// Backward of one layer. With defer, returns once dx and dw are written and leaves the LoRA
-// gradients as the pending job (the caller holds the runtime lock throughout).
-void backward_layer(const kt_experts &ex, const BackwardOut &out, const uint16_t *dy, const uint16_t *x,
-                    RoutePlan plan, const uint16_t *saved_gu, const float *saved_lgu,
-                    const float *saved_ld, const LoraView &lgu, const LoraView &ld, bool defer);
-
-// The pending LoRA-gradient job of a deferred backward: finish_deferred() runs it (no-op when
-// none is pending); drop_deferred(ex) discards it if it belongs to ex. Under the runtime lock.
-void finish_deferred();
-void drop_deferred(const kt_experts *ex);
+// Backward of one layer (kt_experts_backward, its arguments checked); grads' pointers may be NULL.
+void backward_layer(const kt_experts &ex, const kt_gradients &grads, const uint16_t *dy, const uint16_t *x,
+                    const RoutePlan &plan, const kt_saved_activations &saved, const LoraView &lora_gu,
+                    const LoraView &lora_dn);
 
 }  // namespace kt

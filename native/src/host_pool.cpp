@@ -21,25 +21,86 @@ namespace kt {
 namespace {
 
 constexpr int64_t kHugePage = int64_t(2) << 20;
+// Covers the outputs of a few layer calls at training sizes. Cached blocks are memory nothing
+// else accounts for: a larger cache would keep, through the optimizer step, the activations the
+// whole backward has just freed.
+constexpr int64_t kCacheLimit = int64_t(2) << 30;
 
-struct HostPool {
-    std::mutex mu;
-    std::multimap<int64_t, void *> free_blocks;   // size -> block
-    std::unordered_map<void *, int64_t> live;      // block -> size
-    int64_t cached_bytes = 0;
-    // Covers the outputs of a few layer calls at training sizes. Cached blocks are memory nothing
-    // else accounts for: a larger cache would keep, through the optimizer step, the activations
-    // the whole backward has just freed.
-    int64_t cache_limit = int64_t(2) << 30;
+void *map_block(int64_t size) {
+    void *block = mmap(nullptr, static_cast<size_t>(size), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    return block == MAP_FAILED ? nullptr : block;
+}
 
-    void trim_to(int64_t limit) {   // under mu; largest blocks go first
-        while (cached_bytes > limit && !free_blocks.empty()) {
-            auto it = std::prev(free_blocks.end());
+class HostPool {
+public:
+    // A block of at least `bytes` (rounded up to huge pages), from the cache when one fits exactly.
+    void *alloc(int64_t bytes) {
+        const int64_t size = (std::max<int64_t>(bytes, 1) + kHugePage - 1) / kHugePage * kHugePage;
+        std::lock_guard<std::mutex> lock(mu_);
+        void *block = take_cached(size);
+        if (!block) {
+            block = map_block(size);
+            if (!block) {
+                trim_to(0);   // give the cache back and try once more
+                block = map_block(size);
+            }
+            if (!block) fail(KT_ERR_OUT_OF_MEMORY, "could not map host memory for an engine output");
+            madvise(block, static_cast<size_t>(size), MADV_HUGEPAGE);
+        }
+        try {
+            live_.emplace(block, size);
+        } catch (...) {
+            munmap(block, static_cast<size_t>(size));
+            throw;
+        }
+        return block;
+    }
+
+    // Returns a block of alloc() to the cache; other pointers are ignored rather than corrupt the heap.
+    void free(void *block) {
+        std::lock_guard<std::mutex> lock(mu_);
+        auto it = live_.find(block);
+        if (it == live_.end()) return;
+        const int64_t size = it->second;
+        live_.erase(it);
+        try {
+            free_blocks_.emplace(size, block);
+        } catch (...) {   // no memory to cache it: unmap it instead
+            munmap(block, static_cast<size_t>(size));
+            throw;
+        }
+        cached_bytes_ += size;
+        trim_to(kCacheLimit);
+    }
+
+    int64_t cached_bytes() {
+        std::lock_guard<std::mutex> lock(mu_);
+        return cached_bytes_;
+    }
+
+private:
+    void *take_cached(int64_t size) {   // under mu_
+        auto it = free_blocks_.find(size);
+        if (it == free_blocks_.end()) return nullptr;
+        void *block = it->second;
+        free_blocks_.erase(it);
+        cached_bytes_ -= size;
+        return block;
+    }
+
+    void trim_to(int64_t limit) {   // under mu_; largest blocks go first
+        while (cached_bytes_ > limit && !free_blocks_.empty()) {
+            auto it = std::prev(free_blocks_.end());
             munmap(it->second, static_cast<size_t>(it->first));
-            cached_bytes -= it->first;
-            free_blocks.erase(it);
+            cached_bytes_ -= it->first;
+            free_blocks_.erase(it);
         }
     }
+
+    std::mutex mu_;
+    std::multimap<int64_t, void *> free_blocks_;   // size -> block
+    std::unordered_map<void *, int64_t> live_;      // block -> size
+    int64_t cached_bytes_ = 0;
 };
 
 HostPool &pool() {
@@ -52,64 +113,19 @@ HostPool &pool() {
 
 using namespace kt;
 
-extern "C" __attribute__((visibility("default"))) kt_status kt_host_alloc(void **out, int64_t bytes) {
-    if (!out) {
-        set_last_error("output pointer is NULL");
-        return KT_ERR_INVALID_ARGUMENT;
-    }
-    *out = nullptr;
-    if (bytes < 0 || bytes > (int64_t(1) << 46)) {
-        set_last_error("host allocation size out of range");
-        return KT_ERR_INVALID_ARGUMENT;
-    }
-    const int64_t size = (std::max<int64_t>(bytes, 1) + kHugePage - 1) / kHugePage * kHugePage;
-    HostPool &p = pool();
-    std::lock_guard<std::mutex> lock(p.mu);
-    auto it = p.free_blocks.find(size);
-    void *block;
-    if (it != p.free_blocks.end()) {
-        block = it->second;
-        p.free_blocks.erase(it);
-        p.cached_bytes -= size;
-    } else {
-        block = mmap(nullptr, static_cast<size_t>(size), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-        if (block == MAP_FAILED) {
-            p.trim_to(0);   // give the cache back and try once more
-            block = mmap(nullptr, static_cast<size_t>(size), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-            if (block == MAP_FAILED) {
-                set_last_error("could not map host memory for an engine output");
-                return KT_ERR_OUT_OF_MEMORY;
-            }
-        }
-        madvise(block, static_cast<size_t>(size), MADV_HUGEPAGE);
-    }
-    p.live[block] = size;
-    *out = block;
-    return KT_OK;
+KT_API kt_status kt_host_alloc(void **out, int64_t bytes) {
+    return guarded([&] {
+        KT_CHECK(out != nullptr, "output pointer is NULL");
+        *out = nullptr;
+        KT_CHECK(bytes >= 0 && bytes <= (int64_t(1) << 46), "host allocation size out of range");
+        *out = pool().alloc(bytes);
+    });
 }
 
-extern "C" __attribute__((visibility("default"))) void kt_host_free(void *block) {
-    if (!block) return;
-    HostPool &p = pool();
-    std::lock_guard<std::mutex> lock(p.mu);
-    auto it = p.live.find(block);
-    if (it == p.live.end()) return;   // not ours: ignore rather than corrupt the heap
-    const int64_t size = it->second;
-    p.live.erase(it);
-    p.free_blocks.emplace(size, block);
-    p.cached_bytes += size;
-    p.trim_to(p.cache_limit);
+KT_API void kt_host_free(void *block) {
+    if (block) guarded_or([&] { pool().free(block); });
 }
 
-extern "C" __attribute__((visibility("default"))) void kt_host_cache_limit(int64_t bytes) {
-    HostPool &p = pool();
-    std::lock_guard<std::mutex> lock(p.mu);
-    p.cache_limit = bytes < 0 ? 0 : bytes;
-    p.trim_to(p.cache_limit);
-}
-
-extern "C" __attribute__((visibility("default"))) int64_t kt_host_cached_bytes(void) {
-    HostPool &p = pool();
-    std::lock_guard<std::mutex> lock(p.mu);
-    return p.cached_bytes;
+KT_API int64_t kt_host_cached_bytes(void) {
+    return guarded_or<int64_t>(-1, [] { return pool().cached_bytes(); });
 }

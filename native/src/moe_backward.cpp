@@ -17,14 +17,10 @@
 //               projections from the same rows                                       (per expert)
 //   4. dX       DX [T*k, H] FP32 = dGU W_gu (+ s TG A_gu), transposed panels again   (expert x col block)
 //   5. combine  dx[t] = sum_j DX[t*k+j], rounded once to BF16                        (token chunks)
-// Nothing in the backward waits for the LoRA gradients: the caller may defer them. Stage 3 then
-// leaves them out, and a DeferredLoraGrads job holding the plan and the scratch computes them
-// after stage 5 (recomputing h and the FP32 dGU rows), so that dx and dw return first.
 // Every output element is written by one work item in a fixed order: the result does not depend
 // on the number of threads. LoRA gradients are per expert, accumulated over row chunks in order.
 #include <cstring>
 #include <functional>
-#include <memory>
 
 #include "driver.h"
 #include "error.h"
@@ -56,23 +52,21 @@ void copy_lora_b(float *bc, const LoraView &l, int64_t E, int64_t out) {
     });
 }
 
-// dB (strided, e.g. PEFT's [out, r*E] with e fastest) (=|+=) db [E, out, r]. Parallel over blocks
+// dB (strided, e.g. PEFT's [out, r*E] with e fastest) = db [E, out, r]. Parallel over blocks
 // of 16 rows o: PEFT puts neighbouring experts in one cache line, so splitting by expert would
 // make threads write the same lines. Within a block, e runs outermost: each expert's 16 x r
 // values are one contiguous read, and the block's destination rows (16 x r x E) stay in L2.
-void store_lora_b(float *dB, const float *db, const LoraView &l, int64_t E, int64_t out, bool accumulate) {
+void store_lora_b(float *dB, const float *db, const LoraView &l, int64_t E, int64_t out) {
     ThreadPool::run((out + 15) / 16, [&](int64_t i, int) {
         const int64_t o0 = i * 16, o1 = std::min(out, o0 + 16);
         for (int64_t e = 0; e < E; ++e)
             for (int64_t o = o0; o < o1; ++o)
-                for (int64_t q = 0; q < l.r; ++q) {
-                    float &d = dB[e * l.se + o * l.so + q * l.sq];
-                    d = (accumulate ? d : 0.0f) + db[(e * out + o) * l.r + q];
-                }
+                for (int64_t q = 0; q < l.r; ++q) dB[e * l.se + o * l.so + q * l.sq] = db[(e * out + o) * l.r + q];
     });
 }
 
-void gather_stage(const kt_experts &ex, const BackwardScratch &s, const uint16_t *dy, const RoutePlan &plan, const std::vector<RowChunk> &chunks, const LoraView &ld) {
+void gather_stage(const kt_experts &ex, const BackwardScratch &s, const uint16_t *dy, const RoutePlan &plan,
+                  const std::vector<RowChunk> &chunks, const LoraView &lora_dn) {
     const Kernels &K = *runtime().kernels;
     ThreadPool::run(static_cast<int64_t>(chunks.size()), [&](int64_t i, int w) {
         const RowChunk c = chunks[i];
@@ -81,11 +75,11 @@ void gather_stage(const kt_experts &ex, const BackwardScratch &s, const uint16_t
             std::memcpy(s.dys + r * ex.ldx, dy + t * ex.H, sizeof(uint16_t) * ex.H);
             std::memset(s.dys + r * ex.ldx + ex.H, 0, sizeof(uint16_t) * (ex.Hp - ex.H));
         }
-        if (ld.r == 0) return;
+        if (lora_dn.r == 0) return;
         float *df = workspace().threads[w].rows_a.get<float>(c.rows * ex.H);
         for (int64_t r = 0; r < c.rows; ++r) K.bf16_to_f32(df + r * ex.H, s.dys + (c.row0 + r) * ex.ldx, ex.H);
-        K.sgemm_nn(s.ty + c.row0 * ld.r, ld.r, df, ex.H, s.bc_d + c.expert * ex.H * ld.r, ld.r, c.rows, ld.r, ex.H,
-                   1.0f, false);
+        K.sgemm_nn(s.ty + c.row0 * lora_dn.r, lora_dn.r, df, ex.H, s.bc_d + c.expert * ex.H * lora_dn.r, lora_dn.r,
+                   c.rows, lora_dn.r, ex.H, 1.0f, false);
     });
 }
 
@@ -94,7 +88,6 @@ void transposed_stage(const kt_experts &ex, const RoutePlan &plan, bool is_down,
                       const float *L, const LoraView &l, int64_t out_n,
                       const std::function<void(int64_t row, int64_t c0, int64_t valid, const float *t)> &store) {
     const Kernels &K = *runtime().kernels;
-    const TransposeBlockFn transpose = runtime().transpose_block;
     const int64_t N = round_up(out_n, 16);
     const int64_t wN = is_down ? ex.H : 2 * ex.I, wK = is_down ? ex.I : ex.H;   // the packed weight [wN, wK]
     const int64_t Rp = round_up(wN, kKAlign);
@@ -105,7 +98,7 @@ void transposed_stage(const kt_experts &ex, const RoutePlan &plan, bool is_down,
         const int64_t r0 = plan.offsets[e], rows = plan.count(e), valid = std::min(cn, out_n - c0);
         ThreadScratch &ts = workspace().threads[w];
         uint16_t *panels = ts.panels.get<uint16_t>(Rp * block);
-        pack_transposed_block(panels, is_down ? ex.down(e) : ex.gate_up(e), wN, wK, c0, cn, transpose);
+        pack_transposed_block(panels, is_down ? ex.down(e) : ex.gate_up(e), wN, wK, c0, cn, K.transpose_block);
         float *tile = ts.tile.get<float>(kRowBlock * kMaxColBlock);
         for (int64_t m = 0; m < rows; m += kRowBlock) {
             const int64_t mr = std::min(kRowBlock, rows - m);
@@ -119,10 +112,9 @@ void transposed_stage(const kt_experts &ex, const RoutePlan &plan, bool is_down,
 }
 
 struct ActInputs {
-    const uint16_t *x;   // [T, H], read by route for the gate_up LoRA A gradient
-    const uint16_t *saved_gu;
-    const float *saved_lgu, *saved_ld;
-    const BackwardOut *out;
+    const uint16_t *x;                    // [T, H], read by route for the gate_up LoRA A gradient
+    const kt_saved_activations *saved;    // the forward's, route order
+    const kt_gradients *grads;            // where the outputs go
 };
 
 // One chunk of rows: dw and dGU (BF16) into the scratch.
@@ -131,7 +123,7 @@ void act_rows(const kt_experts &ex, const BackwardScratch &s, const RoutePlan &p
     const Kernels &K = *runtime().kernels;
     for (int64_t r = 0; r < c.rows; ++r) {
         const int64_t row = c.row0 + r, route = plan.route[row];
-        const uint16_t *gu = in.saved_gu + route * 2 * ex.I;
+        const uint16_t *gu = in.saved->gate_up + route * 2 * ex.I;
         uint16_t *dgu = s.dgu + row * ex.ldgu;
         float dw = K.glu_backward(dgu, dgu + ex.I, hf + r * ex.I, s.g + row * ex.Ip, plan.weight[route], gu,
                                   gu + ex.I, ex.I, ex.act);
@@ -140,19 +132,8 @@ void act_rows(const kt_experts &ex, const BackwardScratch &s, const RoutePlan &p
             const float *b = ex.bias_down(c.expert);
             for (int64_t h = 0; h < ex.H; ++h) dw += bf16_to_float(dy[h]) * b[h];
         }
-        if (in.out->dw) in.out->dw[route] = dw;
+        if (in.grads->dw) in.grads->dw[route] = dw;
         std::memset(dgu + 2 * ex.I, 0, sizeof(uint16_t) * (ex.GUp - 2 * ex.I));
-    }
-}
-
-// h of one chunk, as the forward's down GEMM saw it (BF16-rounded), into hf [rows, I].
-void h_rows(const kt_experts &ex, const RoutePlan &plan, const RowChunk &c, const ActInputs &in, float *hf,
-            ThreadScratch &ts) {
-    const Kernels &K = *runtime().kernels;
-    uint16_t *hb = ts.rows_c.get<uint16_t>(ex.I);
-    for (int64_t r = 0; r < c.rows; ++r) {
-        const uint16_t *gu = in.saved_gu + plan.route[c.row0 + r] * 2 * ex.I;
-        K.glu(hb, hf + r * ex.I, gu, gu + ex.I, ex.I, ex.act);
     }
 }
 
@@ -164,25 +145,27 @@ void gather_saved(float *dst, const float *saved, int64_t r, const RoutePlan &pl
 
 // Down-projection LoRA gradients of one chunk: dB_d += s (w dY)^T LH, dA_d += s (w TY)^T h.
 void lora_down_grads(const kt_experts &ex, const BackwardScratch &s, const RoutePlan &plan, const RowChunk &c,
-                     const ActInputs &in, const LoraView &ld, const float *hf, ThreadScratch &ts, float *dBtmp) {
+                     const ActInputs &in, const LoraView &lora_dn, const float *hf, ThreadScratch &ts, float *dBtmp) {
     const Kernels &K = *runtime().kernels;
-    const kt_lora_grad &g = *in.out->g_d;
-    float *lr = ts.lora_rows.get<float>(c.rows * ld.r * 2);   // [rows, r] LH, then [rows, r] w TY
-    float *wty = lr + c.rows * ld.r;
+    const kt_lora_grad &g = in.grads->lora_down;
+    float *lr = ts.lora_rows.get<float>(c.rows * lora_dn.r * 2);   // [rows, r] LH, then [rows, r] w TY
+    float *wty = lr + c.rows * lora_dn.r;
     for (int64_t i = 0; i < c.rows; ++i) {
         const float wt = plan.weight[plan.route[c.row0 + i]];
-        for (int64_t q = 0; q < ld.r; ++q) wty[i * ld.r + q] = wt * s.ty[(c.row0 + i) * ld.r + q];
+        for (int64_t q = 0; q < lora_dn.r; ++q) wty[i * lora_dn.r + q] = wt * s.ty[(c.row0 + i) * lora_dn.r + q];
     }
-    if (g.dA) K.sgemm_tn(g.dA + c.expert * ld.r * ex.I, ex.I, wty, ld.r, hf, ex.I, ld.r, ex.I, c.rows, ld.scale, true);
+    if (g.dA)
+        K.sgemm_tn(g.dA + c.expert * lora_dn.r * ex.I, ex.I, wty, lora_dn.r, hf, ex.I, lora_dn.r, ex.I, c.rows,
+                   lora_dn.scale, true);
     if (!g.dB) return;
-    gather_saved(lr, in.saved_ld, ld.r, plan, c);
+    gather_saved(lr, in.saved->lora_down, lora_dn.r, plan, c);
     float *wdy = ts.rows_b.get<float>(c.rows * ex.H);   // [rows, H] w dY
     for (int64_t i = 0; i < c.rows; ++i) {
         const float wt = plan.weight[plan.route[c.row0 + i]];
         K.bf16_to_f32(wdy + i * ex.H, s.dys + (c.row0 + i) * ex.ldx, ex.H);
         for (int64_t h = 0; h < ex.H; ++h) wdy[i * ex.H + h] *= wt;
     }
-    K.sgemm_tn(dBtmp, ld.r, wdy, ex.H, lr, ld.r, ex.H, ld.r, c.rows, ld.scale, true);
+    K.sgemm_tn(dBtmp, lora_dn.r, wdy, ex.H, lr, lora_dn.r, ex.H, lora_dn.r, c.rows, lora_dn.scale, true);
 }
 
 // dGU of one chunk as FP32 [rows, 2I].
@@ -196,57 +179,57 @@ float *dgu_rows(const kt_experts &ex, const BackwardScratch &s, const RowChunk &
 
 // Gate_up LoRA gradients of one chunk: dB_gu += s dGU^T LX (dguf = dGU as FP32), dA_gu += s TG^T x.
 void lora_gate_up_grads(const kt_experts &ex, const BackwardScratch &s, const RoutePlan &plan,
-                        const RowChunk &c, const ActInputs &in, const LoraView &lgu, const float *dguf,
+                        const RowChunk &c, const ActInputs &in, const LoraView &lora_gu, const float *dguf,
                         ThreadScratch &ts, float *dBtmp) {
     const Kernels &K = *runtime().kernels;
-    const kt_lora_grad &g = *in.out->g_gu;
+    const kt_lora_grad &g = in.grads->lora_gate_up;
     if (g.dB) {
-        float *lx = ts.lora_rows.get<float>(c.rows * lgu.r);
-        gather_saved(lx, in.saved_lgu, lgu.r, plan, c);
-        K.sgemm_tn(dBtmp, lgu.r, dguf, 2 * ex.I, lx, lgu.r, 2 * ex.I, lgu.r, c.rows, lgu.scale, true);
+        float *lx = ts.lora_rows.get<float>(c.rows * lora_gu.r);
+        gather_saved(lx, in.saved->lora_gate_up, lora_gu.r, plan, c);
+        K.sgemm_tn(dBtmp, lora_gu.r, dguf, 2 * ex.I, lx, lora_gu.r, 2 * ex.I, lora_gu.r, c.rows, lora_gu.scale, true);
     }
     if (g.dA) {
         float *xf = ts.rows_c.get<float>(c.rows * ex.H);
         for (int64_t i = 0; i < c.rows; ++i)
             K.bf16_to_f32(xf + i * ex.H, in.x + (plan.route[c.row0 + i] / plan.k) * ex.H, ex.H);
-        K.sgemm_tn(g.dA + c.expert * lgu.r * ex.H, ex.H, s.tg + c.row0 * lgu.r, lgu.r, xf, ex.H, lgu.r, ex.H,
-                   c.rows, lgu.scale, true);
+        K.sgemm_tn(g.dA + c.expert * lora_gu.r * ex.H, ex.H, s.tg + c.row0 * lora_gu.r, lora_gu.r, xf, ex.H,
+                   lora_gu.r, ex.H, c.rows, lora_gu.scale, true);
     }
 }
 
 // Which LoRA gradients a call asks for.
 struct LoraGrads {
-    bool down = false, gate_up = false;
-    LoraGrads() = default;
-    LoraGrads(const BackwardOut &out, const LoraView &lgu, const LoraView &ld)
-        : down(ld.r > 0 && out.g_d && (out.g_d->dA || out.g_d->dB)),
-          gate_up(lgu.r > 0 && out.g_gu && (out.g_gu->dA || out.g_gu->dB)) {}
-    bool any() const { return down || gate_up; }
+    bool down, gate_up;
+    LoraGrads(const kt_gradients &g, const LoraView &lora_gu, const LoraView &lora_dn)
+        : down(lora_dn.r > 0 && (g.lora_down.dA || g.lora_down.dB)),
+          gate_up(lora_gu.r > 0 && (g.lora_gate_up.dA || g.lora_gate_up.dB)) {}
 };
 
-// Before an expert's first chunk: its dB accumulators (and dA unless accumulating) start at 0.
-void begin_expert_grads(const kt_experts &ex, const BackwardScratch &s, const BackwardOut &out, const LoraGrads &want,
-                        int64_t e, const LoraView &lgu, const LoraView &ld) {
-    if (want.down && out.g_d->dB) std::fill_n(s.db_d + e * ex.H * ld.r, ex.H * ld.r, 0.0f);
-    if (want.gate_up && out.g_gu->dB) std::fill_n(s.db_gu + e * 2 * ex.I * lgu.r, 2 * ex.I * lgu.r, 0.0f);
-    if (!out.accumulate && want.down && out.g_d->dA) std::fill_n(out.g_d->dA + e * ld.r * ex.I, ld.r * ex.I, 0.0f);
-    if (!out.accumulate && want.gate_up && out.g_gu->dA)
-        std::fill_n(out.g_gu->dA + e * lgu.r * ex.H, lgu.r * ex.H, 0.0f);
+// Before an expert's first chunk: its dA and dB accumulators start at 0.
+void begin_expert_grads(const kt_experts &ex, const BackwardScratch &s, const kt_gradients &g, const LoraGrads &want,
+                        int64_t e, const LoraView &lora_gu, const LoraView &lora_dn) {
+    if (want.down && g.lora_down.dB) std::fill_n(s.db_d + e * ex.H * lora_dn.r, ex.H * lora_dn.r, 0.0f);
+    if (want.gate_up && g.lora_gate_up.dB)
+        std::fill_n(s.db_gu + e * 2 * ex.I * lora_gu.r, 2 * ex.I * lora_gu.r, 0.0f);
+    if (want.down && g.lora_down.dA) std::fill_n(g.lora_down.dA + e * lora_dn.r * ex.I, lora_dn.r * ex.I, 0.0f);
+    if (want.gate_up && g.lora_gate_up.dA)
+        std::fill_n(g.lora_gate_up.dA + e * lora_gu.r * ex.H, lora_gu.r * ex.H, 0.0f);
 }
 
 // One chunk's LoRA gradients, given its h (hf) and dGU (dguf) as FP32. Gate_up first: dguf lives
 // in ts.rows_b, which the down gradients reuse.
 void lora_grads_rows(const kt_experts &ex, const BackwardScratch &s, const RoutePlan &plan, const RowChunk &c,
-                     const ActInputs &in, const LoraGrads &want, const LoraView &lgu, const LoraView &ld,
+                     const ActInputs &in, const LoraGrads &want, const LoraView &lora_gu, const LoraView &lora_dn,
                      const float *hf, const float *dguf, ThreadScratch &ts) {
-    if (want.gate_up) lora_gate_up_grads(ex, s, plan, c, in, lgu, dguf, ts, s.db_gu + c.expert * 2 * ex.I * lgu.r);
-    if (want.down) lora_down_grads(ex, s, plan, c, in, ld, hf, ts, s.db_d + c.expert * ex.H * ld.r);
+    if (want.gate_up)
+        lora_gate_up_grads(ex, s, plan, c, in, lora_gu, dguf, ts, s.db_gu + c.expert * 2 * ex.I * lora_gu.r);
+    if (want.down) lora_down_grads(ex, s, plan, c, in, lora_dn, hf, ts, s.db_d + c.expert * ex.H * lora_dn.r);
 }
 
-void store_grads(const kt_experts &ex, const BackwardScratch &s, const BackwardOut &out, const LoraGrads &want,
-                 const LoraView &lgu, const LoraView &ld) {
-    if (want.down && out.g_d->dB) store_lora_b(out.g_d->dB, s.db_d, ld, ex.E, ex.H, out.accumulate);
-    if (want.gate_up && out.g_gu->dB) store_lora_b(out.g_gu->dB, s.db_gu, lgu, ex.E, 2 * ex.I, out.accumulate);
+void store_grads(const kt_experts &ex, const BackwardScratch &s, const kt_gradients &g, const LoraGrads &want,
+                 const LoraView &lora_gu, const LoraView &lora_dn) {
+    if (want.down && g.lora_down.dB) store_lora_b(g.lora_down.dB, s.db_d, lora_dn, ex.E, ex.H);
+    if (want.gate_up && g.lora_gate_up.dB) store_lora_b(g.lora_gate_up.dB, s.db_gu, lora_gu, ex.E, 2 * ex.I);
 }
 
 template <typename F>
@@ -259,141 +242,75 @@ void for_expert_chunks(const RoutePlan &plan, int64_t e, F &&f) {
 // (which dX needs), and the LoRA gradients `want` asks for from the same h and dGU rows.
 // Experts without tokens only initialise their gradients.
 void act_stage(const kt_experts &ex, const BackwardScratch &s, const RoutePlan &plan, const ActInputs &in,
-               const LoraGrads &want, const LoraView &lgu, const LoraView &ld) {
+               const LoraGrads &want, const LoraView &lora_gu, const LoraView &lora_dn) {
     const Kernels &K = *runtime().kernels;
     ThreadPool::run(ex.E, [&](int64_t i, int w) {
         const int64_t e = plan.order[i];
         ThreadScratch &ts = workspace().threads[w];
-        begin_expert_grads(ex, s, *in.out, want, e, lgu, ld);
+        begin_expert_grads(ex, s, *in.grads, want, e, lora_gu, lora_dn);
         for_expert_chunks(plan, e, [&](const RowChunk &c) {
             float *hf = ts.rows_a.get<float>(c.rows * ex.I);
             act_rows(ex, s, plan, c, in, hf);
-            const float *dguf = lgu.r > 0 ? dgu_rows(ex, s, c, ts) : nullptr;
-            if (lgu.r > 0)
-                K.sgemm_nn(s.tg + c.row0 * lgu.r, lgu.r, dguf, 2 * ex.I, s.bc_gu + c.expert * 2 * ex.I * lgu.r,
-                           lgu.r, c.rows, lgu.r, 2 * ex.I, 1.0f, false);
-            lora_grads_rows(ex, s, plan, c, in, want, lgu, ld, hf, dguf, ts);
+            const float *dguf = lora_gu.r > 0 ? dgu_rows(ex, s, c, ts) : nullptr;
+            if (lora_gu.r > 0)
+                K.sgemm_nn(s.tg + c.row0 * lora_gu.r, lora_gu.r, dguf, 2 * ex.I,
+                           s.bc_gu + c.expert * 2 * ex.I * lora_gu.r, lora_gu.r, c.rows, lora_gu.r, 2 * ex.I, 1.0f,
+                           false);
+            lora_grads_rows(ex, s, plan, c, in, want, lora_gu, lora_dn, hf, dguf, ts);
         });
     });
-    store_grads(ex, s, *in.out, want, lgu, ld);
-}
-
-// The LoRA gradients on their own (deferred): h and dGU rows are recomputed from what stage 3 left.
-void lora_grad_stage(const kt_experts &ex, const BackwardScratch &s, const RoutePlan &plan, const ActInputs &in,
-                     const LoraView &lgu, const LoraView &ld) {
-    const LoraGrads want(*in.out, lgu, ld);
-    if (!want.any()) return;
-    ThreadPool::run(ex.E, [&](int64_t i, int w) {
-        const int64_t e = plan.order[i];
-        ThreadScratch &ts = workspace().threads[w];
-        begin_expert_grads(ex, s, *in.out, want, e, lgu, ld);
-        for_expert_chunks(plan, e, [&](const RowChunk &c) {
-            float *hf = want.down ? ts.rows_a.get<float>(c.rows * ex.I) : nullptr;
-            if (hf) h_rows(ex, plan, c, in, hf, ts);
-            const float *dguf = want.gate_up && in.out->g_gu->dB ? dgu_rows(ex, s, c, ts) : nullptr;
-            lora_grads_rows(ex, s, plan, c, in, want, lgu, ld, hf, dguf, ts);
-        });
-    });
-    store_grads(ex, s, *in.out, want, lgu, ld);
-}
-
-// The deferred LoRA gradients of one call with everything they read. Heap allocated and never
-// moved: `in` and `out` point into the job itself.
-struct DeferredLoraGrads {
-    const kt_experts *ex = nullptr;
-    RoutePlan plan;
-    BackwardScratch s{};
-    kt_lora_grad g_gu{}, g_d{};
-    BackwardOut out{};
-    ActInputs in{};
-    LoraView lgu, ld;
-
-    void run() {
-        StageTimer timer(KT_STAGE_BWD_LORA);
-        lora_grad_stage(*ex, s, plan, in, lgu, ld);
-    }
-};
-
-std::unique_ptr<DeferredLoraGrads> &pending_job() {
-    static std::unique_ptr<DeferredLoraGrads> job;
-    return job;
+    store_grads(ex, s, *in.grads, want, lora_gu, lora_dn);
 }
 
 }  // namespace
 
-void finish_deferred() {
-    std::unique_ptr<DeferredLoraGrads> job = std::move(pending_job());
-    if (job) job->run();
-}
-
-void drop_deferred(const kt_experts *ex) {
-    if (pending_job() && pending_job()->ex == ex) pending_job().reset();
-}
-
-void backward_layer(const kt_experts &ex, const BackwardOut &out, const uint16_t *dy, const uint16_t *x,
-                    RoutePlan plan, const uint16_t *saved_gu, const float *saved_lgu,
-                    const float *saved_ld, const LoraView &lgu, const LoraView &ld, bool defer) {
-    finish_deferred();   // its scratch is about to be reused
+void backward_layer(const kt_experts &ex, const kt_gradients &grads, const uint16_t *dy, const uint16_t *x,
+                    const RoutePlan &plan, const kt_saved_activations &saved, const LoraView &lora_gu,
+                    const LoraView &lora_dn) {
     Workspace &ws = workspace();
     ws.ensure_threads(ThreadPool::size());
-    if (out.dw)
-        for (int64_t route = 0; route < plan.T * plan.k; ++route) out.dw[route] = 0.0f;
-    auto job = std::make_unique<DeferredLoraGrads>();
-    job->ex = &ex;
-    job->lgu = lgu;
-    job->ld = ld;
-    job->out = out;
-    if (out.g_gu) job->out.g_gu = &(job->g_gu = *out.g_gu);   // the caller's structs may not outlive the call
-    if (out.g_d) job->out.g_d = &(job->g_d = *out.g_d);
-    job->in = ActInputs{x, saved_gu, saved_lgu, saved_ld, &job->out};
+    if (grads.dw)
+        for (int64_t route = 0; route < plan.T * plan.k; ++route) grads.dw[route] = 0.0f;
+    const ActInputs in{x, &saved, &grads};
     const int64_t Nr = plan.rows();
-    BackwardScratch &s = job->s;
-    // Slots are shared with the forward's buffers of the same role and size (forward_layer): the
-    // per-route FP32 outputs (slot 5) alone are T*k*H*4 bytes, so separate slots would hold twice
-    // the memory for nothing.
-    s.dys = ws.slots[0].get<uint16_t>(Nr * ex.ldx);
-    s.dgu = ws.slots[1].get<uint16_t>(Nr * ex.ldgu);
-    s.g = ws.slots[2].get<float>(Nr * ex.Ip);
-    s.tg = ws.slots[3].get<float>(Nr * lgu.r + 1);
-    s.ty = ws.slots[4].get<float>(Nr * ld.r + 1);
-    s.dx = out.dx ? ws.slots[5].get<float>(plan.T * plan.k * ex.H + 1) : nullptr;
-    float *bc = ws.slots[7].get<float>(ex.E * (ex.H * ld.r + 2 * ex.I * lgu.r) + 1);
-    s.bc_d = bc;
-    s.bc_gu = bc + ex.E * ex.H * ld.r;
-    s.db_d = ws.slots[8].get<float>(ex.E * ex.H * ld.r + 1);
-    s.db_gu = ws.slots[9].get<float>(ex.E * 2 * ex.I * lgu.r + 1);
+    BackwardScratch s{};
+    s.dys = ws.gathered.get<uint16_t>(Nr * ex.ldx);
+    s.dgu = ws.gate_up.get<uint16_t>(Nr * ex.ldgu);
+    s.g = ws.inter.get<float>(Nr * ex.Ip);
+    s.tg = ws.lora_gate_up.get<float>(Nr * lora_gu.r + 1);
+    s.ty = ws.lora_down.get<float>(Nr * lora_dn.r + 1);
+    s.dx = grads.dx ? ws.routes.get<float>(plan.T * plan.k * ex.H + 1) : nullptr;
+    s.bc_d = ws.lora_b_down.get<float>(ex.E * ex.H * lora_dn.r + 1);
+    s.bc_gu = ws.lora_b_gate_up.get<float>(ex.E * 2 * ex.I * lora_gu.r + 1);
+    s.db_d = ws.lora_db_down.get<float>(ex.E * ex.H * lora_dn.r + 1);
+    s.db_gu = ws.lora_db_gate_up.get<float>(ex.E * 2 * ex.I * lora_gu.r + 1);
     {
         StageTimer timer(KT_STAGE_LORA_PREP);
-        if (ld.r) copy_lora_b(s.bc_d, ld, ex.E, ex.H);
-        if (lgu.r) copy_lora_b(s.bc_gu, lgu, ex.E, 2 * ex.I);
+        if (lora_dn.r) copy_lora_b(s.bc_d, lora_dn, ex.E, ex.H);
+        if (lora_gu.r) copy_lora_b(s.bc_gu, lora_gu, ex.E, 2 * ex.I);
     }
     const std::vector<RowChunk> chunks = row_chunks(plan);
-    { StageTimer timer(KT_STAGE_BWD_GATHER); gather_stage(ex, s, dy, plan, chunks, ld); }
+    { StageTimer timer(KT_STAGE_BWD_GATHER); gather_stage(ex, s, dy, plan, chunks, lora_dn); }
     {
         StageTimer timer(KT_STAGE_BWD_DOWN_T);
-        transposed_stage(ex, plan, true, s.dys, ex.ldx, s.ty, ld, ex.I,
+        transposed_stage(ex, plan, true, s.dys, ex.ldx, s.ty, lora_dn, ex.I,
                          [&](int64_t row, int64_t c0, int64_t valid, const float *t) {
                              std::memcpy(s.g + row * ex.Ip + c0, t, sizeof(float) * valid);
                          });
     }
     {
         StageTimer timer(KT_STAGE_BWD_ACT);
-        act_stage(ex, s, plan, job->in, defer ? LoraGrads() : LoraGrads(job->out, lgu, ld), lgu, ld);
+        act_stage(ex, s, plan, in, LoraGrads(grads, lora_gu, lora_dn), lora_gu, lora_dn);
     }
-    if (out.dx) {
-        {
-            StageTimer timer(KT_STAGE_BWD_GATE_UP_T);
-            transposed_stage(ex, plan, false, s.dgu, ex.ldgu, s.tg, lgu, ex.H,
-                             [&](int64_t row, int64_t c0, int64_t valid, const float *t) {
-                                 std::memcpy(s.dx + plan.route[row] * ex.H + c0, t, sizeof(float) * valid);
-                             });
-        }
-        { StageTimer timer(KT_STAGE_BWD_COMBINE); sum_routes(out.dx, s.dx, plan, ex.H, false); }
+    if (!grads.dx) return;
+    {
+        StageTimer timer(KT_STAGE_BWD_GATE_UP_T);
+        transposed_stage(ex, plan, false, s.dgu, ex.ldgu, s.tg, lora_gu, ex.H,
+                         [&](int64_t row, int64_t c0, int64_t valid, const float *t) {
+                             std::memcpy(s.dx + plan.route[row] * ex.H + c0, t, sizeof(float) * valid);
+                         });
     }
-    if (defer) {
-        job->plan = std::move(plan);
-        pending_job() = std::move(job);
-    }
+    { StageTimer timer(KT_STAGE_BWD_COMBINE); sum_routes(grads.dx, s.dx, plan, ex.H, false); }
 }
 
 }  // namespace kt

@@ -56,7 +56,7 @@ void transpose_lora_b(float *bt, const LoraView &l, int64_t E, int64_t out, int6
 }
 
 void gather_stage(const kt_experts &ex, const ForwardScratch &s, const uint16_t *x, const RoutePlan &plan,
-                  const std::vector<RowChunk> &chunks, const LoraView &lgu) {
+                  const std::vector<RowChunk> &chunks, const LoraView &lora_gu) {
     const Kernels &K = *runtime().kernels;
     ThreadPool::run(static_cast<int64_t>(chunks.size()), [&](int64_t i, int w) {
         const RowChunk c = chunks[i];
@@ -65,11 +65,11 @@ void gather_stage(const kt_experts &ex, const ForwardScratch &s, const uint16_t 
             std::memcpy(dst, x + (plan.route[r] / plan.k) * ex.H, sizeof(uint16_t) * ex.H);
             std::memset(dst + ex.H, 0, sizeof(uint16_t) * (ex.Hp - ex.H));
         }
-        if (lgu.r == 0) return;
+        if (lora_gu.r == 0) return;
         float *xf = workspace().threads[w].rows_a.get<float>(c.rows * ex.H);   // [rows, H]
         for (int64_t r = 0; r < c.rows; ++r) K.bf16_to_f32(xf + r * ex.H, s.xs + (c.row0 + r) * ex.ldx, ex.H);
-        K.sgemm_nt(s.lx + c.row0 * lgu.r, lgu.r, xf, ex.H, lgu.A + c.expert * lgu.r * ex.H, ex.H, c.rows, lgu.r,
-                   ex.H, 1.0f, false);
+        K.sgemm_nt(s.lx + c.row0 * lora_gu.r, lora_gu.r, xf, ex.H, lora_gu.A + c.expert * lora_gu.r * ex.H, ex.H,
+                   c.rows, lora_gu.r, ex.H, 1.0f, false);
     });
 }
 
@@ -92,7 +92,7 @@ void gemm_item(const Kernels &K, float *tile, const uint16_t *A, int64_t lda, co
     }
 }
 
-void gate_up_stage(const kt_experts &ex, const ForwardScratch &s, const RoutePlan &plan, const LoraView &lgu) {
+void gate_up_stage(const kt_experts &ex, const ForwardScratch &s, const RoutePlan &plan, const LoraView &lora_gu) {
     const Kernels &K = *runtime().kernels;
     const int64_t N = round_up(2 * ex.I, 16);
     const BlockItems items = block_items(plan, N, col_block(ex.Hp));
@@ -101,7 +101,7 @@ void gate_up_stage(const kt_experts &ex, const ForwardScratch &s, const RoutePla
         const int64_t r0 = plan.offsets[e];
         float *tile = workspace().threads[w].tile.get<float>(kRowBlock * kMaxColBlock);
         gemm_item(K, tile, s.xs + r0 * ex.ldx, ex.ldx, ex.gate_up(e) + (c0 / 16) * ex.Hp * 16, ex.Hp, plan.count(e),
-                  cn, s.lx + r0 * lgu.r, lgu.r, s.bt_gu + e * lgu.r * N + c0, N, lgu.scale,
+                  cn, s.lx + r0 * lora_gu.r, lora_gu.r, s.bt_gu + e * lora_gu.r * N + c0, N, lora_gu.scale,
                   [&](int64_t m, int64_t mr, float *t) {
                       const int64_t valid = std::min(cn, 2 * ex.I - c0);
                       if (ex.has_bias) add_bias(t, cn, mr, valid, ex.bias_gate_up(e) + c0);
@@ -112,8 +112,8 @@ void gate_up_stage(const kt_experts &ex, const ForwardScratch &s, const RoutePla
 }
 
 void act_stage(const kt_experts &ex, const ForwardScratch &s, const RoutePlan &plan,
-               const std::vector<RowChunk> &chunks, const LoraView &ld, float *saved_lgu, float *saved_ld,
-               int64_t r_gu) {
+               const std::vector<RowChunk> &chunks, const LoraView &lora_dn, float *saved_lora_gu,
+               float *saved_lora_dn, int64_t r_gu) {
     const Kernels &K = *runtime().kernels;
     ThreadPool::run(static_cast<int64_t>(chunks.size()), [&](int64_t i, int w) {
         const RowChunk c = chunks[i];
@@ -125,18 +125,20 @@ void act_stage(const kt_experts &ex, const ForwardScratch &s, const RoutePlan &p
             uint16_t *hb = s.hs + row * ex.ldh;
             K.glu(hb, h, gu, gu + ex.I, ex.I, ex.act);   // h = the rounded values the down GEMM sees
             std::memset(hb + ex.I, 0, sizeof(uint16_t) * (ex.Ip - ex.I));
-            if (saved_lgu) std::memcpy(saved_lgu + route * r_gu, s.lx + row * r_gu, sizeof(float) * r_gu);
+            if (saved_lora_gu) std::memcpy(saved_lora_gu + route * r_gu, s.lx + row * r_gu, sizeof(float) * r_gu);
         }
-        if (ld.r == 0) return;
-        float *lh = s.lh + c.row0 * ld.r;
-        K.sgemm_nt(lh, ld.r, hf, ex.Ip, ld.A + c.expert * ld.r * ex.I, ex.I, c.rows, ld.r, ex.I, 1.0f, false);
-        if (saved_ld)
+        if (lora_dn.r == 0) return;
+        float *lh = s.lh + c.row0 * lora_dn.r;
+        K.sgemm_nt(lh, lora_dn.r, hf, ex.Ip, lora_dn.A + c.expert * lora_dn.r * ex.I, ex.I, c.rows, lora_dn.r, ex.I,
+                   1.0f, false);
+        if (saved_lora_dn)
             for (int64_t r = 0; r < c.rows; ++r)
-                std::memcpy(saved_ld + plan.route[c.row0 + r] * ld.r, lh + r * ld.r, sizeof(float) * ld.r);
+                std::memcpy(saved_lora_dn + plan.route[c.row0 + r] * lora_dn.r, lh + r * lora_dn.r,
+                            sizeof(float) * lora_dn.r);
     });
 }
 
-void down_stage(const kt_experts &ex, const ForwardScratch &s, const RoutePlan &plan, const LoraView &ld) {
+void down_stage(const kt_experts &ex, const ForwardScratch &s, const RoutePlan &plan, const LoraView &lora_dn) {
     const Kernels &K = *runtime().kernels;
     const int64_t N = round_up(ex.H, 16);
     const BlockItems items = block_items(plan, N, col_block(ex.Ip));
@@ -145,7 +147,7 @@ void down_stage(const kt_experts &ex, const ForwardScratch &s, const RoutePlan &
         const int64_t r0 = plan.offsets[e], valid = std::min(cn, ex.H - c0);
         float *tile = workspace().threads[w].tile.get<float>(kRowBlock * kMaxColBlock);
         gemm_item(K, tile, s.hs + r0 * ex.ldh, ex.ldh, ex.down(e) + (c0 / 16) * ex.Ip * 16, ex.Ip, plan.count(e),
-                  cn, s.lh + r0 * ld.r, ld.r, s.bt_d + e * ld.r * N + c0, N, ld.scale,
+                  cn, s.lh + r0 * lora_dn.r, lora_dn.r, s.bt_d + e * lora_dn.r * N + c0, N, lora_dn.scale,
                   [&](int64_t m, int64_t mr, float *t) {
                       if (ex.has_bias) add_bias(t, cn, mr, valid, ex.bias_down(e) + c0);
                       for (int64_t row = 0; row < mr; ++row)
@@ -175,40 +177,43 @@ void sum_routes(uint16_t *out, const float *rows, const RoutePlan &plan, int64_t
     });
 }
 
-void forward_layer(const kt_experts &ex, uint16_t *y, uint16_t *saved_gu, float *saved_lgu, float *saved_ld,
-                   const uint16_t *x, const RoutePlan &plan, const LoraView &lgu, const LoraView &ld) {
+void forward_layer(const kt_experts &ex, uint16_t *y, const kt_saved_activations &saved, const uint16_t *x,
+                   const RoutePlan &plan, const LoraView &lora_gu, const LoraView &lora_dn) {
     Workspace &ws = workspace();
     ws.ensure_threads(ThreadPool::size());
     const int64_t Nr = plan.rows();
     const int64_t N_gu = round_up(2 * ex.I, 16), N_d = round_up(ex.H, 16);
     ForwardScratch s{};
-    s.xs = ws.slots[0].get<uint16_t>(Nr * ex.ldx);
-    s.saved_gu = saved_gu;
-    s.gu = saved_gu ? nullptr : ws.slots[1].get<uint16_t>(Nr * ex.GUp);
-    s.hs = ws.slots[2].get<uint16_t>(Nr * ex.ldh);
-    s.lx = ws.slots[3].get<float>(Nr * lgu.r + 1);
-    s.lh = ws.slots[4].get<float>(Nr * ld.r + 1);
-    s.d = ws.slots[5].get<float>(plan.T * plan.k * ex.H + 1);
-    s.bt_gu = ws.slots[6].get<float>(ex.E * lgu.r * N_gu + 1);
-    s.bt_d = ws.slots[7].get<float>(ex.E * ld.r * N_d + 1);
+    s.xs = ws.gathered.get<uint16_t>(Nr * ex.ldx);
+    s.saved_gu = saved.gate_up;
+    s.gu = saved.gate_up ? nullptr : ws.gate_up.get<uint16_t>(Nr * ex.GUp);
+    s.hs = ws.inter.get<uint16_t>(Nr * ex.ldh);
+    s.lx = ws.lora_gate_up.get<float>(Nr * lora_gu.r + 1);
+    s.lh = ws.lora_down.get<float>(Nr * lora_dn.r + 1);
+    s.d = ws.routes.get<float>(plan.T * plan.k * ex.H + 1);
+    s.bt_gu = ws.lora_b_gate_up.get<float>(ex.E * lora_gu.r * N_gu + 1);
+    s.bt_d = ws.lora_b_down.get<float>(ex.E * lora_dn.r * N_d + 1);
     {
         StageTimer timer(KT_STAGE_LORA_PREP);
-        if (lgu.r) transpose_lora_b(s.bt_gu, lgu, ex.E, 2 * ex.I, N_gu);
-        if (ld.r) transpose_lora_b(s.bt_d, ld, ex.E, ex.H, N_d);
+        if (lora_gu.r) transpose_lora_b(s.bt_gu, lora_gu, ex.E, 2 * ex.I, N_gu);
+        if (lora_dn.r) transpose_lora_b(s.bt_d, lora_dn, ex.E, ex.H, N_d);
     }
     const std::vector<RowChunk> chunks = row_chunks(plan);
-    { StageTimer timer(KT_STAGE_FWD_GATHER); gather_stage(ex, s, x, plan, chunks, lgu); }
-    { StageTimer timer(KT_STAGE_FWD_GATE_UP); gate_up_stage(ex, s, plan, lgu); }
-    { StageTimer timer(KT_STAGE_FWD_ACT); act_stage(ex, s, plan, chunks, ld, saved_lgu, saved_ld, lgu.r); }
-    { StageTimer timer(KT_STAGE_FWD_DOWN); down_stage(ex, s, plan, ld); }
+    { StageTimer timer(KT_STAGE_FWD_GATHER); gather_stage(ex, s, x, plan, chunks, lora_gu); }
+    { StageTimer timer(KT_STAGE_FWD_GATE_UP); gate_up_stage(ex, s, plan, lora_gu); }
+    {
+        StageTimer timer(KT_STAGE_FWD_ACT);
+        act_stage(ex, s, plan, chunks, lora_dn, saved.lora_gate_up, saved.lora_down, lora_gu.r);
+    }
+    { StageTimer timer(KT_STAGE_FWD_DOWN); down_stage(ex, s, plan, lora_dn); }
     { StageTimer timer(KT_STAGE_FWD_COMBINE); sum_routes(y, s.d, plan, ex.H, true); }
 
     // Sentinel routes have no saved rows from the stages above: give them zeros, not garbage.
     for (int64_t route = 0; route < plan.T * plan.k; ++route) {
         if (plan.row_of[route] >= 0) continue;
-        if (saved_gu) std::memset(saved_gu + route * 2 * ex.I, 0, sizeof(uint16_t) * 2 * ex.I);
-        if (saved_lgu) std::memset(saved_lgu + route * lgu.r, 0, sizeof(float) * lgu.r);
-        if (saved_ld) std::memset(saved_ld + route * ld.r, 0, sizeof(float) * ld.r);
+        if (saved.gate_up) std::memset(saved.gate_up + route * 2 * ex.I, 0, sizeof(uint16_t) * 2 * ex.I);
+        if (saved.lora_gate_up) std::memset(saved.lora_gate_up + route * lora_gu.r, 0, sizeof(float) * lora_gu.r);
+        if (saved.lora_down) std::memset(saved.lora_down + route * lora_dn.r, 0, sizeof(float) * lora_dn.r);
     }
 }
 

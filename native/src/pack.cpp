@@ -2,8 +2,6 @@
 
 #include <cstring>
 
-#include "kernels/transpose.h"
-
 namespace kt {
 
 void pack_weight(uint16_t *dst, const uint16_t *W, int64_t ld, int64_t N, int64_t K) {
@@ -23,26 +21,6 @@ void unpack_weight(uint16_t *W, int64_t ld, const uint16_t *src, int64_t N, int6
         uint16_t *row = W + n * ld;
         for (int64_t k = 0; k < K; ++k) row[k] = panel[(k / 2) * 32 + (k % 2)];
     }
-}
-
-namespace {
-
-// A 16 (n) x 16 (k) block of a packed panel occupies 8 consecutive 64-byte rows (512 bytes), with
-// offset(n, k) = (k / 2) * 32 + n * 2 + k % 2. The same block of the transposed weight has
-// offset(n, k) = (n / 2) * 32 + k * 2 + n % 2: the layout with n and k swapped.
-struct BlockPermutation {
-    uint16_t src[256];
-    constexpr BlockPermutation() : src() {
-        for (int n = 0; n < 16; ++n)
-            for (int k = 0; k < 16; ++k) src[(n / 2) * 32 + k * 2 + n % 2] = static_cast<uint16_t>((k / 2) * 32 + n * 2 + k % 2);
-    }
-};
-constexpr BlockPermutation kBlock;
-
-}  // namespace
-
-void transpose_block_scalar(uint16_t *dst, const uint16_t *src) {
-    for (int i = 0; i < 256; ++i) dst[i] = src[kBlock.src[i]];
 }
 
 void pack_transposed_block(uint16_t *dst, const uint16_t *src, int64_t N, int64_t K, int64_t k0, int64_t kn,

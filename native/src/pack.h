@@ -19,7 +19,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "kernels/transpose.h"
+#include "kernels.h"
 
 namespace kt {
 

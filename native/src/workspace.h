@@ -37,8 +37,23 @@ struct ThreadScratch {
     Buffer lora_rows;  // FP32 [rows, 2r] saved LoRA intermediates of one chunk
 };
 
+// The large per-call buffers of the drivers. Nr = rows of the call's plan (routes to a real
+// expert, sorted by expert), r_gu and r_d the LoRA ranks, ld* the row strides of kt_experts.
+// A forward and a backward are never in flight at once (runtime lock), so where the two need a
+// buffer of the same size and role they share one field: the per-route rows alone are
+// T*k*H*4 bytes, and separate buffers would hold twice the memory for nothing.
 struct Workspace {
-    Buffer slots[10];                     // large per-call buffers; the drivers name their uses
+    Buffer gathered;         // BF16 [Nr, Hp], stride ldx: forward x rows, backward dY rows
+    Buffer gate_up;          // BF16 [Nr, 2I]: forward gate | up when the caller saves none (stride GUp);
+                             //   backward dGU = [dg | du] (stride ldgu)
+    Buffer inter;            // [Nr, I]: forward h BF16 (stride ldh); backward G = dY W_d,eff FP32 (stride Ip)
+    Buffer lora_gate_up;     // FP32 [Nr, r_gu]: forward x A_gu^T; backward dGU B_gu
+    Buffer lora_down;        // FP32 [Nr, r_d]: forward h A_d^T; backward dY B_d
+    Buffer routes;           // FP32 [T*k, H]: forward expert outputs, backward dX, one row per route
+    Buffer lora_b_gate_up;   // FP32: forward B_gu^T [E, r_gu, round_up(2I, 16)]; backward B_gu [E, 2I, r_gu]
+    Buffer lora_b_down;      // FP32: forward B_d^T [E, r_d, round_up(H, 16)]; backward B_d [E, H, r_d]
+    Buffer lora_db_gate_up;  // FP32 [E, 2I, r_gu]: backward dB_gu per expert, before it is stored
+    Buffer lora_db_down;     // FP32 [E, H, r_d]: backward dB_d per expert
     std::vector<ThreadScratch> threads;   // one per worker
     void ensure_threads(int n) { if (static_cast<int>(threads.size()) < n) threads.resize(n); }
 };

@@ -6,6 +6,14 @@
 //     Padding of A (columns Kp..lda) holds NaN and padding of C (columns N..ldc) a sentinel:
 //     reading the first or writing the second fails the case.
 //   bf16_to_f32, f32_to_bf16: bit-exact (all 65536 BF16 patterns; random and special FP32 bits).
+//   glu, glu_backward (both activation kinds, g and u across the clamps): the scalar oracle
+//     against a double-precision reference within one BF16 rounding (2^-8 relative) plus 2e-6
+//     relative for the FP32 evaluation (its exp polynomial is within 2e-7); every other path
+//     against the oracle within one BF16 ulp of the oracle's value (the same FP32 formula, up to
+//     FMA contraction, rounds to the same or an adjacent BF16 value). dg and du may also be off by
+//     1e-6 (oracle) / 1e-5 (others) of the magnitude of their terms, which cancel near
+//     g = -1.28. h_f32 is float(h) bit for bit; dw, an FP32 sum, has the gemms' bound.
+//   transpose_block: bit-exact; the oracle against the offsets of kernels.h.
 //
 // Prints one line per ISA x kernel and "N passed, M failed"; exits non-zero on failure.
 // Usage: kt_kernels_selftest [--bench]   (--bench adds gemm_bf16 GFLOP/s per ISA)
@@ -21,6 +29,7 @@
 
 #include "bf16.h"
 #include "cpu_features.h"
+#include "dispatch.h"
 #include "kernels.h"
 #include "kt_trl.h"
 
@@ -29,6 +38,7 @@ namespace {
 using kt::Kernels;
 
 constexpr float kSentinel = 1234.5f;
+constexpr uint16_t kGuardBf16 = 0xabcd;
 constexpr uint16_t kBf16NaN = 0x7fc0;
 
 std::mt19937_64 rng(12345);
@@ -330,21 +340,178 @@ void test_f32_to_bf16(const std::vector<const Kernels *> &isas, std::vector<Stat
     }
 }
 
+// ---------------------------------------------------------------- activations
+
+// The exact activation of kernels.h at one (g, u) and the magnitude of the terms of each
+// derivative (the scale of the FP32 cancellation error).
+struct ActRef {
+    double h, dh_dg, dh_du, mag_dg, mag_du;
+};
+
+ActRef act_ref(double g, double u, const kt::Activation &a) {
+    if (a.kind == KT_ACT_SILU) {
+        const double sig = 1.0 / (1.0 + std::exp(-g));
+        return {g * sig * u, u * sig * (1.0 + g * (1.0 - sig)), g * sig,
+                std::fabs(u) * sig * (1.0 + std::fabs(g) * (1.0 - sig)), std::fabs(g) * sig};
+    }
+    const bool g_in = g <= a.limit, u_in = u >= -a.limit && u <= a.limit;
+    const double gc = g_in ? g : a.limit, uc = u_in ? u : (u > 0 ? a.limit : -a.limit);
+    const double sig = 1.0 / (1.0 + std::exp(-a.alpha * gc)), glu = gc * sig;
+    const double mag_dg = (std::fabs(uc) + 1.0) * sig * (1.0 + a.alpha * std::fabs(gc) * (1.0 - sig));
+    return {(uc + 1.0) * glu, g_in ? (uc + 1.0) * sig * (1.0 + a.alpha * gc * (1.0 - sig)) : 0.0, u_in ? glu : 0.0,
+            g_in ? mag_dg : 0.0, u_in ? std::fabs(glu) : 0.0};
+}
+
+// Distance from |v| to the next BF16 value up (0 for 0).
+double bf16_ulp(double v) { return v == 0.0 ? 0.0 : std::ldexp(1.0, std::ilogb(v) - 7); }
+
+struct ActCase {
+    kt::Activation act;
+    int64_t n;
+    float w;
+    std::vector<uint16_t> g, u;
+    std::vector<float> G;
+    std::string name;
+};
+
+struct ActOut {
+    std::vector<uint16_t> h, dg, du;   // each with one guard element past the end
+    std::vector<float> h_f32, h_f32_bwd;   // of glu and of glu_backward
+    float dw = 0.0f;
+};
+
+ActOut run_act(const Kernels &k, const ActCase &c) {
+    ActOut o;
+    o.h.assign(c.n + 1, kGuardBf16);
+    o.h_f32.assign(c.n + 1, kSentinel);
+    k.glu(o.h.data(), o.h_f32.data(), c.g.data(), c.u.data(), c.n, c.act);
+    o.dg.assign(c.n + 1, kGuardBf16);
+    o.du.assign(c.n + 1, kGuardBf16);
+    o.h_f32_bwd.assign(c.n + 1, kSentinel);
+    o.dw = k.glu_backward(o.dg.data(), o.du.data(), o.h_f32_bwd.data(), c.G.data(), c.w, c.g.data(), c.u.data(),
+                          c.n, c.act);
+    return o;
+}
+
+// BF16 got[i] vs want[i] for i < n within tol(i); got[n], one past the end, must still hold the guard.
+template <typename Tol>
+bool within(const std::vector<uint16_t> &got, const std::vector<double> &want, int64_t n, const Tol &tol, Stats &s) {
+    bool ok = got[n] == kGuardBf16;
+    for (int64_t i = 0; i < n; ++i) {
+        const double d = std::fabs(double(kt::bf16_to_float(got[i])) - want[i]), t = tol(i);
+        if (!(d <= t)) ok = false;   // NaN fails too
+        s.max_abs = std::max(s.max_abs, std::isnan(d) ? INFINITY : d);
+        if (t > 0) s.max_ratio = std::max(s.max_ratio, std::isnan(d) ? INFINITY : d / t);
+    }
+    return ok;
+}
+
+std::vector<double> as_double(const std::vector<uint16_t> &v) {
+    std::vector<double> out(v.size());
+    for (size_t i = 0; i < v.size(); ++i) out[i] = kt::bf16_to_float(v[i]);
+    return out;
+}
+
+// h_f32 == float(h) bit for bit over n values, and its guard untouched.
+bool h_f32_exact(const std::vector<uint16_t> &h, const std::vector<float> &h_f32, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) {
+        const float f = kt::bf16_to_float(h[i]);
+        if (std::memcmp(&h_f32[i], &f, sizeof f) != 0) return false;
+    }
+    return h_f32[n] == kSentinel;
+}
+
+// One case: the oracle against the double reference, then every other path against the oracle.
+void check_act_case(const std::vector<const Kernels *> &isas, const ActCase &c, std::vector<Stats> &fwd,
+                    std::vector<Stats> &bwd) {
+    const int64_t n = c.n;
+    const ActOut oracle = run_act(*isas[0], c);
+    std::vector<ActRef> ref;
+    std::vector<double> h_ref, dg_ref, du_ref, wG;
+    double dw_ref = 0.0, dw_scale = 0.0;   // <G, h> with the oracle's h, and sum |G h|
+    for (int64_t i = 0; i < n; ++i) {
+        ref.push_back(act_ref(kt::bf16_to_float(c.g[i]), kt::bf16_to_float(c.u[i]), c.act));
+        wG.push_back(double(c.w) * c.G[i]);
+        h_ref.push_back(ref[i].h);
+        dg_ref.push_back(wG[i] * ref[i].dh_dg);
+        du_ref.push_back(wG[i] * ref[i].dh_du);
+        const double h = kt::bf16_to_float(oracle.h[i]);
+        dw_ref += c.G[i] * h;
+        dw_scale += std::fabs(c.G[i] * h);
+    }
+    const double rel = std::ldexp(1.0, -8) + 2e-6;   // one BF16 rounding + the FP32 evaluation
+    auto dg_term = [&](int64_t i) { return std::fabs(wG[i]) * ref[i].mag_dg; };
+    auto du_term = [&](int64_t i) { return std::fabs(wG[i]) * ref[i].mag_du; };
+    bool ok = within(oracle.h, h_ref, n, [&](int64_t i) { return rel * std::fabs(h_ref[i]); }, fwd[0]);
+    record(fwd[0], ok && h_f32_exact(oracle.h, oracle.h_f32, n), c.name);
+    ok = std::fabs(oracle.dw - dw_ref) <= 1e-5 * dw_scale + 1e-6 && h_f32_exact(oracle.h, oracle.h_f32_bwd, n);
+    ok &= within(oracle.dg, dg_ref, n,
+                 [&](int64_t i) { return rel * std::fabs(dg_ref[i]) + 1e-6 * dg_term(i); }, bwd[0]);
+    ok &= within(oracle.du, du_ref, n,
+                 [&](int64_t i) { return rel * std::fabs(du_ref[i]) + 1e-6 * du_term(i); }, bwd[0]);
+    record(bwd[0], ok, c.name);
+
+    const std::vector<double> h_o = as_double(oracle.h), dg_o = as_double(oracle.dg), du_o = as_double(oracle.du);
+    for (size_t k = 1; k < isas.size(); ++k) {
+        const ActOut got = run_act(*isas[k], c);
+        ok = within(got.h, h_o, n, [&](int64_t i) { return bf16_ulp(h_o[i]); }, fwd[k]);
+        record(fwd[k], ok && h_f32_exact(got.h, got.h_f32, n), c.name);
+        ok = std::fabs(double(got.dw) - oracle.dw) <= 1e-5 * dw_scale + 1e-6 && h_f32_exact(got.h, got.h_f32_bwd, n);
+        ok &= within(got.dg, dg_o, n, [&](int64_t i) { return bf16_ulp(dg_o[i]) + 1e-5 * dg_term(i); },
+                     bwd[k]);
+        ok &= within(got.du, du_o, n, [&](int64_t i) { return bf16_ulp(du_o[i]) + 1e-5 * du_term(i); },
+                     bwd[k]);
+        record(bwd[k], ok, c.name);
+    }
+}
+
+void test_act(const std::vector<const Kernels *> &isas, std::vector<Stats> &fwd, std::vector<Stats> &bwd) {
+    for (int32_t kind : {KT_ACT_SILU, KT_ACT_CLAMPED_SWIGLU})
+        for (int64_t n : kLens) {
+            ActCase c{kt::Activation{kind, 1.702f, 7.0f}, n, uniform(0.0f, 1.0f), {}, {}, {}, ""};
+            for (int64_t i = 0; i < n; ++i) {   // across the clamps at +-7
+                c.g.push_back(kt::float_to_bf16(uniform(-10.0f, 10.0f)));
+                c.u.push_back(kt::float_to_bf16(uniform(-10.0f, 10.0f)));
+                c.G.push_back(uniform(-1.0f, 1.0f));
+            }
+            c.name = "kind=" + std::to_string(kind) + " n=" + std::to_string(n);
+            check_act_case(isas, c, fwd, bwd);
+        }
+}
+
+// ---------------------------------------------------------------- transpose
+
+void test_transpose(const std::vector<const Kernels *> &isas, std::vector<Stats> &stats) {
+    std::uniform_int_distribution<int> bits(0, 0xffff);
+    for (int rep = 0; rep < 64; ++rep)
+        for (int off : {0, 3}) {   // unaligned source and destination too
+            std::vector<uint16_t> src(256 + off), want(256);
+            for (auto &v : src) v = static_cast<uint16_t>(bits(rng));
+            for (int n = 0; n < 16; ++n)   // kernels.h: dst(n, k) = src(n, k) at the two layouts' offsets
+                for (int k = 0; k < 16; ++k)
+                    want[(n / 2) * 32 + k * 2 + n % 2] = src[off + (k / 2) * 32 + n * 2 + k % 2];
+            for (size_t i = 0; i < isas.size(); ++i) {
+                std::vector<uint16_t> dst(256 + off + 1, kGuardBf16);
+                isas[i]->transpose_block(dst.data() + off, src.data() + off);
+                int64_t bad = std::memcmp(dst.data() + off, want.data(), 512) != 0;
+                bad += dst[256 + off] != kGuardBf16;
+                for (int j = 0; j < off; ++j) bad += dst[j] != kGuardBf16;
+                stats[i].max_ratio = std::max(stats[i].max_ratio, double(bad));
+                record(stats[i], bad == 0, "transpose rep=" + std::to_string(rep) + " off=" + std::to_string(off));
+            }
+        }
+}
+
 // ---------------------------------------------------------------- driver
 
+// Every path dispatch would select on this CPU (kt::isa_available), scalar first.
 std::vector<const Kernels *> available_isas() {
-    const uint32_t f = kt::cpu_features();
-    const uint32_t avx2 = KT_CPU_AVX2 | KT_CPU_FMA | KT_CPU_F16C;
-    const uint32_t avx512 = KT_CPU_AVX512F | KT_CPU_AVX512BW | KT_CPU_AVX512VL | KT_CPU_AVX512BF16;
-    const uint32_t amx = avx512 | KT_CPU_AMX_TILE | KT_CPU_AMX_BF16 | KT_CPU_AMX_PERMITTED;
-    std::printf("cpu features 0x%x\n", f);
-    std::vector<const Kernels *> isas = {&kt::kernels_scalar};
-    if ((f & avx2) == avx2) isas.push_back(&kt::kernels_avx2);
-    else std::printf("avx2    skipped: CPU lacks AVX2/FMA/F16C\n");
-    if ((f & avx512) == avx512) isas.push_back(&kt::kernels_avx512);
-    else std::printf("avx512  skipped: CPU lacks AVX-512F/BW/VL/BF16\n");
-    if ((f & amx) == amx && kt::amx_thread_init()) isas.push_back(&kt::kernels_amx);
-    else std::printf("amx     skipped: CPU lacks AMX-BF16/AVX-512, or no AMX permission\n");
+    std::printf("cpu features 0x%x\n", kt::cpu_features());
+    std::vector<const Kernels *> isas;
+    for (int32_t isa : {KT_ISA_SCALAR, KT_ISA_AVX2, KT_ISA_AVX512, KT_ISA_AMX}) {
+        if (kt::isa_available(isa)) isas.push_back(&kt::kernels_for(isa));
+        else std::printf("%-7s skipped: this CPU lacks a feature it needs\n", kt::kernels_for(isa).name);
+    }
     return isas;
 }
 
@@ -399,17 +566,23 @@ void bench(const std::vector<const Kernels *> &isas) {
 
 int main(int argc, char **argv) {
     const std::vector<const Kernels *> isas = available_isas();
-    const char *names[] = {"gemm_bf16", "sgemm_nt", "sgemm_nn", "sgemm_tn", "bf16_to_f32", "f32_to_bf16"};
-    std::vector<std::vector<Stats>> stats(6, std::vector<Stats>(isas.size()));
+    const char *names[] = {"gemm_bf16", "sgemm_nt", "sgemm_nn", "sgemm_tn", "bf16_to_f32", "f32_to_bf16",
+                           "transpose", "glu", "glu_backward"};
+    const int kinds = sizeof names / sizeof names[0], first_bit_exact = 4, last_bit_exact = 6;
+    std::vector<std::vector<Stats>> stats(kinds, std::vector<Stats>(isas.size()));
     test_gemm(isas, stats[0]);
     test_sgemm(kNT, isas, stats[1]);
     test_sgemm(kNN, isas, stats[2]);
     test_sgemm(kTN, isas, stats[3]);
     test_bf16_to_f32(isas, stats[4]);
     test_f32_to_bf16(isas, stats[5]);
-    std::printf("(scalar gemms are checked against a double-precision reference; the others against scalar)\n");
+    test_transpose(isas, stats[6]);
+    test_act(isas, stats[7], stats[8]);
+    std::printf("(scalar gemms and activations are checked against a double-precision reference; the others "
+                "against scalar)\n");
     for (size_t i = 0; i < isas.size(); ++i)
-        for (int k = 0; k < 6; ++k) print(isas[i]->name, names[k], stats[k][i], k >= 4);
+        for (int k = 0; k < kinds; ++k)
+            print(isas[i]->name, names[k], stats[k][i], k >= first_bit_exact && k <= last_bit_exact);
     if (argc > 1 && std::strcmp(argv[1], "--bench") == 0) bench(isas);
     std::printf("%d passed, %d failed\n", g_passed, g_failed);
     return g_failed == 0 ? 0 : 1;

@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 
 from kt_trl._native import available_isas, configure
-
-ALL_ISAS = ("scalar", "avx2", "avx512", "amx")
+from kt_trl._native.isa import ISA_NAMES
 
 
 def isa_params():
     """Every ISA path, each marked ``isa(name)``; paths this CPU lacks are skipped with a reason."""
-    return [pytest.param(name, marks=pytest.mark.isa(name), id=name) for name in ALL_ISAS]
+    return [pytest.param(name, marks=pytest.mark.isa(name), id=name) for name in ISA_NAMES]
 
 
 def pytest_collection_modifyitems(config, items):

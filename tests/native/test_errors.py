@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from kt_trl._native import KTInvalidArgumentError, KTUnsupportedISAError, available_isas, configure
+from kt_trl._native import KTInvalidArgumentError, KTUnsupportedISAError, configure
 from kt_trl._native.ffi import load
 from kt_trl.engine import ExpertEngine, ExpertLoRA
-
-from .conftest import ALL_ISAS
 
 
 @pytest.fixture(scope="module")
@@ -71,58 +73,82 @@ def test_weight_shape_mismatch():
         ExpertEngine(torch.zeros(2, 64, 32), torch.zeros(2, 32, 16))
 
 
-def test_null_pointers_rejected_by_the_library(engine):
+def raw_forward(handle, routing):
+    """kt_experts_forward with every buffer NULL: what the library's own checks see."""
+    ffi, lib = load()
+    return lib.kt_experts_forward(handle, ffi.NULL, ffi.NULL, ffi.NULL, routing, ffi.NULL, ffi.NULL)
+
+
+def two_token_routing(keep: list):
     ffi, lib = load()
     routing = ffi.new("kt_routing *")
     ids = torch.zeros(2, 1, dtype=torch.long)
     w = torch.ones(2, 1)
-    routing.ids, routing.ids_dtype = ffi.cast("int64_t *", ids.data_ptr()), 3
-    routing.weights, routing.weights_dtype = ffi.cast("float *", w.data_ptr()), 0
+    keep += [ids, w]
+    routing.ids, routing.ids_dtype = ffi.cast("int64_t *", ids.data_ptr()), lib.KT_DTYPE_INT64
+    routing.weights, routing.weights_dtype = ffi.cast("float *", w.data_ptr()), lib.KT_DTYPE_FP32
     routing.tokens, routing.top_k = 2, 1
-    status = lib.kt_experts_forward(engine._handle, ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, routing,
-                                    ffi.NULL, ffi.NULL)
-    assert status == 1 and b"NULL" in ffi.string(lib.kt_last_error())
-    assert lib.kt_experts_forward(ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, routing,
-                                  ffi.NULL, ffi.NULL) == 1
-    assert lib.kt_experts_forward(engine._handle, ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL,
-                                  ffi.NULL, ffi.NULL) == 1
+    return routing
+
+
+def test_null_pointers_rejected_by_the_library(engine):
+    ffi, lib = load()
+    keep: list = []   # the routing's tensors, alive for the calls
+    routing = two_token_routing(keep)
+    status = raw_forward(engine._handle, routing)
+    assert status == lib.KT_ERR_INVALID_ARGUMENT and b"NULL" in ffi.string(lib.kt_last_error())
+    assert raw_forward(ffi.NULL, routing) == lib.KT_ERR_INVALID_ARGUMENT
+    assert raw_forward(engine._handle, ffi.NULL) == lib.KT_ERR_INVALID_ARGUMENT
+
+
+def test_backward_null_gradients_rejected_by_the_library(engine):
+    ffi, lib = load()
+    keep: list = []   # the routing's tensors, alive for the calls
+    routing = two_token_routing(keep)
+    status = lib.kt_experts_backward(engine._handle, ffi.NULL, ffi.NULL, ffi.NULL, routing, ffi.NULL, ffi.NULL,
+                                     ffi.NULL)
+    assert status == lib.KT_ERR_INVALID_ARGUMENT and b"grads pointer is NULL" in ffi.string(lib.kt_last_error())
+    grads = ffi.new("kt_gradients *")
+    dA = torch.zeros(4, 2, 32)
+    grads.lora_down.dA = ffi.cast("float *", dA.data_ptr())
+    status = lib.kt_experts_backward(engine._handle, grads, ffi.NULL, ffi.NULL, routing, ffi.NULL, ffi.NULL, ffi.NULL)
+    assert status == lib.KT_ERR_INVALID_ARGUMENT and b"without a down LoRA" in ffi.string(lib.kt_last_error())
 
 
 def test_bad_routing_descriptor(engine):
     ffi, lib = load()
     routing = ffi.new("kt_routing *")
-    routing.tokens, routing.top_k, routing.ids_dtype, routing.weights_dtype = 1, 1, 7, 0
-    assert lib.kt_experts_forward(engine._handle, ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, routing,
-                                  ffi.NULL, ffi.NULL) == 1
+    routing.tokens, routing.top_k, routing.ids_dtype, routing.weights_dtype = 1, 1, 7, lib.KT_DTYPE_FP32
+    assert raw_forward(engine._handle, routing) == lib.KT_ERR_INVALID_ARGUMENT
     assert b"int64 or int32" in ffi.string(lib.kt_last_error())
 
 
 def test_sizes_that_overflow():
     ffi, lib = load()
     out = ffi.new("kt_experts **")
-    assert lib.kt_experts_create(out, 65536, 1 << 20, 1 << 20) in (1, 3)   # refused, not crashed
+    refused = (lib.KT_ERR_INVALID_ARGUMENT, lib.KT_ERR_OUT_OF_MEMORY)
+    assert lib.kt_experts_create(out, 65536, 1 << 20, 1 << 20) in refused   # refused, not crashed
     assert out[0] == ffi.NULL
-    assert lib.kt_experts_create(out, 0, 32, 32) == 1
+    assert lib.kt_experts_create(out, 0, 32, 32) == lib.KT_ERR_INVALID_ARGUMENT
     assert b"num_experts" in ffi.string(lib.kt_last_error())
 
 
 def test_routing_tokens_that_overflow(engine):
     ffi, lib = load()
     routing = ffi.new("kt_routing *")
-    routing.tokens, routing.top_k, routing.ids_dtype, routing.weights_dtype = 1 << 60, 8, 3, 0
-    assert lib.kt_experts_forward(engine._handle, ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, routing,
-                                  ffi.NULL, ffi.NULL) == 1
+    routing.tokens, routing.top_k = 1 << 60, 8
+    routing.ids_dtype, routing.weights_dtype = lib.KT_DTYPE_INT64, lib.KT_DTYPE_FP32
+    assert raw_forward(engine._handle, routing) == lib.KT_ERR_INVALID_ARGUMENT
     assert b"too large" in ffi.string(lib.kt_last_error())
 
 
 def test_expert_without_weights():
     ffi, lib = load()
     out = ffi.new("kt_experts **")
-    assert lib.kt_experts_create(out, 2, 32, 32) == 0
+    assert lib.kt_experts_create(out, 2, 32, 32) == lib.KT_OK
     handle = ffi.gc(out[0], lib.kt_experts_destroy)
     routing = ffi.new("kt_routing *")
-    assert lib.kt_experts_forward(handle, ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, routing,
-                                  ffi.NULL, ffi.NULL) == 1
+    assert raw_forward(handle, routing) == lib.KT_ERR_INVALID_ARGUMENT
     assert b"kt_experts_load" in ffi.string(lib.kt_last_error())
 
 
@@ -130,9 +156,11 @@ def test_load_index_and_stride_checked(engine):
     ffi, lib = load()
     buf = torch.zeros(64, 32, dtype=torch.bfloat16)
     p = ffi.cast("uint16_t *", buf.data_ptr())
-    assert lib.kt_experts_load(engine._handle, 4, p, 32, p, 32) == 1
-    assert lib.kt_experts_load(engine._handle, 0, p, 16, p, 32) == 1
+    assert lib.kt_experts_load(engine._handle, 4, p, 32, p, 32) == lib.KT_ERR_INVALID_ARGUMENT
+    assert lib.kt_experts_load(engine._handle, 0, p, 16, p, 32) == lib.KT_ERR_INVALID_ARGUMENT
     assert b"row stride" in ffi.string(lib.kt_last_error())
+    assert lib.kt_experts_unpack(engine._handle, 4, p, p) == lib.KT_ERR_INVALID_ARGUMENT
+    assert b"expert index 4" in ffi.string(lib.kt_last_error())
 
 
 def test_backward_without_saved_activations(engine):
@@ -153,13 +181,69 @@ def test_negative_threads():
         configure(threads=-1)
 
 
-def test_forcing_an_unavailable_isa_raises_not_sigill():
-    missing = [name for name in ALL_ISAS if name not in available_isas()]
-    if not missing:
-        pytest.skip("this CPU has every ISA path; nothing to force")
-    with pytest.raises(KTUnsupportedISAError, match=missing[-1]):
-        configure(isa=missing[-1])
-    configure(isa="auto", threads=2)
+# The feature each path needs that the one below it lacks: hiding it makes the path unavailable
+# on every CPU, so the refusal is tested on machines that have every path too.
+DISTINCT_FEATURE = {"avx2": "avx2", "avx512": "avx512f", "amx": "amx_bf16"}
+
+
+@pytest.mark.parametrize("isa", list(DISTINCT_FEATURE))
+def test_forcing_an_unavailable_isa_raises_not_sigill(monkeypatch, isa):
+    monkeypatch.setenv("KT_TRL_HIDE_CPU_FEATURES", DISTINCT_FEATURE[isa])
+    try:
+        with pytest.raises(KTUnsupportedISAError, match=isa):
+            configure(isa=isa)
+    finally:
+        monkeypatch.delenv("KT_TRL_HIDE_CPU_FEATURES")
+        configure(isa="auto", threads=2)
+
+
+def test_unknown_hidden_cpu_feature(monkeypatch):
+    monkeypatch.setenv("KT_TRL_HIDE_CPU_FEATURES", "avx2,sse9")
+    try:
+        with pytest.raises(ValueError, match="unknown CPU feature 'sse9'"):
+            configure()
+    finally:
+        monkeypatch.delenv("KT_TRL_HIDE_CPU_FEATURES")
+        configure(isa="auto", threads=2)
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter (nothing configured yet) with ``env`` added to the environment."""
+    settings = ("KT_TRL_ISA", "KT_TRL_THREADS", "KT_TRL_HIDE_CPU_FEATURES")
+    full_env = {k: v for k, v in os.environ.items() if k not in settings}
+    full_env.update(env)
+    return subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True, timeout=120)
+
+
+def test_forced_isa_from_environment_with_the_feature_hidden_raises():
+    run = run_python("from kt_trl._native import configure\n"
+                     "try:\n    configure()\nexcept Exception as e:\n    print(type(e).__name__, e)",
+                     KT_TRL_ISA="amx", KT_TRL_HIDE_CPU_FEATURES="amx_bf16")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("KTUnsupportedISAError") and "'amx'" in run.stdout, run.stdout
+
+
+def test_runtime_getters_are_pure_reads():
+    run = run_python("from kt_trl._native.ffi import load\n"
+                     "ffi, lib = load()\n"
+                     "before = [(lib.kt_runtime_isa(), lib.kt_runtime_threads()) for _ in range(2)]\n"
+                     "assert before == [(lib.KT_ISA_AUTO, 0)] * 2, before\n"
+                     "assert lib.kt_runtime_configure(lib.KT_ISA_SCALAR, 1) == lib.KT_OK\n"
+                     "print(lib.kt_runtime_isa() == lib.KT_ISA_SCALAR, lib.kt_runtime_threads())")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["True", "1"]
+
+
+def test_runtime_info_applies_the_environment_first():
+    run = run_python("from kt_trl._native import runtime_info\nprint(runtime_info()['isa'])", KT_TRL_ISA="scalar")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "scalar"
+
+
+def test_runtime_info_rejects_an_unknown_isa_from_the_environment():
+    run = run_python("from kt_trl._native import runtime_info\nruntime_info()", KT_TRL_ISA="bogus")
+    assert run.returncode != 0
+    assert "ValueError: unknown ISA KT_TRL_ISA='bogus'; use one of ('auto', 'scalar'" in run.stderr, run.stderr
 
 
 def test_isa_from_environment(monkeypatch):

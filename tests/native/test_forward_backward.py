@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gc
-
 import pytest
 import torch
 
@@ -11,7 +9,7 @@ from kt_trl._native import ops
 from kt_trl.engine import ExpertEngine
 
 from .conftest import isa_params
-from .moe_case import REL_TOL, engine_loras, make_case, make_engine, rel_err, run_engine, run_reference
+from .moe_case import REL_TOL, engine_loras, make_case, rel_err, run_engine, run_reference
 
 # (E, H, I, T, k, rank_gate_up, rank_down, options): odd sizes, ragged token counts, every rank.
 SHAPES = [
@@ -93,32 +91,9 @@ def test_int32_ids_and_bf16_weights(use_isa, isa):
 
 
 @pytest.mark.parametrize("isa", isa_params())
-def test_gradient_accumulation_adds(use_isa, isa):
-    use_isa(isa)
-    case = make_case(4, 32, 32, 20, 2, 3, 3)
-    from .moe_case import engine_loras
-
-    engine = ExpertEngine(case.gate_up, case.down)
-    lgu, ld = engine_loras(case)
-    _, saved = engine.forward(case.x, case.ids, case.w, lora_gate_up=lgu, lora_down=ld)
-    _, _, g1, d1 = engine.backward(case.dy, case.x, case.ids, case.w, saved, lora_gate_up=lgu, lora_down=ld)
-    from kt_trl._native import ops
-
-    acc_gu = (g1[0].clone(), g1[1].clone())
-    acc_d = (d1[0].clone(), d1[1].clone())
-    ops.experts_backward(engine._handle, engine.dims, case.dy, case.x, case.ids, case.w, saved.as_tuple(), lgu, ld,
-                         grads_gate_up=acc_gu, grads_down=acc_d, accumulate=True)
-    for acc, single in zip(acc_gu + acc_d, g1 + d1):
-        # Same terms added onto a non-zero buffer: equal up to FP32 re-association.
-        torch.testing.assert_close(acc, 2 * single, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("isa", isa_params())
 def test_forward_without_saving_gives_the_same_output(use_isa, isa):
     use_isa(isa)
     case = make_case(6, 48, 40, 30, 3, 2, 2, sentinel=True)
-    from .moe_case import engine_loras
-
     engine = ExpertEngine(case.gate_up, case.down)
     lgu, ld = engine_loras(case)
     y_saved, saved = engine.forward(case.x, case.ids, case.w, lora_gate_up=lgu, lora_down=ld)
@@ -133,59 +108,17 @@ def test_gpt_oss_cases_reach_the_clamps():
     assert (gu[:, :80] > 7).any() and (gu[:, 80:].abs() > 7).any()
 
 
-def _nan_buffers(lora):
-    return (torch.full_like(lora.A, float("nan")),
-            torch.empty_strided(lora.B.shape, lora.B.stride()).fill_(float("nan")))
-
-
-def _deferred_backward(case, engine, saved):
-    lgu, ld = engine_loras(case)
-    buffers = (_nan_buffers(lgu), _nan_buffers(ld))
-    dx, dw, g_gu, g_d = engine.backward(case.dy, case.x, case.ids, case.w, saved, lora_gate_up=lgu, lora_down=ld,
-                                        lora_grads=buffers, defer_lora_grads=True)
-    assert g_gu is buffers[0] and g_d is buffers[1]
-    return dx, dw, [*g_gu, *g_d]
-
-
 @pytest.mark.parametrize("isa", isa_params())
-def test_deferred_lora_gradients_are_written_by_finish(use_isa, isa):
+def test_lora_gradients_overwrite_the_callers_buffers(use_isa, isa):
     use_isa(isa)
-    case = make_case(8, 64, 48, 60, 4, 4, 4)
-    engine = make_engine(case)
-    expected = run_engine(case, engine)
-    _, saved = engine.forward(case.x, case.ids, case.w, lora_gate_up=engine_loras(case)[0],
-                              lora_down=engine_loras(case)[1])
-    dx, dw, grads = _deferred_backward(case, engine, saved)
-    assert torch.equal(dx, expected["dx"]) and torch.equal(dw, expected["dw"])
-    assert all(torch.isnan(g).all() for g in grads)  # nothing written before finish_deferred
-    ops.finish_deferred()
-    for g, name in zip(grads, ("dA_gu", "dB_gu", "dA_d", "dB_d")):
-        assert torch.equal(g, expected[name]), name  # bit-identical to the synchronous backward
-    ops.finish_deferred()  # nothing pending: a no-op
-
-
-@pytest.mark.parametrize("isa", isa_params())
-def test_next_engine_call_finishes_pending_lora_gradients_first(use_isa, isa):
-    use_isa(isa)
-    case = make_case(8, 64, 48, 60, 4, 4, 4)
-    engine, other = make_engine(case), make_engine(case)
-    expected = run_engine(case, engine)
+    case = make_case(8, 64, 48, 60, 4, 4, 4, sentinel=True)
+    engine = ExpertEngine(case.gate_up, case.down)
     lgu, ld = engine_loras(case)
+    expected = run_engine(case, engine)
     _, saved = engine.forward(case.x, case.ids, case.w, lora_gate_up=lgu, lora_down=ld)
-    _, _, grads = _deferred_backward(case, engine, saved)
-    y, _ = other.forward(case.x, case.ids, case.w, lora_gate_up=lgu, lora_down=ld)  # reuses the scratch
-    assert torch.equal(y, expected["y"])
-    for g, name in zip(grads, ("dA_gu", "dB_gu", "dA_d", "dB_d")):
+    buffers = [(torch.full_like(l.A, float("nan")), torch.empty_strided(l.B.shape, l.B.stride()).fill_(float("nan")))
+               for l in (lgu, ld)]
+    ops.experts_backward(engine._handle, engine.dims, case.dy, case.x, case.ids, case.w, saved.as_tuple(), lgu, ld,
+                         grads_gate_up=buffers[0], grads_down=buffers[1])
+    for g, name in zip((*buffers[0], *buffers[1]), ("dA_gu", "dB_gu", "dA_d", "dB_d")):
         assert torch.equal(g, expected[name]), name
-
-
-def test_destroying_an_engine_drops_its_pending_lora_gradients():
-    case = make_case(4, 32, 32, 9, 2, 2, 2)
-    engine = make_engine(case)
-    lgu, ld = engine_loras(case)
-    _, saved = engine.forward(case.x, case.ids, case.w, lora_gate_up=lgu, lora_down=ld)
-    _, _, grads = _deferred_backward(case, engine, saved)
-    del engine
-    gc.collect()
-    ops.finish_deferred()  # the job read the freed engine's weights: it is gone, not run
-    assert all(torch.isnan(g).all() for g in grads)

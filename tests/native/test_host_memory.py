@@ -44,3 +44,14 @@ def test_strided_layout_matches_request():
     assert t.shape == (4, 6, 2) and t.stride() == (1, 8, 4)
     t.fill_(2.0)
     assert float(t.sum()) == 96.0
+
+
+def test_bad_requests_return_a_status():
+    ffi, lib = load()
+    out = ffi.new("void **")
+    assert lib.kt_host_alloc(ffi.NULL, 64) == lib.KT_ERR_INVALID_ARGUMENT
+    assert b"NULL" in ffi.string(lib.kt_last_error())
+    assert lib.kt_host_alloc(out, -1) == lib.KT_ERR_INVALID_ARGUMENT and out[0] == ffi.NULL
+    assert b"out of range" in ffi.string(lib.kt_last_error())
+    lib.kt_host_free(ffi.cast("void *", 64))   # not a block of the pool: ignored
+    assert b"out of range" in ffi.string(lib.kt_last_error())   # and the message is left alone

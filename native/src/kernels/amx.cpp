@@ -1,4 +1,4 @@
-// AMX-BF16 kernels (+ the AVX-512 conversions and sgemm_* of avx512_common.h).
+// AMX-BF16 kernels (+ the AVX-512 conversions, sgemm_*, activations and transpose of avx512_common.h).
 //
 // gemm_bf16 with TDPBF16PS: C tile (16 rows x 16 FP32) += A tile (16 rows x 32 BF16, row stride
 // lda * 2 bytes) x B tile (16 rows x 64 bytes = one 32-K slice of a packed panel: rows
@@ -22,7 +22,8 @@
 // scalar oracle does not. In accumulate mode C is loaded into the tiles and the products are
 // added to it step by step (the oracle adds C once at the end): same value up to FP32 rounding.
 #if defined(__GNUC__) && !defined(__clang__)
-// GCC 12 reports its own _mm512_undefined_* intrinsics as maybe-uninitialized (GCC bug 105593).
+// GCC 12 reports its own _mm512_undefined_* intrinsics as uninitialized (GCC bug 105593).
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 #include <immintrin.h>
@@ -194,6 +195,7 @@ bool amx_thread_init() {
 
 const Kernels kernels_amx = {"amx",           gemm_bf16,           avx512::sgemm_nt,
                              avx512::sgemm_nn, avx512::sgemm_tn,    avx512::bf16_to_f32,
-                             avx512::f32_to_bf16, avx512::glu,     avx512::glu_backward};
+                             avx512::f32_to_bf16, avx512::glu,         avx512::glu_backward,
+                             avx512::transpose_block};
 
 }  // namespace kt

@@ -11,9 +11,10 @@
 // Note: VDPBF16PS treats denormal inputs as zero and flushes denormal results (DAZ/FTZ);
 // the scalar oracle does not. Only values below ~1e-38 are affected.
 //
-// Conversions and sgemm_*: avx512_common.h.
+// Conversions, sgemm_*, the activations and transpose_block: avx512_common.h.
 #if defined(__GNUC__) && !defined(__clang__)
-// GCC 12 reports its own _mm512_undefined_* intrinsics as maybe-uninitialized (GCC bug 105593).
+// GCC 12 reports its own _mm512_undefined_* intrinsics as uninitialized (GCC bug 105593).
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 #include <immintrin.h>
@@ -92,6 +93,7 @@ void gemm_bf16(float *C, int64_t ldc, const uint16_t *A, int64_t lda, const uint
 
 const Kernels kernels_avx512 = {"avx512",          gemm_bf16,           avx512::sgemm_nt,
                                 avx512::sgemm_nn,  avx512::sgemm_tn,    avx512::bf16_to_f32,
-                                avx512::f32_to_bf16, avx512::glu,     avx512::glu_backward};
+                                avx512::f32_to_bf16, avx512::glu,         avx512::glu_backward,
+                                avx512::transpose_block};
 
 }  // namespace kt

@@ -1,13 +1,15 @@
-// AVX-512 helpers shared by avx512.cpp and amx.cpp (both compiled with AVX-512F/BW/VL/DQ/BF16):
-// BF16 <-> FP32 conversions and the FP32 LoRA GEMMs of sgemm.inc. Include from those two files
-// only. Everything lives in an anonymous namespace, so each file gets its own copy compiled
-// with its own flags (no ODR merging of code built for different ISAs).
+// AVX-512 kernels shared by avx512.cpp and amx.cpp (both compiled with AVX-512F/BW/VL/DQ/BF16):
+// BF16 <-> FP32 conversions, the FP32 LoRA GEMMs of sgemm.inc, the activations of act.inc and the
+// packed-block transpose. Include from those two files only. Everything lives in an anonymous
+// namespace, so each file gets its own copy compiled with its own flags (no ODR merging of code
+// built for different ISAs).
 #pragma once
 
 #include <immintrin.h>
 
 #include <cstdint>
 
+#include "bf16.h"
 #include "kernels.h"
 
 namespace kt {
@@ -57,6 +59,40 @@ void f32_to_bf16(uint16_t *__restrict__ dst, const float *__restrict__ src, int6
         const __mmask16 k = head_mask(n - i);
         _mm256_mask_storeu_epi16(dst + i, k, narrow_bf16(_mm512_maskz_loadu_epi32(k, src + i)));
     }
+}
+
+// transpose_block (kernels.h). View the source as 8 rows S_q (q = k/2) of 16 dwords, dword
+// n = (M[n][2q], M[n][2q+1]). The destination row T_j (j = n/2) has dword k = (M[2j][k], M[2j+1][k]).
+// Qword j of S_q holds (M[2j][2q], M[2j][2q+1], M[2j+1][2q], M[2j+1][2q+1]); swapping its two middle
+// halfwords gives (M[2j][2q], M[2j+1][2q], M[2j][2q+1], M[2j+1][2q+1]) = qword q of T_j. So: one
+// byte shuffle per row, then an 8 x 8 transpose of qwords (three butterfly stages).
+void transpose_block(uint16_t *__restrict__ dst, const uint16_t *__restrict__ src) {
+    const __m512i swap_mid = _mm512_broadcast_i32x4(
+        _mm_setr_epi8(0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15));
+    __m512i r[8];
+    for (int q = 0; q < 8; ++q)
+        r[q] = _mm512_shuffle_epi8(_mm512_loadu_si512(src + q * 32), swap_mid);
+    // 8 x 8 qword transpose: r[q] qword j -> out[j] qword q.
+    __m512i a[8], b[8];
+    for (int i = 0; i < 4; ++i) {   // pairs (0,1), (2,3), ...: interleave qwords
+        a[2 * i] = _mm512_unpacklo_epi64(r[2 * i], r[2 * i + 1]);
+        a[2 * i + 1] = _mm512_unpackhi_epi64(r[2 * i], r[2 * i + 1]);
+    }
+    const __m512i lo2 = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13);
+    const __m512i hi2 = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
+    for (int i = 0; i < 2; ++i)
+        for (int h = 0; h < 2; ++h) {
+            b[4 * i + h] = _mm512_permutex2var_epi64(a[4 * i + h], lo2, a[4 * i + 2 + h]);
+            b[4 * i + 2 + h] = _mm512_permutex2var_epi64(a[4 * i + h], hi2, a[4 * i + 2 + h]);
+        }
+    const __m512i lo4 = _mm512_setr_epi64(0, 1, 2, 3, 8, 9, 10, 11);
+    const __m512i hi4 = _mm512_setr_epi64(4, 5, 6, 7, 12, 13, 14, 15);
+    __m512i out[8];
+    for (int h = 0; h < 4; ++h) {
+        out[h] = _mm512_permutex2var_epi64(b[h], lo4, b[4 + h]);
+        out[4 + h] = _mm512_permutex2var_epi64(b[h], hi4, b[4 + h]);
+    }
+    for (int j = 0; j < 8; ++j) _mm512_storeu_si512(dst + j * 32, out[j]);
 }
 
 }  // namespace avx512

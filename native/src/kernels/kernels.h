@@ -17,6 +17,12 @@ struct Activation {
     float limit = 7.0f;
 };
 
+// Transposition of one 16 x 16 block of a packed panel (pack.h), the inner step of
+// pack_transposed_block. A block is 512 contiguous bytes in both layouts:
+//   src: offset(n, k) = (k / 2) * 32 + n * 2 + k % 2     (BF16 pairs along k, 16 n per 64-byte row)
+//   dst: offset(n, k) = (n / 2) * 32 + k * 2 + n % 2     (BF16 pairs along n, 16 k per 64-byte row)
+using TransposeBlockFn = void (*)(uint16_t *__restrict__ dst, const uint16_t *__restrict__ src);
+
 struct Kernels {
     const char *name;
 
@@ -50,6 +56,9 @@ struct Kernels {
     // returns dw = <G, h>.
     float (*glu_backward)(uint16_t *dg, uint16_t *du, float *h_f32, const float *G, float w, const uint16_t *g,
                           const uint16_t *u, int64_t n, const Activation &a);
+
+    // dst = the transposed 16 x 16 block of src (TransposeBlockFn above).
+    TransposeBlockFn transpose_block;
 };
 
 extern const Kernels kernels_scalar;

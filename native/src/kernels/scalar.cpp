@@ -40,9 +40,24 @@ void f32_to_bf16(uint16_t *dst, const float *src, int64_t n) {
     for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bf16(src[i]);
 }
 
+// src[kBlock.src[i]] is element i of the transposed block: kernels.h's two offsets with n and k swapped.
+struct BlockPermutation {
+    uint16_t src[256];
+    constexpr BlockPermutation() : src() {
+        for (int n = 0; n < 16; ++n)
+            for (int k = 0; k < 16; ++k)
+                src[(n / 2) * 32 + k * 2 + n % 2] = static_cast<uint16_t>((k / 2) * 32 + n * 2 + k % 2);
+    }
+};
+constexpr BlockPermutation kBlock;
+
+void transpose_block(uint16_t *__restrict__ dst, const uint16_t *__restrict__ src) {
+    for (int i = 0; i < 256; ++i) dst[i] = src[kBlock.src[i]];
+}
+
 }  // namespace
 
-const Kernels kernels_scalar = {"scalar",    gemm_bf16,   sgemm_nt, sgemm_nn,       sgemm_tn,
-                                bf16_to_f32, f32_to_bf16, glu,   glu_backward};
+const Kernels kernels_scalar = {"scalar",    gemm_bf16,   sgemm_nt, sgemm_nn,     sgemm_tn,
+                                bf16_to_f32, f32_to_bf16, glu,      glu_backward, transpose_block};
 
 }  // namespace kt
