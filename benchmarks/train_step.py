@@ -144,7 +144,7 @@ def planned_dense_layers(config, opts, device: torch.device) -> int:
                                             lora_config()))
     blocks = find_moe_blocks(find_decoder_layers(probe), match_layout(probe))
     chosen = gpu_layers(probe, blocks, KTConfig(gpu_experts="auto", max_gpu_memory_gb=opts.max_gpu_memory_gb),
-                        tokens=opts.batch * opts.seq, checkpointed=True)
+                        tokens=opts.batch * opts.seq, checkpointed=True, device=device)
     return len(chosen)
 
 

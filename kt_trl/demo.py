@@ -190,7 +190,8 @@ def _train(opts, output_dir: str, *, kept: bool) -> dict:
     )
     trainer = KTSFTTrainer(
         model, args, dataset, processing_class=tokenizer, peft_config=lora_config(),
-        kt_config=KTConfig(isa=opts.isa, threads=opts.threads),
+        # a model this small would fit any GPU whole: keep its experts on the CPU engine, which is what this shows
+        kt_config=KTConfig(isa=opts.isa, threads=opts.threads, gpu_experts="none"),
     )
     trainer.remove_callback(ProgressCallback)  # it prints every log dict; ours shows the loss on the bar
     trainer.add_callback(_LossBar())

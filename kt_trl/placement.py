@@ -93,7 +93,7 @@ def gpu_budget(model: nn.Module, blocks: list[MoEBlock], config: KTConfig, *, to
 
 
 def gpu_layers(model: nn.Module, blocks: list[MoEBlock], config: KTConfig, *, tokens: int | None,
-               checkpointed: bool | None) -> set[int]:
+               checkpointed: bool | None, device) -> set[int]:
     """Decoder-layer indices whose experts stay in transformers' path on the training device.
 
     Args:
@@ -102,15 +102,17 @@ def gpu_layers(model: nn.Module, blocks: list[MoEBlock], config: KTConfig, *, to
         config: `KTConfig` (`gpu_experts`, `max_gpu_memory_gb`).
         tokens: Tokens per micro-batch, for the activation estimate (None: 4096).
         checkpointed: Whether training uses gradient checkpointing (None: TRL's default, yes).
+        device: The training device; `"auto"` keeps experts there only when it is a CUDA device.
     """
     free = [b for b in blocks if not hasattr(b.experts, "_kt_engine")]  # installed engines stay on the CPU
     if config.gpu_experts == "none" or not free:
         return set()
     if config.gpu_experts == "auto":
-        if not torch.cuda.is_available():
+        device = torch.device(device)
+        if device.type != "cuda" or not torch.cuda.is_available():
             return set()
         budget = gpu_budget(model, blocks, config, tokens=tokens or 4096, checkpointed=checkpointed is not False,
-                            device=torch.device("cuda"))
+                            device=device)
         count = min(budget.layers, len(free))
         logger.info("kt_trl: %.1f GB of GPU memory, %.1f GB for the rest of training, %.2f GB per layer of experts: "
                     "%d of %d MoE layers keep their experts on the GPU.", budget.capacity / 1e9,

@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 def prepare_model(
     model: nn.Module, config: KTConfig | None = None, *, expert_lora_requested: bool | None = None,
-    tokens_per_batch: int | None = None, gradient_checkpointing: bool | None = None,
+    tokens_per_batch: int | None = None, gradient_checkpointing: bool | None = None, device=None,
 ) -> RoutingReport:
     """Route the routed experts of `model` through the native CPU engine, in place; the layers
     `KTConfig.gpu_experts` keeps on the accelerator stay in transformers' own path.
@@ -51,6 +51,10 @@ def prepare_model(
         tokens_per_batch (`int`, *optional*), gradient_checkpointing (`bool`, *optional*):
             The micro-batch training will run, for `gpu_experts="auto"`'s activation estimate
             (`KTSFTTrainer` passes them from its `SFTConfig`).
+        device (`torch.device`, *optional*):
+            The device the model will train on (`KTSFTTrainer` passes `args.device`). With
+            `gpu_experts="auto"`, experts stay on the accelerator only when it is a CUDA device;
+            defaults to where the model's parameters are now.
 
     Returns:
         `RoutingReport`
@@ -78,7 +82,8 @@ def prepare_model(
             f"{layout.family}: no decoder layer has a '{layout.block_attr}.experts' module; nothing to route."
         )
     if previous is None:
-        on_device = gpu_layers(base, blocks, config, tokens=tokens_per_batch, checkpointed=gradient_checkpointing)
+        on_device = gpu_layers(base, blocks, config, tokens=tokens_per_batch, checkpointed=gradient_checkpointing,
+                               device=device if device is not None else _parameter_device(base))
         _route_blocks(base, [b for b in blocks if b.index not in on_device], layout, config,
                       on_device=[b for b in blocks if b.index in on_device])
     on_device = [b for b in blocks if getattr(b.experts, "_kt_on_device", False)]
@@ -125,6 +130,10 @@ def _route_blocks(base: nn.Module, blocks: list[MoEBlock], layout: ExpertLayout,
         keep_on_cpu(block.experts)  # also once PEFT's unload() puts it back in the model
         attach_state_hooks(block.experts, layout)
     bar.close()
+
+
+def _parameter_device(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
 
 
 def _apply_config(base: nn.Module, config: KTConfig) -> None:

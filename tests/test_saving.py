@@ -37,7 +37,8 @@ print("global_step", trainer.state.global_step)
 
 
 def _run(out: Path, kill_at: int, mode: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-c", TRAIN, str(out), str(kill_at), mode], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
 
