@@ -15,6 +15,7 @@ model); on the CPU they pass through unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import weakref
@@ -22,6 +23,7 @@ import weakref
 import torch
 from torch import nn
 
+from ._native.errors import KTInvalidArgumentError
 from .autograd import RoutedExpertsFunction, lora_arguments
 from .checkpointing import ActivationBudget, DeviceActivationBudget, KeptForwards, Phase, activation_budgets, call_phase
 from .config import KTConfig
@@ -101,8 +103,9 @@ class EngineRunner:
                 )
         self.forward_calls += 1
         start = time.perf_counter()
-        y, saved = self.engine.forward(x, ids, w, lora_gate_up=lora_gate_up, lora_down=lora_down,
-                                       save=phase is not Phase.INFERENCE, empty=self.staging.empty_for(device))
+        with self._named_errors():
+            y, saved = self.engine.forward(x, ids, w, lora_gate_up=lora_gate_up, lora_down=lora_down,
+                                           save=phase is not Phase.INFERENCE, empty=self.staging.empty_for(device))
         self.forward_seconds += time.perf_counter() - start
         y = self.staging.to_device(y, device=device, dtype=dtype)
         if phase is Phase.FIRST:
@@ -114,9 +117,23 @@ class EngineRunner:
         self.backward_calls += 1
         start = time.perf_counter()
         try:
-            return self.engine.backward(dy, x, ids, w, saved, **kwargs)
+            with self._named_errors():
+                return self.engine.backward(dy, x, ids, w, saved, **kwargs)
         finally:
             self.backward_seconds += time.perf_counter() - start
+
+    @contextlib.contextmanager
+    def _named_errors(self):
+        """Engine errors name the layer, and a non-finite routing weight its likely cause."""
+        try:
+            yield
+        except KTInvalidArgumentError as error:
+            hint = ""
+            if "not finite" in str(error):
+                hint = (" The router of this layer produced it from non-finite hidden states, so an earlier layer or the"
+                        " input holds NaN/Inf: usually a diverged loss (lower the learning rate, set max_grad_norm, check"
+                        " the data for empty or extreme examples).")
+            raise KTInvalidArgumentError(f"{self.name}: {error}{hint}") from error
 
 
 def routed_experts(engine: ExpertEngine, hidden_states: torch.Tensor, top_k_index: torch.Tensor,

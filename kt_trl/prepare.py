@@ -62,9 +62,11 @@ def prepare_model(
     Example:
 
     ```python
+    >>> from peft import LoraConfig, get_peft_model
     >>> from kt_trl.prepare import prepare_model
-    >>> report = prepare_model(model)          # a transformers Qwen3-MoE / Mixtral / ... model
-    >>> report.layers_routed
+    >>> experts = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    >>> peft_model = get_peft_model(model, LoraConfig(r=4, target_parameters=experts))  # a Qwen3-MoE, Mixtral, ...
+    >>> prepare_model(peft_model).layers_routed
     (0, 1)
     ```
     """
@@ -111,6 +113,13 @@ def _route_blocks(base: nn.Module, blocks: list[MoEBlock], layout: ExpertLayout,
         return
     for block in blocks:
         check_experts_module(layout, block.experts, where=block.name)
+        if block.experts.gate_up_proj.is_meta and not hasattr(block.experts, "_kt_engine"):
+            raise ValueError(
+                f"{block.name}: the experts' weights are on the meta device (the model was built without its weights), "
+                "so there is nothing to pack. Load the model with its weights (from_pretrained, or kt_trl.load_model, "
+                "which streams the experts into the engine), or give each layer an engine with "
+                "kt_trl.weights.install_engine before preparing."
+            )
     _check_expert_grads(blocks, config)
     _warn_if_not_bf16(blocks)
     _configure_runtime(config)

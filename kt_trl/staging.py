@@ -127,8 +127,9 @@ class HostStaging:
 
     ```python
     >>> staging = HostStaging()
-    >>> x_cpu, ids_cpu = staging.to_host(x.to(torch.bfloat16), top_k_index)  # x on cuda:0: pinned copies
-    >>> y = staging.to_device(y_cpu, device=x.device, dtype=x.dtype)          # queued on the current stream
+    >>> x, top_k_index = torch.randn(4, 8), torch.randint(0, 8, (4, 2))        # on cuda:0 in training
+    >>> x_cpu, ids_cpu = staging.to_host(x.to(torch.bfloat16), top_k_index)  # from cuda:0: pinned copies
+    >>> y = staging.to_device(x_cpu, device=x.device, dtype=x.dtype)          # to cuda:0: on the current stream
     ```
     """
 

@@ -83,11 +83,15 @@ def install_engine(experts: nn.Module, engine: ExpertEngine) -> None:
     Example:
 
     ```python
+    >>> from transformers import AutoModelForCausalLM
+    >>> from kt_trl.weights import install_engine
     >>> with torch.device("meta"):
-    ...     model = AutoModelForCausalLM.from_config(config)
-    >>> for layer in model.model.layers:
-    ...     install_engine(layer.mlp.experts, ExpertEngine.from_experts(E, H, I, experts_of(layer)))
-    >>> model.to_empty(device="cuda")   # everything but the experts; initialise it, then train
+    ...     model = AutoModelForCausalLM.from_config(config)   # no weight allocated
+    >>> E, H, I = config.num_experts, config.hidden_size, config.moe_intermediate_size
+    >>> for layer in model.model.layers:   # e.g. read from a checkpoint expert by expert
+    ...     experts = ((torch.randn(2 * I, H), torch.randn(H, I)) for _ in range(E))
+    ...     install_engine(layer.mlp.experts, ExpertEngine.from_experts(E, H, I, experts))
+    >>> model = model.to_empty(device="cpu")   # "cuda" on a GPU: all but the experts; initialise it, then train
     ```
     """
     if hasattr(experts, "_kt_runner") or hasattr(experts, "base_layer"):

@@ -186,3 +186,13 @@ def test_install_engine_refuses_mismatches():
     prepare_model(model, KTConfig(freeze_experts=True))
     with pytest.raises(ValueError, match="before PEFT wrapping and preparation.*already prepared"):
         install_engine(layers[0].mlp.experts, engine_of(tiny_model("qwen3_moe").model.layers[0].mlp.experts))
+
+
+def test_non_finite_hidden_states_are_reported_with_the_layer_and_the_cause():
+    plain, kt = peft_pair("qwen3_moe")
+    inputs = batch()
+    embeddings = kt.get_base_model().model.embed_tokens
+    with torch.no_grad():
+        embeddings.weight[inputs["input_ids"][0, 3]] = float("nan")  # one poisoned token
+    with pytest.raises(ValueError, match=r"layers\.0\.\w+\.experts: .*not finite.*earlier layer or the input"):
+        kt(**inputs)

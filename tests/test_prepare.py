@@ -265,3 +265,10 @@ def test_float32_experts_are_announced_once(caplog):
     with caplog.at_level(logging.WARNING, logger="kt_trl.prepare"):
         prepare_model(tiny_model("qwen3_moe").to(torch.bfloat16), KTConfig(freeze_experts=True))
     assert "BF16" not in caplog.text
+
+
+def test_a_model_without_weights_is_refused_with_what_to_do():
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(tiny_model("qwen3_moe").config)
+    with pytest.raises(ValueError, match="meta device.*kt_trl.load_model.*install_engine"):
+        prepare_model(model, KTConfig(freeze_experts=True))
