@@ -16,6 +16,7 @@ from torch import nn
 from .checkpointing import activation_budgets
 from .config import KTConfig
 from .containers import MoEBlock, find_decoder_layers, find_moe_blocks, unwrap_model
+from .distributed import ignore_in_ddp, pin_to_rank_cores
 from .experts import KT_IMPLEMENTATION, EngineRunner, register_experts_implementation
 from .layouts import EXPERT_PARAMETERS, ExpertLayout, check_experts_module, match_layout
 from .lora import bind_expert_lora, requested_expert_lora
@@ -99,6 +100,7 @@ def prepare_model(
         expert_lora_requested = any(requested_expert_lora(c) for c in (getattr(model, "peft_config", None) or {}).values())
     if expert_lora_requested and not any(adapted):
         raise ValueError(_no_expert_lora_message(layout))
+    ignore_in_ddp(model)
     report = _build_report(model, base, blocks, layout, config, on_device=on_device)
     base._kt_report, base._kt_config = report, config
     logger.info(report.summary())
@@ -222,6 +224,7 @@ def _check_expert_grads(blocks: list[MoEBlock], config: KTConfig) -> None:
 def _configure_runtime(config: KTConfig) -> dict:
     from ._native import configure, runtime_info
 
+    pin_to_rank_cores()  # several ranks on this host: each its share (the default threads count within it)
     configure(isa=config.isa, threads=config.threads)
     return runtime_info()
 
