@@ -6,10 +6,11 @@ vLLM and SGLang load expert LoRA per expert, under the names the experts have in
 checkpoint files (`...experts.{e}.gate_proj`, Mixtral's `...experts.{e}.w1`, ...). Those names
 and the gate/up split are family-specific, so they are not hard-coded here: transformers' own
 checkpoint conversion is run backwards (`revert_weight_conversion`, what `save_pretrained` does)
-on a probe whose values are the fused row indices. Each per-expert tensor it returns says which
-expert and which output rows it holds; that module gets `A_e` and the rows of `B_e`, with the
-wrapper's scaling folded into `B` relative to the adapter's default `lora_alpha / r`. The other
-LoRA modules (attention, a router's) keep their tensors, under their checkpoint names too.
+on a probe whose values are the fused row indices (`checkpoint_keys.checkpoint_rows`, which the
+loader shares). Each per-expert tensor it returns says which expert and which output rows it
+holds; that module gets `A_e` and the rows of `B_e`, with the wrapper's scaling folded into `B`
+relative to the adapter's default `lora_alpha / r`. The other LoRA modules (attention, a
+router's) keep their tensors, under their checkpoint names too.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checkpoint_keys import checkpoint_rows
 from .containers import is_peft_model, unwrap_model
 from .progress import with_progress
 
@@ -50,8 +52,12 @@ def save_per_expert_adapter(model, output_dir: str | Path, adapter_name: str = "
     Example:
 
     ```python
-    >>> trainer.save_model("out")                                  # PEFT's layout, for PeftModel
-    >>> save_per_expert_adapter(trainer.model, "out/per_expert")   # per expert, for vLLM / SGLang
+    >>> from peft import LoraConfig, get_peft_model
+    >>> experts = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    >>> peft_model = get_peft_model(model, LoraConfig(r=4, target_parameters=experts))  # e.g. trainer.model
+    >>> peft_model.save_pretrained("out")                       # PEFT's layout, for PeftModel.from_pretrained
+    >>> save_per_expert_adapter(peft_model, "out/per_expert")   # per expert, for vLLM / SGLang
+    PosixPath('out/per_expert')
     ```
     """
     from safetensors.torch import save_file
@@ -170,25 +176,11 @@ def _scaling(alpha: float, r: int, rslora: bool) -> float:
 
 def _per_expert_modules(base: nn.Module, fused_key: str, shape) -> dict[str, tuple[int, torch.Tensor]]:
     """Checkpoint module name -> (expert, rows of the fused output dim) for one fused parameter."""
-    from transformers.core_model_loading import revert_weight_conversion
-
-    E, out = shape[0], shape[1]
-    # Two equal input columns: a one-column probe would come back squeezed to 1-D.
-    probe = torch.arange(E * out, dtype=torch.float64).view(E, out, 1).expand(E, out, 2).contiguous()
-    split = revert_weight_conversion(base, {fused_key: probe})
-    modules, seen = {}, torch.zeros(E * out, dtype=torch.bool)
-    for key, tensor in split.items():
-        ok = tensor.dim() == 2 and tensor.shape[-1] == 2 and torch.equal(tensor[:, 0], tensor[:, 1])
-        ids = tensor[:, 0].long() if ok else None
-        expert = None if ids is None or not key.endswith(".weight") else (ids // out).unique()
-        if expert is None or expert.numel() != 1 or seen[ids].any():
-            raise ValueError(
-                f"{type(base).__name__}'s checkpoints do not store {fused_key} as one weight per expert "
-                f"(transformers saves it as {sorted(split)[:3]}...): its expert LoRA cannot be split per "
-                "expert; serve it with the adapter `save_pretrained` writes."
-            )
-        seen[ids] = True
-        modules[key.removesuffix(".weight")] = (int(expert), ids % out)
-    if not seen.all():
-        raise ValueError(f"transformers' conversion of {fused_key} dropped rows; cannot split its LoRA per expert.")
-    return modules
+    found = checkpoint_rows(base, fused_key, shape)
+    if any(entry.expert is None or not key.endswith(".weight") for key, entry in found.items()):
+        raise ValueError(
+            f"{type(base).__name__}'s checkpoints do not store {fused_key} as one weight per expert "
+            f"(transformers saves it as {sorted(found)[:3]}...): its expert LoRA cannot be split per "
+            "expert; serve it with the adapter `save_pretrained` writes."
+        )
+    return {key.removesuffix(".weight"): (entry.expert, entry.rows) for key, entry in found.items()}

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+import os
+
 from torch import nn
 from trl import SFTTrainer
 
 from .config import KTConfig
+from . import distributed
 from .containers import unwrap_model
+from .loading import load_model, model_init_kwargs
 from .lora import requested_expert_lora
 from .prepare import prepare_model
 from .report import RoutingReport
@@ -23,7 +28,8 @@ class KTSFTTrainer(SFTTrainer):
     Args:
         model (`str`, `PreTrainedModel` or `PeftModel`):
             A transformers MoE causal LM of a supported family (see `kt_trl.layouts`), or a
-            name/path `SFTTrainer` loads.
+            checkpoint directory / Hub id, loaded with `kt_trl.load_model` (experts streamed into
+            the engine, `args.model_init_kwargs` honoured, `kt_trl.plan(...).check()` first).
         args (`trl.SFTConfig`, *optional*):
             As for `SFTTrainer`.
         train_dataset (`datasets.Dataset` or `IterableDataset`):
@@ -38,13 +44,18 @@ class KTSFTTrainer(SFTTrainer):
     Example:
 
     ```python
+    >>> import torch
     >>> from kt_trl import KTSFTTrainer
     >>> from peft import LoraConfig
     >>> from trl import SFTConfig
-    >>> trainer = KTSFTTrainer(model, SFTConfig(output_dir="out"), train_dataset,
+    >>> args = SFTConfig(output_dir="out", max_steps=2, report_to="none", use_cpu=not torch.cuda.is_available())
+    >>> trainer = KTSFTTrainer(model, args, train_dataset, processing_class=tokenizer,
     ...                        peft_config=LoraConfig(r=16, target_modules="all-linear"))
-    >>> trainer.train()
+    >>> trainer.train()  # doctest: +ELLIPSIS
+    {...}
+    TrainOutput(global_step=2, ...)
     >>> trainer.kt_report.layers_routed
+    (0, 1)
     ```
     """
 
@@ -56,6 +67,14 @@ class KTSFTTrainer(SFTTrainer):
         self.kt_report: RoutingReport | None = None
         # PEFT rewrites the config in place (e.g. resolves "all-linear"), so read the intent first.
         self._kt_expert_lora_requested = requested_expert_lora(kwargs.get("peft_config"))
+        if isinstance(model, (str, os.PathLike)):
+            # trl would load it with from_pretrained, the experts fused in memory before packing: stream them
+            # into engines instead, with trl's model_init_kwargs (dtype, ...), after a preflight plan.
+            model = load_model(model, kt_config=kt_config, args=args, peft_config=kwargs.get("peft_config"),
+                               quantization_config=kwargs.pop("quantization_config", None), **model_init_kwargs(args))
+            if args is not None and args.model_init_kwargs is not None:  # used: spare trl's "ignored" warning
+                args = copy.copy(args)
+                args.model_init_kwargs = None
         super().__init__(model, args, train_dataset=train_dataset, **kwargs)
         # Trainer skips placement for DeepSpeed, FSDP, model parallel and *_full_eval; prepare anyway.
         self._prepare_model(self.model)
@@ -63,7 +82,11 @@ class KTSFTTrainer(SFTTrainer):
     def _prepare_model(self, model: nn.Module) -> RoutingReport:
         """Route `model`'s experts through the CPU engine (idempotent; `prepare_model` logs the report once)."""
         requested = self._kt_expert_lora_requested or None
-        self.kt_report = prepare_model(model, self.kt_config, expert_lora_requested=requested)
+        args = getattr(self, "args", None)
+        tokens = args.per_device_train_batch_size * (getattr(args, "max_length", None) or 1024) if args else None
+        self.kt_report = prepare_model(model, self.kt_config, expert_lora_requested=requested, tokens_per_batch=tokens,
+                                       gradient_checkpointing=getattr(args, "gradient_checkpointing", None),
+                                       device=args.device if args is not None else None)
         if self.kt_config is None:
             self.kt_config = unwrap_model(model)._kt_config
         return self.kt_report
@@ -73,6 +96,12 @@ class KTSFTTrainer(SFTTrainer):
         # any placement (Trainer.__init__ and Accelerator.prepare_model both move the model).
         self._prepare_model(model)
         super()._move_model_to_device(model, device)
+
+    def training_step(self, model: nn.Module, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.accelerator.sync_gradients:  # DDP ignores the expert LoRA: reduce it before Trainer clips
+            distributed.reduce_expert_gradients(self.model)
+        return loss
 
     def _save_checkpoint(self, model: nn.Module, trial) -> None:
         # Written under a hidden name and renamed when complete: resume never finds half a checkpoint.

@@ -1,0 +1,384 @@
+"""`load_model`: a checkpoint's routed experts streamed from its safetensors files into CPU engines.
+
+[NOTE] `from_pretrained` fuses a checkpoint's per-expert tensors into `gate_up_proj [E, 2I, H]` /
+`down_proj [E, H, I]`: the whole expert set in memory once more before kt_trl packs it. Here
+(checked on transformers 5.24):
+
+1. the model is built on the meta device, and each checkpoint key of an expert is mapped to its
+   fused parameter, expert and rows (`checkpoint_keys`);
+2. `from_pretrained(None, config=..., state_dict=sd)` loads everything else the usual way
+   (renamings, tied weights, buffers, missing keys initialised): `sd` holds lazy safetensors
+   slices of the non-expert keys and, under each fused expert name, a zero-stride placeholder
+   `torch.zeros((), dtype).expand(shape)` that becomes the parameter without being allocated;
+3. `del model._weight_conversions`: that load recorded only the renamings it used, with which
+   `save_pretrained` would write fused experts; without it transformers falls back to the
+   family's mapping and saves per-expert keys again;
+4. two layers at a time, each layer's experts are read one by one with `os.preadv` into reused
+   buffers (the next read runs while the engine packs the current expert) into an `ExpertEngine`,
+   handed over with `weights.install_engine`; a shard's page cache is dropped once its last
+   expert is read.
+
+FP8 checkpoints (DeepSeek-V3 / Kimi-K2: `float8_e4m3fn` weights, one FP32 `weight_scale_inv` per
+block) are dequantized tensor by tensor as they are read: non-expert weights to the model's dtype
+(the product transformers' own dequantization computes), experts to BF16 for the engine.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint_keys import (DTYPES, LayerSources, Shards, checkpoint_files, fp8_block_size, layer_sources,
+                              unplaced_expert_keys)
+from .config import KTConfig
+from .containers import find_decoder_layers, find_moe_blocks
+from .layouts import EXPERT_PARAMETERS, ExpertLayout, engine_dims, engine_expert, match_layout
+from .progress import progress_bar
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["load_model"]
+
+HUB_KWARGS = ("revision", "cache_dir", "token", "force_download", "local_files_only", "proxies", "subfolder",
+              "trust_remote_code")
+MODEL_KWARGS = ("attn_implementation", "experts_implementation", "use_kernels", "kernel_config")
+REFUSED_KWARGS = {
+    "device_map": "the routed experts stay in the CPU engine and the Trainer (or `.to(device)`) places the rest",
+    "quantization_config": "load_model reads BF16 / FP16 / FP32 and FP8 checkpoints and quantizes nothing on load",
+    "state_dict": "load_model builds the state dict itself", "gguf_file": "load_model reads safetensors only",
+    "key_mapping": "experts are found by transformers' own conversion mapping",
+    "variant": "load_model reads model.safetensors[.index.json]", "tp_plan": "tensor parallelism is not supported",
+    "output_loading_info": "load_model returns the model only",
+}
+SNAPSHOT_PATTERNS = (  # configs, weights, tokenizer files
+    "*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja")
+
+
+def load_model(name_or_path: str | os.PathLike, *, kt_config: KTConfig | None = None, args=None, peft_config=None,
+               **from_pretrained_kwargs) -> nn.Module:
+    """Load a MoE checkpoint with its routed experts streamed straight into kt_trl's CPU engines.
+
+    The result is what `prepare_model` leaves after packing, without the detour through a fused
+    copy of the experts: each layer's experts are read from the safetensors shards one expert at
+    a time into an `ExpertEngine` (installed with `kt_trl.weights.install_engine`), everything else
+    loads through transformers as usual. `KTSFTTrainer` / `prepare_model` then route the model.
+    `kt_trl.plan(...).check()` runs first, before any weight is read, and its table is logged.
+
+    Args:
+        name_or_path (`str` or `os.PathLike`):
+            A local checkpoint directory (`model.safetensors` or a sharded
+            `model.safetensors.index.json`) or a Hugging Face Hub id (configs, safetensors and
+            tokenizer files are downloaded with `huggingface_hub.snapshot_download`). FP8
+            checkpoints in DeepSeek's block layout are dequantized as read (experts held in BF16).
+        kt_config (`KTConfig`, *optional*):
+            Engine settings (ISA and threads are applied before packing) and the kept-activation
+            budget the plan counts.
+        args (`trl.SFTConfig`, *optional*):
+            Training settings the plan counts (batch size, `max_length`, gradient checkpointing).
+        peft_config (`peft.LoraConfig`, *optional*):
+            The LoRA the plan counts (its rank, and whether it reaches the experts).
+        **from_pretrained_kwargs:
+            As for `from_pretrained`: `dtype` (defaults to `"auto"`), `attn_implementation`,
+            `revision`, `token`, `trust_remote_code`, config overrides, ... `device_map`,
+            `quantization_config`, `state_dict`, `gguf_file`, `key_mapping`, `variant` are refused.
+
+    Returns:
+        `PreTrainedModel`: on the CPU, in eval mode like `from_pretrained`'s, its experts in engines.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from kt_trl import load_model
+    >>> model.save_pretrained("checkpoint")               # stands in for a Hub id such as "Qwen/Qwen3-30B-A3B"
+    >>> model = load_model("checkpoint", dtype=torch.bfloat16)
+    >>> model.model.layers[0].mlp.experts.gate_up_proj.stride()   # a placeholder: the experts are in the engine
+    (0, 0, 0)
+    ```
+    """
+    from transformers import AutoConfig
+
+    from .preflight import plan
+
+    kwargs = _checked_kwargs(from_pretrained_kwargs)
+    hub = {key: kwargs.pop(key) for key in HUB_KWARGS if key in kwargs}
+    dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", "auto"))
+    model_kwargs = {key: kwargs.pop(key) for key in MODEL_KWARGS if key in kwargs}
+    # A Hub id's configs come first, alone: the plan may refuse before any weight is downloaded.
+    trust = {"trust_remote_code": hub["trust_remote_code"]} if "trust_remote_code" in hub else {}
+    config = AutoConfig.from_pretrained(str(_local_directory(name_or_path, hub, weights=False)), **trust,
+                                        **kwargs)  # the rest of the keywords: config overrides, as in from_pretrained
+    preflight = plan(config, args=args, kt_config=kt_config, peft_config=peft_config, dtype=dtype)
+    logger.info("kt_trl: preflight plan for %s\n%s", name_or_path, preflight)
+    preflight.check()
+    if kt_config is not None:  # before packing: a forced ISA the CPU lacks fails before any read
+        from ._native import configure
+
+        configure(isa=kt_config.isa, threads=kt_config.threads)
+    directory = _local_directory(name_or_path, hub, weights=True)
+    start = time.perf_counter()
+    model = _load(directory, config, dtype, model_kwargs, hub.get("trust_remote_code", False))
+    model.config._name_or_path = str(name_or_path)  # what trl reads to find the tokenizer, PEFT to name the base
+    logger.info("kt_trl: loaded %s in %.1f s", name_or_path, time.perf_counter() - start)
+    return model
+
+
+def model_init_kwargs(args) -> dict:
+    """The `from_pretrained` keywords trl's `SFTTrainer` uses for a model given by name: a copy of
+    `args.model_init_kwargs`, `dtype` defaulting to float32 and `trust_remote_code` to the args'."""
+    kwargs = dict(getattr(args, "model_init_kwargs", None) or {})
+    dtype = kwargs.get("dtype", "float32")
+    kwargs["dtype"] = getattr(torch, dtype) if dtype in ("bfloat16", "float16", "float32") else dtype
+    kwargs.setdefault("trust_remote_code", getattr(args, "trust_remote_code", False))
+    return kwargs
+
+
+def _checked_kwargs(kwargs: dict) -> dict:
+    kwargs = dict(kwargs)
+    if kwargs.get("device_map") in (None, "cpu", torch.device("cpu")):
+        kwargs.pop("device_map", None)
+    for key, why in REFUSED_KWARGS.items():
+        if kwargs.get(key) not in (None, False):
+            raise ValueError(
+                f"load_model does not take {key}= ({why}). Drop it, or load with "
+                "AutoModelForCausalLM.from_pretrained and pass the model to KTSFTTrainer (which packs its experts)."
+            )
+    return kwargs
+
+
+def _local_directory(name_or_path, hub: dict, *, weights: bool) -> Path:
+    """A local checkpoint directory as given, or a Hub snapshot of its configs (and, with `weights`,
+    its safetensors and tokenizer files)."""
+    subfolder = hub.get("subfolder") or ""
+    if Path(name_or_path).is_dir():
+        return Path(name_or_path) / subfolder
+    from huggingface_hub import snapshot_download
+
+    patterns = [*(SNAPSHOT_PATTERNS if weights else ("*.json",)), *(("*.py",) if hub.get("trust_remote_code") else ())]
+    patterns = [f"{subfolder}/{p}" if subfolder else p for p in patterns]
+    download = {key: hub[key] for key in ("revision", "cache_dir", "token", "force_download", "local_files_only",
+                                          "proxies") if key in hub}
+    return Path(snapshot_download(str(name_or_path), allow_patterns=patterns, **download)) / subfolder
+
+
+def _load(directory: Path, config, dtype, model_kwargs: dict, trust_remote_code: bool) -> nn.Module:
+    """The model with non-expert weights loaded by transformers and experts streamed into engines."""
+    from transformers import AutoModelForCausalLM
+
+    config, fp8 = _without_fp8(config)
+    dtype = _resolved_dtype(dtype, config, directory)
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    layout = _streamable_layout(meta)
+    layers = layer_sources(meta, find_moe_blocks(find_decoder_layers(meta), layout))
+    shards = Shards(checkpoint_files(directory), **fp8)
+    _check_keys(shards, layers)
+    if shards.fp8:
+        logger.warning("kt_trl: this checkpoint stores its weights in FP8; they are dequantized as read, and the CPU "
+                       "engine holds the routed experts in BF16 for now (2 bytes per weight; FP8 experts in the engine "
+                       "are future work).")
+    state_dict = _lazy_state_dict(shards, layers, meta, dtype)
+    model = type(meta).from_pretrained(None, config=config, state_dict=state_dict, dtype=dtype, **model_kwargs)
+    del state_dict, meta
+    # This load used no expert converter, so `_weight_conversions` lists only renamings: saving with it would
+    # write the experts fused. Without it `save_pretrained` reverts the family's full mapping (per-expert keys).
+    model.__dict__.pop("_weight_conversions", None)
+    _load_generation_config(model, directory)
+    shards.release_all()  # non-expert reads are done; expert shards reopen as needed
+    start = time.perf_counter()
+    packed = _stream_experts(model, layers, shards, layout, dtype)
+    seconds = time.perf_counter() - start
+    logger.info("kt_trl: streamed the routed experts of %d layers into the CPU engine: %.2f GB packed in %.1f s "
+                "(%.2f GB/s)", len(layers), packed / 1e9, seconds, packed / 1e9 / max(seconds, 1e-9))
+    return model
+
+
+def _without_fp8(config) -> tuple[object, dict]:
+    """The config without its FP8 `quantization_config` (weights are dequantized as read, and the model
+    is a BF16 one from then on, saved as such), and the `Shards` settings of its FP8."""
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is None:
+        return config, {}
+    block = fp8_block_size(quantization)  # refuses anything but FP8
+    config = copy.deepcopy(config)
+    delattr(config, "quantization_config")
+    return config, {"fp8": True, "fp8_block": block}
+
+
+def _resolved_dtype(dtype, config, directory: Path) -> torch.dtype:
+    """`from_pretrained`'s dtype rule: "auto" is the config's dtype, else the checkpoint's first float dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None:
+        return torch.get_default_dtype()
+    if dtype != "auto":
+        if not isinstance(getattr(torch, str(dtype), None), torch.dtype):
+            raise ValueError(f"dtype={dtype!r} is neither 'auto' nor a torch dtype name such as 'bfloat16'.")
+        return getattr(torch, dtype)
+    configured = getattr(config, "dtype", None)
+    if configured is not None:
+        return getattr(torch, configured) if isinstance(configured, str) else configured
+    return Shards(checkpoint_files(directory)).float_dtype() or torch.get_default_dtype()
+
+
+def _streamable_layout(meta: nn.Module) -> ExpertLayout:
+    layout = match_layout(meta)  # refuses dense and unknown families, listing the supported ones
+    if layout.transposed or layout.bias or layout.act != "silu":
+        raise ValueError(
+            f"{layout.family}: load_model cannot stream its {layout.gate_up} biased experts into engines yet "
+            "(install_engine takes the [E, 2I, H] layout). Load it with AutoModelForCausalLM.from_pretrained(..., "
+            "dtype=torch.bfloat16) and pass the model to KTSFTTrainer, which packs its experts."
+        )
+    return layout
+
+
+def _check_keys(shards: Shards, layers: list[LayerSources]) -> None:
+    """Every expert tensor the model needs is in the checkpoint, and every expert tensor there has a place."""
+    missing = sorted(set().union(*(layer.keys for layer in layers)) - set(shards.files)) if layers else []
+    if missing:
+        raise ValueError(
+            f"The checkpoint lacks {len(missing)} expert tensor(s) the model's config asks for, e.g. {missing[:3]}: "
+            "config.json and the weights do not match (number of experts or layers), or a shard is incomplete."
+        )
+    unplaced = unplaced_expert_keys(shards.files, layers)
+    if unplaced:
+        raise ValueError(
+            f"kt_trl cannot place {len(unplaced)} expert tensor(s) of the checkpoint, e.g. {unplaced[:3]}: they fill "
+            "no routed expert of the model its config.json describes (more experts, or MoE weights in a layer the "
+            "config makes dense, or a naming transformers does not convert). Check config.json against the weights."
+        )
+    shards.check_dtypes()
+
+
+def _lazy_state_dict(shards: Shards, layers: list[LayerSources], meta: nn.Module, dtype: torch.dtype) -> dict:
+    """Lazy views of the non-expert tensors, and zero-stride placeholders under the fused expert names."""
+    experts = set().union(*(layer.keys for layer in layers)) if layers else set()
+    state_dict = {key: shards.lazy(key) for key in shards.files if key not in experts and not shards.is_scale(key)}
+    for layer in layers:
+        for name in layer.names:
+            # A stride-0 view of one element: from_pretrained installs it as the parameter as it is.
+            state_dict[name] = torch.zeros((), dtype=dtype).expand(meta.get_parameter(name).shape)
+    return state_dict
+
+
+def _load_generation_config(model: nn.Module, directory: Path) -> None:
+    """`from_pretrained(None, ...)` reads no generation_config.json; the directory's, when it has one."""
+    if (directory / "generation_config.json").is_file() and getattr(model, "generation_config", None) is not None:
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(str(directory))
+
+
+def _stream_experts(model: nn.Module, layers: list[LayerSources], shards: Shards, layout, dtype) -> int:
+    """Fill the layers' engines expert by expert, several layers at once; drop each shard's page cache
+    once every layer reading from it is done. Returns the packed bytes."""
+    from ._native import ensure_configured
+    from .weights import install_engine
+
+    ensure_configured()  # here, once: the workers create engines concurrently
+    modules = [model.get_submodule(layer.module) for layer in layers]
+    for experts, layer in zip(modules, layers):
+        _check_placeholders(experts, layer)
+    paths = [{shards.files[key] for key in layer.keys} for layer in layers]
+    readers = {path: sum(path in used for used in paths) for path in set().union(*paths)}
+    packed = 0
+    # Packing is CPU work on fresh memory, whose page faults cost more than the packing itself on some hosts
+    # (VMs): several layers at once spread both over the cores (each layer's engine is its own memory), one
+    # packing thread and its reader per two logical CPUs, at least two.
+    workers = max(1, min(len(layers), 8, max(2, (os.cpu_count() or 2) // 2)))
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kt_trl_load")
+    try:
+        futures = [pool.submit(_layer_engine, experts, layer, shards, layout, dtype)
+                   for experts, layer in zip(modules, layers)]
+        with progress_bar(total=len(layers), desc="Streaming experts into the CPU engine", unit="layer") as bar:
+            for experts, used, future in zip(modules, paths, futures):
+                engine = future.result()
+                install_engine(experts, engine)
+                experts.register_state_dict_post_hook(_unpack_installed_engine)
+                packed += int(engine.packed_bytes)
+                for path in used:
+                    readers[path] -= 1
+                    if not readers[path]:
+                        shards.release(path)
+                bar.update()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return packed
+
+
+def _unpack_installed_engine(module: nn.Module, state_dict, prefix: str, local_metadata) -> None:
+    """`state_dict()` of a loaded model not prepared yet: the installed engine's experts, not the placeholders.
+
+    install_engine leaves the placeholders in `state_dict()` until `prepare_model` attaches its hooks (and takes
+    the engine: this one then does nothing). Remove it once install_engine attaches them itself.
+    """
+    engine = getattr(module, "_kt_engine", None)
+    if engine is None or prefix.startswith("base_model.model."):  # prepared, or a PEFT state dict (adapters only)
+        return
+    for name, tensor in zip(EXPERT_PARAMETERS, engine.unpack()):   # the [E, 2I, H] layout: no conversion
+        state_dict[prefix + name] = tensor.to(state_dict[prefix + name].dtype)
+
+
+def _check_placeholders(experts: nn.Module, layer: LayerSources) -> None:
+    for param in EXPERT_PARAMETERS:
+        if any(getattr(experts, param).stride()):
+            raise RuntimeError(
+                f"{layer.module}.{param}: transformers allocated the expert placeholder instead of installing it "
+                "(a change in from_pretrained); kt_trl.load_model would hold the experts twice. Please report this."
+            )
+
+
+def _layer_engine(experts: nn.Module, layer: LayerSources, shards: Shards, layout, dtype):
+    """The layer's engine, filled expert by expert from two reused buffers (one read, one packed)."""
+    from .engine import ExpertEngine
+
+    E, H, I = engine_dims(layout, experts)
+    first = [shards.entry(per_param[0][0].key).dtype for per_param in layer.sources]
+    ring = [tuple(torch.empty(getattr(experts, param).shape[1:], dtype=_buffer_dtype(disk, dtype, shards.fp8))
+                  for param, disk in zip(EXPERT_PARAMETERS, first)) for _ in range(2)]
+
+    def read(e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        buffers = ring[e % 2]
+        for sources, out in zip(layer.sources, buffers):
+            _read_matrix(shards, sources[e], out, dtype)
+        return engine_expert(layout, *buffers)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kt_trl_read") as reader:
+        return ExpertEngine.from_experts(E, H, I, _read_ahead(reader, read, E))
+
+
+def _read_ahead(pool: ThreadPoolExecutor, read, count: int):
+    """`read(0), read(1), ...`, each next one running on `pool` while the caller packs the current one
+    (so `read(e + 1)` may reuse what `read(e - 1)` returned)."""
+    future = pool.submit(read, 0)
+    for e in range(count):
+        result = future.result()
+        if e + 1 < count:
+            future = pool.submit(read, e + 1)
+        yield result
+
+
+def _buffer_dtype(disk: str, dtype: torch.dtype, fp8: bool) -> torch.dtype:
+    # from_pretrained would hold the experts in `dtype`, and the engine rounds that to BF16. BF16 -> FP32 -> BF16
+    # is exact, so BF16 on disk stays BF16 (read with no conversion); any other case rounds as from_pretrained does.
+    if not fp8 and DTYPES.get(disk) == torch.bfloat16 and dtype in (torch.bfloat16, torch.float32):
+        return torch.bfloat16
+    return dtype
+
+
+def _read_matrix(shards: Shards, sources, out: torch.Tensor, dtype: torch.dtype) -> None:
+    """One expert's `[A, B]` slice of a fused parameter into `out`, from its checkpoint tensors."""
+    for source in sources:
+        first = int(source.rows[0])
+        consecutive = torch.equal(source.rows, torch.arange(first, first + source.rows.numel()))
+        if consecutive and DTYPES.get(shards.entry(source.key).dtype) == out.dtype and not shards.quantized(source.key):
+            shards.read_into(source.key, out[first:first + source.rows.numel()], source.index)  # no copy
+        else:
+            out.index_copy_(0, source.rows, shards.read(source.key, source.index).to(dtype).to(out.dtype))
