@@ -42,6 +42,11 @@ class KTConfig:
             they compute through torch on the CPU); `"none"`: every routed expert on the CPU engine.
         max_gpu_memory_gb (`float`, *optional*):
             Accelerator memory (GB) `gpu_experts="auto"` may plan with; defaults to what is free.
+        torch_threads (`int`, *optional*):
+            Torch's intra-op threads during `train()`. Defaults to 1 when the model trains on the CPU
+            (torch's pool and the engine's share its cores, and a multi-threaded torch pool stalls
+            whenever a core is busy: `kt_trl.cpu_threads`), unless `OMP_NUM_THREADS` is set; on an
+            accelerator torch's setting is left alone.
         freeze_experts (`bool`, *optional*, defaults to `False`):
             The engine holds the routed experts' base weights frozen. A model whose expert weights
             still require gradients (no PEFT, full fine-tuning) is refused unless this is `True`, in
@@ -55,7 +60,7 @@ class KTConfig:
     ```python
     >>> from kt_trl import KTConfig
     >>> KTConfig(isa="avx2", threads=2)
-    KTConfig(isa='avx2', threads=2, reuse_checkpointed_activations=True, max_kept_activations_gb=None, max_kept_activations_gpu_gb=None, gpu_experts='auto', max_gpu_memory_gb=None, freeze_experts=False, max_pending_activations=8)
+    KTConfig(isa='avx2', threads=2, reuse_checkpointed_activations=True, max_kept_activations_gb=None, max_kept_activations_gpu_gb=None, gpu_experts='auto', max_gpu_memory_gb=None, torch_threads=None, freeze_experts=False, max_pending_activations=8)
     >>> KTConfig().isa is None  # KT_TRL_ISA or "auto"
     True
     ```
@@ -68,6 +73,7 @@ class KTConfig:
     max_kept_activations_gpu_gb: float | None = None
     gpu_experts: str | int = "auto"
     max_gpu_memory_gb: float | None = None
+    torch_threads: int | None = None
     freeze_experts: bool = False
     max_pending_activations: int = 8
 
@@ -76,6 +82,8 @@ class KTConfig:
             raise ValueError(f"KTConfig(isa={self.isa!r}) is not one of {ISA_CHOICES}; use 'auto' to let the engine pick.")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ValueError(f"KTConfig(threads={self.threads!r}) must be a positive int, or None for one per physical core.")
+        if self.torch_threads is not None and (not isinstance(self.torch_threads, int) or self.torch_threads < 1):
+            raise ValueError(f"KTConfig(torch_threads={self.torch_threads!r}) must be a positive int, or None for the default.")
         if self.max_pending_activations < 1:
             raise ValueError("KTConfig(max_pending_activations=...) must be >= 1.")
         gpu = self.gpu_experts

@@ -11,6 +11,7 @@ from trl import SFTTrainer
 from .config import KTConfig
 from . import distributed
 from .containers import unwrap_model
+from .cpu_threads import torch_threads
 from .loading import load_model, model_init_kwargs
 from .lora import requested_expert_lora
 from .prepare import prepare_model
@@ -96,6 +97,10 @@ class KTSFTTrainer(SFTTrainer):
         # any placement (Trainer.__init__ and Accelerator.prepare_model both move the model).
         self._prepare_model(model)
         super()._move_model_to_device(model, device)
+
+    def train(self, *args, **kwargs):
+        with torch_threads(self.args.device, (self.kt_config or KTConfig()).torch_threads):
+            return super().train(*args, **kwargs)
 
     def training_step(self, model: nn.Module, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
