@@ -16,7 +16,8 @@ class ExpertLoRA:
     Args:
         A (`torch.Tensor`): ``[E, r, in]`` float32, contiguous (PEFT: ``lora_A.weight.view(E, r, in)``).
         B (`torch.Tensor`): ``[E, out, r]`` float32, any strides
-            (PEFT: ``lora_B.weight.view(out, r, E).permute(2, 0, 1)``).
+            (PEFT: ``lora_B.weight.view(out, r, E).permute(2, 0, 1)``); a layout whose elements
+            overlap (an expanded view) is copied for each call, see `ExpertEngine.backward`.
         scale (`float`): ``alpha / r``.
     """
 
@@ -41,8 +42,18 @@ class ExpertActivations:
         return self.gate_up, self.lora_gate_up, self.lora_down
 
 
-def _as_cpu(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t.detach().to(device="cpu", dtype=dtype)
+def _as_cpu(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """``t`` on the CPU in ``dtype``, in a layout the engine reads: unit last stride, distinct and
+    aligned elements (copied only if needed)."""
+    ops.check_tensor(t, name)
+    return _readable(t.detach().to(device="cpu", dtype=dtype))
+
+
+def _readable(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a contiguous copy where its last stride is not 1, its elements overlap or are misaligned."""
+    if t.dim() and (t.stride(-1) != 1 or ops.has_internal_overlap(t)) or t.data_ptr() % t.element_size():
+        return t.clone(memory_format=torch.contiguous_format)
+    return t
 
 
 class ExpertEngine:
@@ -63,24 +74,36 @@ class ExpertEngine:
 
     Example:
         >>> engine = ExpertEngine(torch.randn(4, 64, 32), torch.randn(4, 32, 32))
-        >>> y, saved = engine.forward(torch.randn(5, 32).bfloat16(), torch.randint(0, 4, (5, 2)), torch.rand(5, 2))
+        >>> top_k_index = torch.rand(5, 4).argsort(dim=1)[:, :2]   # 2 distinct experts of 4 per token
+        >>> y, saved = engine.forward(torch.randn(5, 32).bfloat16(), top_k_index, torch.rand(5, 2))
+        >>> y.shape
+        torch.Size([5, 32])
     """
 
     def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, *, activation: str = "silu", alpha: float = 1.702,
                  limit: float = 7.0, gate_up_bias: torch.Tensor | None = None,
                  down_bias: torch.Tensor | None = None):
+        ops.check_tensor(gate_up, "gate_up")
+        ops.check_tensor(down, "down")
         if gate_up.dim() != 3 or down.dim() != 3:
             raise ValueError(f"gate_up must be [E, 2I, H] and down [E, H, I], got {list(gate_up.shape)} and {list(down.shape)}")
         E, two_i, H = gate_up.shape
         if two_i % 2 or tuple(down.shape) != (E, H, two_i // 2):
             raise ValueError(f"down must be [E, H, I] = [{E}, {H}, {two_i // 2}] for gate_up {list(gate_up.shape)}, "
                              f"got {list(down.shape)}")
+        if (gate_up_bias is None) != (down_bias is None):
+            raise ValueError("give both gate_up_bias [E, 2I] and down_bias [E, H], or neither")
+        if gate_up_bias is not None:
+            for bias, name, shape, dims in ((gate_up_bias, "gate_up_bias", (E, two_i), "[E, 2I]"),
+                                            (down_bias, "down_bias", (E, H), "[E, H]")):
+                ops.check_tensor(bias, name)
+                if tuple(bias.shape) != shape:
+                    raise ValueError(f"{name} must have shape {list(shape)} {dims} for gate_up {list(gate_up.shape)}, "
+                                     f"got {list(bias.shape)}")
         self._allocate(E, H, two_i // 2)
         ops.experts_set_activation(self._handle, activation, alpha, limit)
         for e in range(E):
             self.load_expert(e, gate_up[e], down[e])
-        if (gate_up_bias is None) != (down_bias is None):
-            raise ValueError("give both gate_up_bias [E, 2I] and down_bias [E, H], or neither")
         if gate_up_bias is not None:
             for e in range(E):
                 self.load_bias(e, gate_up_bias[e], down_bias[e])
@@ -103,6 +126,9 @@ class ExpertEngine:
         for e, weights in enumerate(experts):
             if e >= num_experts:
                 raise ValueError(f"more than num_experts={num_experts} experts were given")
+            if len(weights) not in (2, 4):
+                raise ValueError(f"expert {e} was given {len(weights)} tensors; give (gate_up, down) or "
+                                 "(gate_up, down, gate_up_bias, down_bias)")
             engine.load_expert(e, weights[0], weights[1])
             if len(weights) == 4:
                 engine.load_bias(e, weights[2], weights[3])
@@ -126,14 +152,13 @@ class ExpertEngine:
 
     def load_expert(self, expert: int, gate_up: torch.Tensor, down: torch.Tensor) -> None:
         """(Re)packs one expert from ``gate_up [2I, H]`` and ``down [H, I]``."""
-        gu = gate_up if gate_up.dtype == torch.bfloat16 and gate_up.stride(-1) == 1 else _as_cpu(gate_up, torch.bfloat16)
-        dn = down if down.dtype == torch.bfloat16 and down.stride(-1) == 1 else _as_cpu(down, torch.bfloat16)
-        ops.experts_load(self._handle, expert, gu, dn, self.hidden_size, self.intermediate_size)
+        ops.experts_load(self._handle, expert, _as_cpu(gate_up, torch.bfloat16, "gate_up"),
+                         _as_cpu(down, torch.bfloat16, "down"), self.hidden_size, self.intermediate_size)
 
     def load_bias(self, expert: int, gate_up_bias: torch.Tensor, down_bias: torch.Tensor) -> None:
         """Frozen biases of one expert: ``gate_up_bias [2I]`` (gate then up), ``down_bias [H]``."""
-        ops.experts_load_bias(self._handle, expert, _as_cpu(gate_up_bias, torch.float32).contiguous(),
-                              _as_cpu(down_bias, torch.float32).contiguous(), self.hidden_size,
+        ops.experts_load_bias(self._handle, expert, _as_cpu(gate_up_bias, torch.float32, "gate_up_bias"),
+                              _as_cpu(down_bias, torch.float32, "down_bias"), self.hidden_size,
                               self.intermediate_size)
 
     def unpack(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,6 +175,7 @@ class ExpertEngine:
         to the engine's cached host memory, where the activations always go.
         """
         ids, weights = _routing_to_cpu(top_k_index, top_k_weights)
+        lora_gate_up, lora_down = _engine_lora(lora_gate_up, "gate_up"), _engine_lora(lora_down, "down")
         y, saved = ops.experts_forward(self._handle, self.dims, x, ids, weights, lora_gate_up, lora_down, save,
                                        empty=empty or ops.host_empty)
         return y, ExpertActivations(*saved)
@@ -160,10 +186,14 @@ class ExpertEngine:
         """``(dx bf16 | None, dw float32 | None, (dA_gu, dB_gu) | None, (dA_d, dB_d) | None)``.
 
         LoRA gradients are new tensors with the shapes and strides of the given A and B (None for
-        a projection without LoRA, or with ``need_lora_grads=False``). ``empty`` allocates dx and
-        dw as in `forward`.
+        a projection without LoRA, or with ``need_lora_grads=False``); for a B whose elements
+        overlap (an expanded view), dB is contiguous and holds each expert's gradient, which
+        autograd sums over the expanded dims. ``empty`` allocates dx and dw as in `forward`.
         """
+        if not isinstance(saved, ExpertActivations):
+            raise TypeError(f"saved must be the ExpertActivations of the forward, got {type(saved).__name__}")
         ids, weights = _routing_to_cpu(top_k_index, top_k_weights)
+        lora_gate_up, lora_down = _engine_lora(lora_gate_up, "gate_up"), _engine_lora(lora_down, "down")
         if need_lora_grads:
             g_gu, g_d = _grad_buffers(lora_gate_up), _grad_buffers(lora_down)
         else:
@@ -176,13 +206,36 @@ class ExpertEngine:
 
 def _routing_to_cpu(ids: torch.Tensor, weights: torch.Tensor):
     """``top_k_index`` and ``top_k_weights`` as contiguous CPU tensors of dtypes the engine reads."""
+    ops.check_tensor(ids, "top_k_index")
+    ops.check_tensor(weights, "top_k_weights")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"top_k_index must hold integer expert ids (int64 or int32), got {ids.dtype}")
+    if not weights.dtype.is_floating_point:
+        raise TypeError(f"top_k_weights must be a floating-point tensor (float32 or bfloat16), got {weights.dtype}")
     ids = ids.detach().to("cpu")
     if ids.dtype not in (torch.int64, torch.int32):
         ids = ids.long()
     weights = weights.detach().to("cpu")
     if weights.dtype not in (torch.float32, torch.bfloat16):
         weights = weights.float()
-    return ids.contiguous(), weights.contiguous()
+    return _readable(ids.contiguous()), _readable(weights.contiguous())
+
+
+def _engine_lora(lora: ExpertLoRA | None, name: str) -> ExpertLoRA | None:
+    """``lora`` with B copied if its elements overlap (an expanded view: to a contiguous layout) or
+    are misaligned.
+
+    The engine writes dB with B's strides: through overlapping ones, experts would overwrite each
+    other's gradients (and autograd would then sum the survivor over the expanded dims).
+    """
+    if lora is None:
+        return None
+    if not isinstance(lora, ExpertLoRA):
+        raise TypeError(f"lora_{name} must be an ExpertLoRA(A, B, scale), got {type(lora).__name__}")
+    ops.check_tensor(lora.B, f"{name} LoRA B")
+    if ops.has_internal_overlap(lora.B) or lora.B.data_ptr() % lora.B.element_size():
+        return ExpertLoRA(lora.A, lora.B.detach().clone(memory_format=torch.contiguous_format), lora.scale)
+    return lora
 
 
 def _grad_buffers(lora: ExpertLoRA | None):

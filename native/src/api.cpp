@@ -3,11 +3,14 @@
 // return (guarded_or). Only entry points that cannot throw (constants, the message, delete) call
 // straight through. Nothing below this file sees an unchecked pointer or size.
 #include <algorithm>
+#include <array>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <mutex>
 #include <new>
+#include <utility>
 
 #include "cpu_features.h"
 #include "dispatch.h"
@@ -25,6 +28,31 @@ int64_t checked_product(int64_t a, int64_t b, int64_t c, const char *what) {
     KT_CHECK(a == 0 || b <= lim / a, "%s: size overflows", what);
     KT_CHECK(a * b == 0 || c <= lim / (a * b), "%s: size overflows", what);
     return a * b * c;
+}
+
+// A pointer the kernels dereference as T[] must be aligned for T (misaligned is undefined behaviour).
+template <typename T>
+bool aligned(const T *p) { return reinterpret_cast<uintptr_t>(p) % alignof(T) == 0; }
+
+template <typename T>
+void check_aligned(const T *p, const char *name) {
+    KT_CHECK(aligned(p), "%s pointer %p is not aligned to its %zu-byte elements", name, static_cast<const void *>(p),
+             alignof(T));
+}
+
+// Whether two indices of [E, out, r] with these strides may reach one element: taken by increasing
+// stride, each dim of size > 1 must step past the span of the smaller ones (strides >= 0, no overflow:
+// lora_view checked both).
+bool strides_overlap(const LoraView &v, int64_t E, int64_t out) {
+    std::array<std::pair<int64_t, int64_t>, 3> dims{{{v.se, E}, {v.so, out}, {v.sq, v.r}}};   // (stride, size)
+    std::sort(dims.begin(), dims.end());
+    int64_t span = 1;
+    for (const auto &[stride, size] : dims) {
+        if (size <= 1) continue;
+        if (stride < span) return true;
+        span += stride * (size - 1);
+    }
+    return false;
 }
 
 void check_experts(const kt_experts *ex) {
@@ -56,6 +84,12 @@ void check_call(CallInputs &in, const kt_experts *ex, const kt_routing *routing,
     in.lora_dn = lora_view(lora_down, ex->E, ex->H, ex->I, "down");
 }
 
+void check_saved_aligned(const kt_saved_activations &s) {
+    check_aligned(s.gate_up, "saved gate_up");
+    check_aligned(s.lora_gate_up, "saved lora_gate_up");
+    check_aligned(s.lora_down, "saved lora_down");
+}
+
 // Whether a projection's gradients ask for anything.
 bool wanted(const kt_lora_grad &g) { return g.dA || g.dB; }
 
@@ -67,10 +101,17 @@ LoraView lora_view(const kt_lora *l, int64_t E, int64_t out, int64_t in, const c
     KT_CHECK(l->rank >= 0 && l->rank <= 4096, "%s LoRA rank must be in [0, 4096], got %lld", name, (long long)l->rank);
     if (l->rank == 0) return v;
     KT_CHECK(l->A && l->B, "%s LoRA A or B pointer is NULL", name);
+    KT_CHECK(aligned(l->A) && aligned(l->B), "%s LoRA A or B pointer is not aligned to its 4-byte elements", name);
     KT_CHECK(l->B_stride_e >= 0 && l->B_stride_out >= 0 && l->B_stride_rank >= 0, "%s LoRA B strides must be >= 0", name);
     checked_product(E, l->rank, in, name);
-    const int64_t last = (E - 1) * l->B_stride_e + (out - 1) * l->B_stride_out + (l->rank - 1) * l->B_stride_rank;
-    KT_CHECK(last >= 0 && last < std::numeric_limits<int64_t>::max() / 8, "%s LoRA B strides overflow", name);
+    // The last element's offset, summed without overflow (each term and the sum stay below lim).
+    const int64_t lim = std::numeric_limits<int64_t>::max() / 8;
+    int64_t last = 0;
+    for (const int64_t term : {checked_product(E - 1, l->B_stride_e, 1, name), checked_product(out - 1, l->B_stride_out, 1, name),
+                               checked_product(l->rank - 1, l->B_stride_rank, 1, name)}) {
+        KT_CHECK(last <= lim - term, "%s LoRA B strides overflow", name);
+        last += term;
+    }
     v.A = l->A;
     v.B = l->B;
     v.r = l->rank;
@@ -160,6 +201,9 @@ KT_API kt_status kt_experts_load(kt_experts *ex, int64_t e, const uint16_t *gate
     return guarded([&] {
         check_expert_index(ex, e);
         KT_CHECK(gate_up && down, "gate_up or down pointer is NULL");
+        check_aligned(gate_up, "gate_up");
+        check_aligned(down, "down");
+        KT_CHECK(gate_up_ld <= (int64_t(1) << 40) && down_ld <= (int64_t(1) << 40), "row strides must be <= 2^40");
         KT_CHECK(gate_up_ld >= ex->H, "gate_up row stride %lld is smaller than hidden size %lld", (long long)gate_up_ld, (long long)ex->H);
         KT_CHECK(down_ld >= ex->I, "down row stride %lld is smaller than intermediate size %lld", (long long)down_ld, (long long)ex->I);
         pack_weight(ex->gate_up_mut(e), gate_up, gate_up_ld, 2 * ex->I, ex->H);
@@ -182,6 +226,8 @@ KT_API kt_status kt_experts_load_bias(kt_experts *ex, int64_t e, const float *ga
     return guarded([&] {
         check_expert_index(ex, e);
         KT_CHECK(gate_up_bias && down_bias, "gate_up_bias or down_bias pointer is NULL");
+        check_aligned(gate_up_bias, "gate_up_bias");
+        check_aligned(down_bias, "down_bias");
         if (!ex->has_bias) {
             const int64_t n = ex->E * (2 * ex->I + ex->H);
             ex->bias_base_ = ex->bias.get<float>(n);
@@ -198,6 +244,8 @@ KT_API kt_status kt_experts_unpack(const kt_experts *ex, int64_t e, uint16_t *ga
         check_expert_index(ex, e);
         KT_CHECK(ex->loaded[e], "expert %lld has no weights yet", (long long)e);
         KT_CHECK(gate_up && down, "gate_up or down pointer is NULL");
+        check_aligned(gate_up, "gate_up");
+        check_aligned(down, "down");
         unpack_weight(gate_up, ex->H, ex->gate_up(e), 2 * ex->I, ex->H);
         unpack_weight(down, ex->I, ex->down(e), ex->H, ex->I);
     });
@@ -217,6 +265,9 @@ KT_API kt_status kt_experts_forward(kt_experts *ex, uint16_t *y, const kt_saved_
         check_call(in, ex, routing, lora_gate_up, lora_down);
         const kt_saved_activations out = saved ? *saved : kt_saved_activations{};   // NULL: save nothing
         KT_CHECK(in.plan.T == 0 || (x && y), "x or y pointer is NULL");
+        check_aligned(x, "x");
+        check_aligned(y, "y");
+        check_saved_aligned(out);
         KT_CHECK(in.lora_gu.r > 0 || !out.lora_gate_up, "saved lora_gate_up must be NULL without a gate_up LoRA");
         KT_CHECK(in.lora_dn.r > 0 || !out.lora_down, "saved lora_down must be NULL without a down LoRA");
         if (in.plan.T == 0) return;
@@ -239,6 +290,20 @@ KT_API kt_status kt_experts_backward(kt_experts *ex, const kt_gradients *grads, 
         KT_CHECK(!wanted(g_gu) || in.lora_gu.r > 0, "gate_up LoRA gradients asked for without a gate_up LoRA");
         KT_CHECK(!wanted(g_dn) || in.lora_dn.r > 0, "down LoRA gradients asked for without a down LoRA");
         KT_CHECK(!rows || dy, "dy pointer is NULL");
+        check_aligned(dy, "dy");
+        check_aligned(x, "x");
+        check_aligned(grads->dx, "dx");
+        check_aligned(grads->dw, "dw");
+        check_saved_aligned(in_saved);
+        KT_CHECK(aligned(g_gu.dA) && aligned(g_gu.dB) && aligned(g_dn.dA) && aligned(g_dn.dB),
+                 "a LoRA dA or dB pointer is not aligned to its 4-byte elements");
+        // dB is written with B's strides: through overlapping ones experts would overwrite each other.
+        KT_CHECK(!g_gu.dB || !strides_overlap(in.lora_gu, ex->E, 2 * ex->I),
+                 "gate_up LoRA B strides overlap (an expanded view?); dB is written with B's strides, so give a B "
+                 "whose elements are distinct (e.g. contiguous)");
+        KT_CHECK(!g_dn.dB || !strides_overlap(in.lora_dn, ex->E, ex->H),
+                 "down LoRA B strides overlap (an expanded view?); dB is written with B's strides, so give a B "
+                 "whose elements are distinct (e.g. contiguous)");
         KT_CHECK(!rows || in_saved.gate_up,
                  "saved_gate_up (saved->gate_up) is NULL: the forward must save its activations for a backward");
         KT_CHECK(!rows || !g_gu.dA || x, "x is needed for the gate_up LoRA A gradient");

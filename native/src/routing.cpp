@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 
 #include "error.h"
@@ -34,6 +35,9 @@ void plan_routes(RoutePlan &plan, const kt_routing *r, int64_t E) {
              "routing weights must be float32 or bfloat16 (dtype code %d)", r->weights_dtype);
     const int64_t T = r->tokens, k = r->top_k, n = T * k;
     KT_CHECK(n == 0 || (r->ids && r->weights), "routing ids/weights pointer is NULL");
+    const uintptr_t id_align = r->ids_dtype == KT_DTYPE_INT64 ? 8 : 4, w_align = r->weights_dtype == KT_DTYPE_FP32 ? 4 : 2;
+    KT_CHECK(reinterpret_cast<uintptr_t>(r->ids) % id_align == 0 && reinterpret_cast<uintptr_t>(r->weights) % w_align == 0,
+             "routing ids/weights pointer is not aligned to its elements");
     plan.T = T; plan.k = k; plan.E = E;
     plan.offsets.assign(E + 2, 0);
     plan.weight.resize(n);
