@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .checkpointing import nbytes
 from .config import KTConfig
 from .containers import MoEBlock
 
@@ -49,17 +50,14 @@ class GPUBudget:
     layers: int
 
 
-def _param_bytes(params) -> int:
-    return sum(p.numel() * p.element_size() for p in params)
-
-
-def _expert_lora(block: MoEBlock) -> list[torch.Tensor]:
+def expert_lora_params(block: MoEBlock) -> list[torch.Tensor]:
+    """The LoRA A and B parameters of `block`'s expert `ParamWrapper`s."""
     return [p for w in block.wrappers for adapters in (w.lora_A, w.lora_B) for p in adapters.parameters()]
 
 
 def _expert_layer_bytes(block: MoEBlock) -> int:
-    frozen = _param_bytes(block.experts.parameters(recurse=False))
-    return frozen + TRAINABLE_BYTES * sum(p.numel() for p in _expert_lora(block))
+    frozen = nbytes(*block.experts.parameters(recurse=False))
+    return frozen + TRAINABLE_BYTES * sum(p.numel() for p in expert_lora_params(block))
 
 
 def activation_bytes(model: nn.Module, tokens: int, *, checkpointed: bool) -> int:
@@ -84,9 +82,9 @@ def gpu_budget(model: nn.Module, blocks: list[MoEBlock], config: KTConfig, *, to
     free, _ = torch.cuda.mem_get_info(device)
     capacity = free if config.max_gpu_memory_gb is None else min(free, int(config.max_gpu_memory_gb * 1e9))
     expert_params = {id(p) for b in blocks for p in b.experts.parameters(recurse=False)}
-    lora_params = {id(p) for b in blocks for p in _expert_lora(b)}
+    lora_params = {id(p) for b in blocks for p in expert_lora_params(b)}
     others = [p for p in model.parameters() if id(p) not in expert_params and id(p) not in lora_params]
-    reserved = (_param_bytes(others) + TRAINABLE_BYTES * sum(p.numel() for p in others if p.requires_grad)
+    reserved = (nbytes(*others) + TRAINABLE_BYTES * sum(p.numel() for p in others if p.requires_grad)
                 + activation_bytes(model, tokens, checkpointed=checkpointed) + int(MARGIN_FRACTION * capacity) + MARGIN_BYTES)
     per_layer = max(_expert_layer_bytes(blocks[0]), 1) if blocks else 1
     return GPUBudget(capacity, reserved, per_layer, max(0, (capacity - reserved) // per_layer))

@@ -13,14 +13,14 @@ import logging
 import torch
 from torch import nn
 
-from .checkpointing import activation_budgets
+from .checkpointing import activation_budgets, nbytes
 from .config import KTConfig
 from .containers import MoEBlock, find_decoder_layers, find_moe_blocks, unwrap_model
 from .distributed import ignore_in_ddp, pin_to_rank_cores
 from .experts import KT_IMPLEMENTATION, EngineRunner, register_experts_implementation
 from .layouts import EXPERT_PARAMETERS, ExpertLayout, check_experts_module, match_layout
 from .lora import bind_expert_lora, requested_expert_lora
-from .placement import gpu_layers
+from .placement import expert_lora_params, gpu_layers
 from .progress import progress_bar
 from .report import RoutingReport, adapter_groups
 from .staging import HostStaging
@@ -250,7 +250,7 @@ def _build_report(model, base, blocks, layout, config, *, on_device: list[MoEBlo
     from ._native import runtime_info
 
     info = runtime_info()
-    on_cpu = {id(p) for b in blocks for w in b.wrappers for adapters in (w.lora_A, w.lora_B) for p in adapters.parameters()}
+    on_cpu = {id(p) for b in blocks for p in expert_lora_params(b)}
     expert_lora = tuple((name, p.numel()) for name, p in model.named_parameters() if p.requires_grad and id(p) in on_cpu)
     params = list(model.parameters())
     adapters, untrained = adapter_groups(model, layout)
@@ -268,5 +268,5 @@ def _build_report(model, base, blocks, layout, config, *, on_device: list[MoEBlo
         total_parameters=sum(p.numel() for p in params),
         reuse_checkpointed_activations=config.reuse_checkpointed_activations,
         gpu_layers=tuple(b.index for b in on_device),
-        gpu_expert_bytes=sum(p.numel() * p.element_size() for b in on_device for p in b.experts.parameters(recurse=False)),
+        gpu_expert_bytes=nbytes(*(p for b in on_device for p in b.experts.parameters(recurse=False))),
     )
