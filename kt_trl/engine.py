@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ._native import ensure_configured, ops
+from .formats import CODE_DTYPES, FP8_BLOCK_K, QuantizedWeight, quantize
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,14 @@ class ExpertEngine:
         alpha, limit (`float`, *optional*): parameters of ``"clamped_swiglu"``.
         gate_up_bias (`torch.Tensor`, *optional*): ``[E, 2I]`` (gate then up), frozen.
         down_bias (`torch.Tensor`, *optional*): ``[E, H]``, frozen.
+        format (`str`, *optional*, defaults to `"bf16"`): how the engine stores the frozen weights:
+            ``"bf16"``, ``"fp8"`` (E4M3, one scale per row and `block_k` values) or ``"int8"`` (one
+            scale per row); see `kt_trl.formats`. The 8-bit ones hold half the bytes and compute
+            exactly what a BF16 engine computes on their dequantized weights.
+        block_k (`int`, *optional*): values per scale along K for ``"fp8"`` (default 128; a multiple
+            of 16) and ``"int8"`` (default 0: one per row).
 
-    The weights are converted to bfloat16 and packed expert by expert; the caller may free its
+    The weights are converted to the format and packed expert by expert; the caller may free its
     tensors afterwards.
 
     Example:
@@ -82,7 +89,7 @@ class ExpertEngine:
 
     def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, *, activation: str = "silu", alpha: float = 1.702,
                  limit: float = 7.0, gate_up_bias: torch.Tensor | None = None,
-                 down_bias: torch.Tensor | None = None):
+                 down_bias: torch.Tensor | None = None, format: str = "bf16", block_k: int | None = None):
         ops.check_tensor(gate_up, "gate_up")
         ops.check_tensor(down, "down")
         if gate_up.dim() != 3 or down.dim() != 3:
@@ -100,7 +107,7 @@ class ExpertEngine:
                 if tuple(bias.shape) != shape:
                     raise ValueError(f"{name} must have shape {list(shape)} {dims} for gate_up {list(gate_up.shape)}, "
                                      f"got {list(bias.shape)}")
-        self._allocate(E, H, two_i // 2)
+        self._allocate(E, H, two_i // 2, format, block_k)
         ops.experts_set_activation(self._handle, activation, alpha, limit)
         for e in range(E):
             self.load_expert(e, gate_up[e], down[e])
@@ -110,17 +117,19 @@ class ExpertEngine:
 
     @classmethod
     def from_experts(cls, num_experts: int, hidden_size: int, intermediate_size: int, experts, *,
-                     activation: str = "silu", alpha: float = 1.702, limit: float = 7.0) -> "ExpertEngine":
+                     activation: str = "silu", alpha: float = 1.702, limit: float = 7.0, format: str = "bf16",
+                     block_k: int | None = None) -> "ExpertEngine":
         """Builds an engine expert by expert, never holding the whole layer in another copy.
 
         Args:
             experts (`Iterable[tuple]`): ``(gate_up [2I, H], down [H, I])`` for expert 0, 1, ... (any
-                float dtype, CPU, unit column stride for no copy), or with the expert's biases
-                ``(gate_up, down, gate_up_bias [2I], down_bias [H])``.
-            activation, alpha, limit: as for the constructor.
+                float dtype, CPU, unit column stride for no copy; or two `QuantizedWeight`s of the
+                engine's format), or with the expert's biases ``(gate_up, down, gate_up_bias [2I],
+                down_bias [H])``.
+            activation, alpha, limit, format, block_k: as for the constructor.
         """
         engine = cls.__new__(cls)
-        engine._allocate(num_experts, hidden_size, intermediate_size)
+        engine._allocate(num_experts, hidden_size, intermediate_size, format, block_k)
         ops.experts_set_activation(engine._handle, activation, alpha, limit)
         count = 0
         for e, weights in enumerate(experts):
@@ -137,10 +146,16 @@ class ExpertEngine:
             raise ValueError(f"{count} experts were given, expected num_experts={num_experts}")
         return engine
 
-    def _allocate(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+    def _allocate(self, num_experts: int, hidden_size: int, intermediate_size: int, format: str,
+                  block_k: int | None) -> None:
         ensure_configured()
+        if format not in ops.FORMAT_CONSTANTS:
+            raise ValueError(f"format must be one of {sorted(ops.FORMAT_CONSTANTS)}, got {format!r}")
+        if block_k is None:
+            block_k = FP8_BLOCK_K if format == "fp8" else 0
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
-        self._handle = ops.experts_create(num_experts, hidden_size, intermediate_size)
+        self.format, self.block_k = format, block_k
+        self._handle = ops.experts_create(num_experts, hidden_size, intermediate_size, format, block_k)
 
     @property
     def dims(self) -> tuple[int, int, int]:
@@ -150,10 +165,27 @@ class ExpertEngine:
     def packed_bytes(self) -> int:
         return ops.experts_packed_bytes(self._handle)
 
-    def load_expert(self, expert: int, gate_up: torch.Tensor, down: torch.Tensor) -> None:
-        """(Re)packs one expert from ``gate_up [2I, H]`` and ``down [H, I]``."""
-        ops.experts_load(self._handle, expert, _as_cpu(gate_up, torch.bfloat16, "gate_up"),
-                         _as_cpu(down, torch.bfloat16, "down"), self.hidden_size, self.intermediate_size)
+    def load_expert(self, expert: int, gate_up, down) -> None:
+        """(Re)packs one expert from ``gate_up [2I, H]`` and ``down [H, I]``: tensors (rounded to BF16,
+        then quantized for an 8-bit engine) or `QuantizedWeight`s of the engine's format."""
+        quantized = [isinstance(w, QuantizedWeight) for w in (gate_up, down)]
+        if self.format == "bf16":
+            if any(quantized):
+                raise TypeError("this engine stores BF16 weights; give gate_up and down as tensors (QuantizedWeight."
+                                "dequantize() gives them), or build the engine with format='fp8' / 'int8'")
+            ops.experts_load(self._handle, expert, _as_cpu(gate_up, torch.bfloat16, "gate_up"),
+                             _as_cpu(down, torch.bfloat16, "down"), self.hidden_size, self.intermediate_size)
+            return
+        weights = []
+        for w, is_q, name in zip((gate_up, down), quantized, ("gate_up", "down")):
+            if not is_q:
+                w = quantize(_as_cpu(w, torch.bfloat16, name), self.format, self.block_k)
+            elif w.codes.dtype != CODE_DTYPES[self.format]:
+                raise TypeError(f"{name} codes of expert {expert} are {w.codes.dtype}; this {self.format} engine takes "
+                                f"{CODE_DTYPES[self.format]}")
+            weights.append(QuantizedWeight(_readable(w.codes.detach().cpu()), w.scales.detach().cpu().float()
+                                           .contiguous(), w.block_k))
+        ops.experts_load_8bit(self._handle, expert, *weights, self.hidden_size, self.intermediate_size, self.block_k)
 
     def load_bias(self, expert: int, gate_up_bias: torch.Tensor, down_bias: torch.Tensor) -> None:
         """Frozen biases of one expert: ``gate_up_bias [2I]`` (gate then up), ``down_bias [H]``."""
@@ -162,7 +194,8 @@ class ExpertEngine:
                               self.intermediate_size)
 
     def unpack(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The packed weights back in the HF layout: ``gate_up [E, 2I, H]``, ``down [E, H, I]`` (bf16)."""
+        """The packed weights back in the HF layout: ``gate_up [E, 2I, H]``, ``down [E, H, I]`` (bf16; for an
+        8-bit engine the dequantized values it computes with)."""
         parts = [ops.experts_unpack(self._handle, e, self.hidden_size, self.intermediate_size)
                  for e in range(self.num_experts)]
         return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])

@@ -17,7 +17,10 @@ from . import isa as isa_mod
 from .errors import check
 from .ffi import load
 
-_CTYPES = {torch.bfloat16: "uint16_t *", torch.float32: "float *", torch.int64: "int64_t *", torch.int32: "int32_t *"}
+_CTYPES = {torch.bfloat16: "uint16_t *", torch.float32: "float *", torch.int64: "int64_t *", torch.int32: "int32_t *",
+           torch.float8_e4m3fn: "uint8_t *", torch.int8: "uint8_t *"}
+# The KT_FORMAT_* constant of each storage format of the frozen weights, and its 8-bit code dtype.
+FORMAT_CONSTANTS = {"bf16": "KT_FORMAT_BF16", "fp8": "KT_FORMAT_FP8_E4M3", "int8": "KT_FORMAT_INT8"}
 # The KT_DTYPE_* constant of each dtype the engine reads (routing ids and weights).
 DTYPE_CONSTANTS = {torch.float32: "KT_DTYPE_FP32", torch.bfloat16: "KT_DTYPE_BF16", torch.int32: "KT_DTYPE_INT32",
                    torch.int64: "KT_DTYPE_INT64"}
@@ -193,13 +196,17 @@ def cpu_info() -> dict:
 _HANDLE_DIMS: dict[int, tuple[int, int, int]] = {}
 
 
-def experts_create(num_experts: int, hidden: int, intermediate: int):
-    """A ``kt_experts`` handle, destroyed when garbage-collected."""
+def experts_create(num_experts: int, hidden: int, intermediate: int, format: str = "bf16", block_k: int = 0):
+    """A ``kt_experts`` handle storing the weights in ``format`` (a key of `FORMAT_CONSTANTS`),
+    destroyed when garbage-collected."""
     ffi, lib = load()
     dims = (_as_int(num_experts, "num_experts"), _as_int(hidden, "hidden size"),
             _as_int(intermediate, "intermediate size"))
+    if format not in FORMAT_CONSTANTS:
+        raise ValueError(f"unknown weight format {format!r}; use one of {sorted(FORMAT_CONSTANTS)}")
     out = ffi.new("kt_experts **")
-    check(lib, ffi, lib.kt_experts_create(out, *dims), "kt_experts_create")
+    status = lib.kt_experts_create(out, *dims, getattr(lib, FORMAT_CONSTANTS[format]), _as_int(block_k, "block_k"))
+    check(lib, ffi, status, "kt_experts_create")
     address = int(ffi.cast("uintptr_t", out[0]))
     _HANDLE_DIMS[address] = dims
 
@@ -239,6 +246,30 @@ def experts_load(handle, expert: int, gate_up: torch.Tensor, down: torch.Tensor,
     status = lib.kt_experts_load(handle, expert, ffi.cast("uint16_t *", gate_up.data_ptr()), gate_up.stride(0),
                                  ffi.cast("uint16_t *", down.data_ptr()), down.stride(0))
     check(lib, ffi, status, "kt_experts_load")
+
+
+def experts_load_8bit(handle, expert: int, gate_up, down, hidden: int, intermediate: int, block_k: int) -> None:
+    """Packs one expert of an 8-bit engine from two `QuantizedWeight`s (``codes`` float8_e4m3fn or int8
+    with unit column stride, ``scales [N, ceil(K / block_k)]`` float32 contiguous)."""
+    ffi, lib = load()
+    handle_dims(handle, None, hidden, intermediate)
+    expert = _as_int(expert, "expert")
+    args = []
+    for q, name, (N, K) in ((gate_up, "gate_up", (2 * intermediate, hidden)), (down, "down", (hidden, intermediate))):
+        check_tensor(q.codes, f"{name} codes")
+        if q.codes.dim() != 2 or q.codes.stride(1) != 1:
+            raise ValueError(f"{name} codes of expert {expert} must be a 2-D tensor with unit column stride, got "
+                             f"shape {list(q.codes.shape)} strides {q.codes.stride()}; pass a .contiguous() copy")
+        if q.block_k != block_k:
+            raise ValueError(f"{name} of expert {expert} has scales per {q.block_k or 'row'} values; this engine keeps "
+                             f"one per {block_k or 'row'}")
+        if q.codes.dtype not in (torch.float8_e4m3fn, torch.int8):
+            raise TypeError(f"{name} codes must be float8_e4m3fn or int8, got {q.codes.dtype}")
+        codes = as_ptr(q.codes, dtype=q.codes.dtype, shape=(N, K), name=f"{name} codes", contiguous=False)
+        blocks = 1 if block_k == 0 else -(-K // block_k)
+        scales = as_ptr(q.scales, dtype=torch.float32, shape=(N, blocks), name=f"{name} scales")
+        args += [codes, q.codes.stride(0), scales]
+    check(lib, ffi, lib.kt_experts_load_8bit(handle, expert, *args), "kt_experts_load_8bit")
 
 
 def experts_set_activation(handle, activation: str, alpha: float, limit: float) -> None:

@@ -28,7 +28,7 @@ extern "C" {
 typedef int32_t kt_status;
 
 enum {
-    KT_ABI_VERSION = 4
+    KT_ABI_VERSION = 5
 };
 
 enum {
@@ -68,6 +68,17 @@ enum {
     KT_DTYPE_BF16 = 1,
     KT_DTYPE_INT32 = 2,
     KT_DTYPE_INT64 = 3
+};
+
+/* Storage formats of the frozen expert weights (kt_experts_create). The 8-bit ones hold a code
+ * per weight and FP32 scales, one per row and block of block_k values along K:
+ *   W[n][k] = bf16(value(code[n][k]) * scale[n][k / block_k])   (FP32 product, rounded once)
+ * value() is FP8 E4M3 (torch.float8_e4m3fn; the NaN codes 0x7F, 0xFF are refused) or INT8. The
+ * engine computes exactly what it computes on those BF16 weights, reading half the bytes. */
+enum {
+    KT_FORMAT_BF16 = 0,
+    KT_FORMAT_FP8_E4M3 = 1,
+    KT_FORMAT_INT8 = 2
 };
 
 /* Top-k routing of T tokens: ids [T, k] (INT64 or INT32), weights [T, k] (FP32 or BF16). */
@@ -173,17 +184,27 @@ kt_status kt_host_alloc(void **out, int64_t bytes);
 void kt_host_free(void *block);
 int64_t kt_host_cached_bytes(void);
 
-/* Engine for one layer's experts. Weights are packed expert by expert from any row-strided BF16
- * source: gate_up_e [2I, H] with row stride gate_up_ld, down_e [H, I] with row stride down_ld. */
-kt_status kt_experts_create(kt_experts **out, int64_t num_experts, int64_t hidden, int64_t intermediate);
+/* Engine for one layer's experts, storing the frozen weights in `format` (KT_FORMAT_*); block_k
+ * is the 8-bit formats' K values per scale (0 = one scale per row, else a multiple of 16) and
+ * must be 0 for BF16. Weights are packed expert by expert from any row-strided source:
+ * gate_up_e [2I, H] with row stride gate_up_ld, down_e [H, I] with row stride down_ld; BF16
+ * values with kt_experts_load, 8-bit codes with kt_experts_load_8bit and their scales
+ * gate_up_scales [2I, ceil(H / block_k)], down_scales [H, ceil(I / block_k)] (contiguous FP32;
+ * one column when block_k = 0). */
+kt_status kt_experts_create(kt_experts **out, int64_t num_experts, int64_t hidden, int64_t intermediate,
+                            int32_t format, int64_t block_k);
 void kt_experts_destroy(kt_experts *experts);
 kt_status kt_experts_load(kt_experts *experts, int64_t expert, const uint16_t *gate_up,
                           int64_t gate_up_ld, const uint16_t *down, int64_t down_ld);
+kt_status kt_experts_load_8bit(kt_experts *experts, int64_t expert, const uint8_t *gate_up, int64_t gate_up_ld,
+                               const float *gate_up_scales, const uint8_t *down, int64_t down_ld,
+                               const float *down_scales);
 /* Optional: the activation (default KT_ACT_SILU) and frozen FP32 biases, added to gate_up
  * ([2I], gate then up) and down ([H]) outputs; experts whose biases were never loaded have zeros. */
 kt_status kt_experts_set_activation(kt_experts *experts, int32_t kind, float alpha, float limit);
 kt_status kt_experts_load_bias(kt_experts *experts, int64_t expert, const float *gate_up_bias, const float *down_bias);
-/* The packed weights of one expert back in the layout of kt_experts_load (contiguous rows). */
+/* The packed weights of one expert back in the layout of kt_experts_load (contiguous BF16 rows;
+ * for an 8-bit format the dequantized values the engine computes with). */
 kt_status kt_experts_unpack(const kt_experts *experts, int64_t expert, uint16_t *gate_up, uint16_t *down);
 int64_t kt_experts_packed_bytes(const kt_experts *experts);
 

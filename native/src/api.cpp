@@ -6,6 +6,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <limits>
 #include <mutex>
@@ -165,13 +166,19 @@ KT_API void kt_profile_read(double *ms, int32_t reset) {
     });
 }
 
-KT_API kt_status kt_experts_create(kt_experts **out, int64_t E, int64_t H, int64_t I) {
+KT_API kt_status kt_experts_create(kt_experts **out, int64_t E, int64_t H, int64_t I, int32_t format, int64_t block_k) {
     return guarded([&] {
         KT_CHECK(out != nullptr, "output handle pointer is NULL");
         *out = nullptr;
         KT_CHECK(E >= 1 && E <= 65536, "num_experts must be in [1, 65536], got %lld", (long long)E);
         KT_CHECK(H >= 1 && H <= (1 << 20), "hidden size must be in [1, 2^20], got %lld", (long long)H);
         KT_CHECK(I >= 1 && I <= (1 << 20), "intermediate size must be in [1, 2^20], got %lld", (long long)I);
+        KT_CHECK(format == KT_FORMAT_BF16 || format == KT_FORMAT_FP8_E4M3 || format == KT_FORMAT_INT8,
+                 "unknown weight format %d (KT_FORMAT_BF16, KT_FORMAT_FP8_E4M3 or KT_FORMAT_INT8)", format);
+        KT_CHECK(format != KT_FORMAT_BF16 || block_k == 0, "block_k must be 0 for BF16 weights, got %lld",
+                 (long long)block_k);
+        KT_CHECK(block_k == 0 || (block_k > 0 && block_k % 16 == 0 && block_k <= (1 << 20)),
+                 "block_k must be 0 (one scale per row) or a positive multiple of 16, got %lld", (long long)block_k);
         auto ex = new kt_experts();
         try {
             ex->E = E; ex->H = H; ex->I = I;
@@ -181,10 +188,12 @@ KT_API kt_status kt_experts_create(kt_experts **out, int64_t E, int64_t H, int64
             ex->ldx = ex->Hp + kKAlign;
             ex->ldh = ex->Ip + kKAlign;
             ex->ldgu = ex->GUp + kKAlign;
-            ex->gu_elems = packed_elems(2 * I, H);
-            ex->d_elems = packed_elems(H, I);
-            const int64_t total = checked_product(E, ex->gu_elems + ex->d_elems, 1, "packed experts");
-            ex->base_ = ex->packed.get<uint16_t>(total);
+            ex->format = format;
+            ex->block_k = block_k;
+            ex->gu_layout = WeightLayout(format, 2 * I, H, block_k);
+            ex->d_layout = WeightLayout(format, H, I, block_k);
+            ex->expert_bytes = ex->gu_layout.bytes() + ex->d_layout.bytes();
+            ex->base_ = ex->packed.get<uint8_t>(checked_product(E, ex->expert_bytes, 1, "packed experts"));
             ex->loaded.assign(E, 0);
         } catch (...) {
             delete ex;
@@ -196,18 +205,52 @@ KT_API kt_status kt_experts_create(kt_experts **out, int64_t E, int64_t H, int64
 
 KT_API void kt_experts_destroy(kt_experts *ex) { delete ex; }
 
+namespace {
+
+// The checks of both loads: expert index, pointers, row strides.
+void check_load(const kt_experts *ex, int64_t e, const void *gate_up, int64_t gate_up_ld, const void *down,
+                int64_t down_ld) {
+    check_expert_index(ex, e);
+    KT_CHECK(gate_up && down, "gate_up or down pointer is NULL");
+    KT_CHECK(gate_up_ld <= (int64_t(1) << 40) && down_ld <= (int64_t(1) << 40), "row strides must be <= 2^40");
+    KT_CHECK(gate_up_ld >= ex->H, "gate_up row stride %lld is smaller than hidden size %lld", (long long)gate_up_ld, (long long)ex->H);
+    KT_CHECK(down_ld >= ex->I, "down row stride %lld is smaller than intermediate size %lld", (long long)down_ld, (long long)ex->I);
+}
+
+const char *format_name(int32_t format) {
+    return format == KT_FORMAT_FP8_E4M3 ? "FP8 E4M3" : format == KT_FORMAT_INT8 ? "INT8" : "BF16";
+}
+
+}  // namespace
+
 KT_API kt_status kt_experts_load(kt_experts *ex, int64_t e, const uint16_t *gate_up, int64_t gate_up_ld,
                                  const uint16_t *down, int64_t down_ld) {
     return guarded([&] {
-        check_expert_index(ex, e);
-        KT_CHECK(gate_up && down, "gate_up or down pointer is NULL");
+        check_load(ex, e, gate_up, gate_up_ld, down, down_ld);
+        KT_CHECK(ex->format == KT_FORMAT_BF16, "this engine stores %s weights: load codes and scales with "
+                 "kt_experts_load_8bit", format_name(ex->format));
         check_aligned(gate_up, "gate_up");
         check_aligned(down, "down");
-        KT_CHECK(gate_up_ld <= (int64_t(1) << 40) && down_ld <= (int64_t(1) << 40), "row strides must be <= 2^40");
-        KT_CHECK(gate_up_ld >= ex->H, "gate_up row stride %lld is smaller than hidden size %lld", (long long)gate_up_ld, (long long)ex->H);
-        KT_CHECK(down_ld >= ex->I, "down row stride %lld is smaller than intermediate size %lld", (long long)down_ld, (long long)ex->I);
-        pack_weight(ex->gate_up_mut(e), gate_up, gate_up_ld, 2 * ex->I, ex->H);
-        pack_weight(ex->down_mut(e), down, down_ld, ex->H, ex->I);
+        pack_bf16(ex->gate_up(e), gate_up, gate_up_ld);
+        pack_bf16(ex->down(e), down, down_ld);
+        ex->loaded[e] = 1;
+    });
+}
+
+KT_API kt_status kt_experts_load_8bit(kt_experts *ex, int64_t e, const uint8_t *gate_up, int64_t gate_up_ld,
+                                      const float *gate_up_scales, const uint8_t *down, int64_t down_ld,
+                                      const float *down_scales) {
+    return guarded([&] {
+        check_load(ex, e, gate_up, gate_up_ld, down, down_ld);
+        KT_CHECK(ex->format != KT_FORMAT_BF16, "this engine stores BF16 weights: load them with kt_experts_load");
+        KT_CHECK(gate_up_scales && down_scales, "gate_up_scales or down_scales pointer is NULL");
+        check_aligned(gate_up_scales, "gate_up_scales");
+        check_aligned(down_scales, "down_scales");
+        char what[64];
+        std::snprintf(what, sizeof what, "expert %lld gate_up", (long long)e);
+        pack_8bit(ex->gate_up(e), gate_up, gate_up_ld, gate_up_scales, what);
+        std::snprintf(what, sizeof what, "expert %lld down", (long long)e);
+        pack_8bit(ex->down(e), down, down_ld, down_scales, what);
         ex->loaded[e] = 1;
     });
 }
@@ -246,13 +289,13 @@ KT_API kt_status kt_experts_unpack(const kt_experts *ex, int64_t e, uint16_t *ga
         KT_CHECK(gate_up && down, "gate_up or down pointer is NULL");
         check_aligned(gate_up, "gate_up");
         check_aligned(down, "down");
-        unpack_weight(gate_up, ex->H, ex->gate_up(e), 2 * ex->I, ex->H);
-        unpack_weight(down, ex->I, ex->down(e), ex->H, ex->I);
+        unpack(gate_up, ex->H, ex->gate_up(e));
+        unpack(down, ex->I, ex->down(e));
     });
 }
 
 KT_API int64_t kt_experts_packed_bytes(const kt_experts *ex) {
-    return ex ? ex->E * (ex->gu_elems + ex->d_elems) * static_cast<int64_t>(sizeof(uint16_t)) : 0;
+    return ex ? ex->E * ex->expert_bytes : 0;
 }
 
 KT_API kt_status kt_experts_forward(kt_experts *ex, uint16_t *y, const kt_saved_activations *saved,

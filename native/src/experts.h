@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "packed_weight.h"
 #include "kernels.h"
 #include "pack.h"
 #include "workspace.h"
@@ -17,9 +18,11 @@ struct kt_experts {
     // because a stride that is a multiple of 4 KiB maps all 16 rows of an AMX A tile (or a
     // register block) to one L1 set.
     int64_t ldx = 0, ldh = 0, ldgu = 0;
-    int64_t gu_elems = 0;  // packed [2I, H] per expert
-    int64_t d_elems = 0;   // packed [H, I] per expert
-    kt::Buffer packed;     // E x (gate_up panels, down panels), BF16
+    int32_t format = 0;    // KT_FORMAT_*: how the frozen weights are stored (formats.h)
+    int64_t block_k = 0;   // 8-bit formats: K values per scale (0 = one scale per row)
+    kt::WeightLayout gu_layout, d_layout;   // gate_up [2I, H] and down [H, I] of one expert
+    int64_t expert_bytes = 0;               // both projections of one expert, 64-byte aligned
+    kt::Buffer packed;     // E x (gate_up, down) in expert_bytes each
     kt::Activation act;
     kt::Buffer bias;       // FP32 [E, 2I] gate_up then [E, H] down, when has_bias
     bool has_bias = false;
@@ -27,11 +30,8 @@ struct kt_experts {
     const float *bias_down(int64_t e) const { return bias_base_ + E * 2 * I + e * H; }
     float *bias_base_ = nullptr;
     std::vector<uint8_t> loaded;
+    uint8_t *base_ = nullptr;
 
-    const uint16_t *gate_up(int64_t e) const { return base() + e * (gu_elems + d_elems); }
-    const uint16_t *down(int64_t e) const { return gate_up(e) + gu_elems; }
-    uint16_t *gate_up_mut(int64_t e) { return const_cast<uint16_t *>(gate_up(e)); }
-    uint16_t *down_mut(int64_t e) { return const_cast<uint16_t *>(down(e)); }
-    const uint16_t *base() const { return base_; }
-    uint16_t *base_ = nullptr;
+    kt::PackedWeight gate_up(int64_t e) const { return gu_layout.at(base_ + e * expert_bytes); }
+    kt::PackedWeight down(int64_t e) const { return d_layout.at(base_ + e * expert_bytes + gu_layout.bytes()); }
 };

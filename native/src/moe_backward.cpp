@@ -12,7 +12,8 @@
 //               LoRA: TY = dY B_d                                                  (row chunks)
 //   2. G        G [Nr, Ip] FP32 = dYs W_d (+ s TY A_d)                               (expert x col block)
 //               W_d is packed for y = h W_d^T, so each item transposes its columns of W_d
-//               into per-thread panels (pack_transposed_block): no second weight copy is kept.
+//               into per-thread panels (pack_transposed_block, decoding 8-bit weights on the
+//               way): no second weight copy is kept.
 //   3. act'     dw, dGU [Nr, GUp] BF16; TG = dGU B_gu; LoRA gradients of both
 //               projections from the same rows                                       (per expert)
 //   4. dX       DX [T*k, H] FP32 = dGU W_gu (+ s TG A_gu), transposed panels again   (expert x col block)
@@ -89,7 +90,7 @@ void transposed_stage(const kt_experts &ex, const RoutePlan &plan, bool is_down,
                       const std::function<void(int64_t row, int64_t c0, int64_t valid, const float *t)> &store) {
     const Kernels &K = *runtime().kernels;
     const int64_t N = round_up(out_n, 16);
-    const int64_t wN = is_down ? ex.H : 2 * ex.I, wK = is_down ? ex.I : ex.H;   // the packed weight [wN, wK]
+    const int64_t wN = is_down ? ex.H : 2 * ex.I;   // the packed weight is [wN, wK]
     const int64_t Rp = round_up(wN, kKAlign);
     const int64_t block = col_block(Rp);
     const BlockItems items = block_items(plan, N, block);
@@ -98,7 +99,7 @@ void transposed_stage(const kt_experts &ex, const RoutePlan &plan, bool is_down,
         const int64_t r0 = plan.offsets[e], rows = plan.count(e), valid = std::min(cn, out_n - c0);
         ThreadScratch &ts = workspace().threads[w];
         uint16_t *panels = ts.panels.get<uint16_t>(Rp * block);
-        pack_transposed_block(panels, is_down ? ex.down(e) : ex.gate_up(e), wN, wK, c0, cn, K.transpose_block);
+        pack_transposed_block(panels, is_down ? ex.down(e) : ex.gate_up(e), c0, cn, K);
         float *tile = ts.tile.get<float>(kRowBlock * kMaxColBlock);
         for (int64_t m = 0; m < rows; m += kRowBlock) {
             const int64_t mr = std::min(kRowBlock, rows - m);

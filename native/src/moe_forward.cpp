@@ -10,8 +10,8 @@
 //   4. down     D [T*k, H] FP32 = Hs W_d^T (+ s LH Bt_d), one row per route          (expert x col block)
 //   5. combine  y[t] = sum_j w[t,j] D[t*k+j], rounded once to BF16                    (token chunks)
 // Differences from the obvious version: work items are (expert, column block), largest experts
-// first, so a column block of an expert's weights is read once from DRAM and reused from L2 by
-// all its tokens (K-sliced, driver.h); expert outputs go to per-route rows and are summed over j in a fixed order, so
+// first, so a column block of an expert's weights is read once from DRAM (and for 8-bit weights
+// decoded once to BF16) and reused from L2 by all its tokens (K-sliced, driver.h); expert outputs go to per-route rows and are summed over j in a fixed order, so
 // results do not depend on the thread count; what backward needs (GU, LX, LH) is written to
 // caller-owned buffers instead of a hidden cache.
 #include <cstring>
@@ -99,8 +99,10 @@ void gate_up_stage(const kt_experts &ex, const ForwardScratch &s, const RoutePla
     ThreadPool::run(items.size(), [&](int64_t i, int w) {
         const int64_t e = items.expert[i], c0 = items.col0[i], cn = items.cols[i];
         const int64_t r0 = plan.offsets[e];
-        float *tile = workspace().threads[w].tile.get<float>(kRowBlock * kMaxColBlock);
-        gemm_item(K, tile, s.xs + r0 * ex.ldx, ex.ldx, ex.gate_up(e) + (c0 / 16) * ex.Hp * 16, ex.Hp, plan.count(e),
+        ThreadScratch &ts = workspace().threads[w];
+        float *tile = ts.tile.get<float>(kRowBlock * kMaxColBlock);
+        gemm_item(K, tile, s.xs + r0 * ex.ldx, ex.ldx, bf16_panels(ex.gate_up(e), c0, cn, ts.decoded, K), ex.Hp,
+                  plan.count(e),
                   cn, s.lx + r0 * lora_gu.r, lora_gu.r, s.bt_gu + e * lora_gu.r * N + c0, N, lora_gu.scale,
                   [&](int64_t m, int64_t mr, float *t) {
                       const int64_t valid = std::min(cn, 2 * ex.I - c0);
@@ -145,8 +147,10 @@ void down_stage(const kt_experts &ex, const ForwardScratch &s, const RoutePlan &
     ThreadPool::run(items.size(), [&](int64_t i, int w) {
         const int64_t e = items.expert[i], c0 = items.col0[i], cn = items.cols[i];
         const int64_t r0 = plan.offsets[e], valid = std::min(cn, ex.H - c0);
-        float *tile = workspace().threads[w].tile.get<float>(kRowBlock * kMaxColBlock);
-        gemm_item(K, tile, s.hs + r0 * ex.ldh, ex.ldh, ex.down(e) + (c0 / 16) * ex.Ip * 16, ex.Ip, plan.count(e),
+        ThreadScratch &ts = workspace().threads[w];
+        float *tile = ts.tile.get<float>(kRowBlock * kMaxColBlock);
+        gemm_item(K, tile, s.hs + r0 * ex.ldh, ex.ldh, bf16_panels(ex.down(e), c0, cn, ts.decoded, K), ex.Ip,
+                  plan.count(e),
                   cn, s.lh + r0 * lora_dn.r, lora_dn.r, s.bt_d + e * lora_dn.r * N + c0, N, lora_dn.scale,
                   [&](int64_t m, int64_t mr, float *t) {
                       if (ex.has_bias) add_bias(t, cn, mr, valid, ex.bias_down(e) + c0);

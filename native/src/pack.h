@@ -19,8 +19,6 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "kernels.h"
-
 namespace kt {
 
 constexpr int64_t kPanelCols = 16;   // output columns per panel
@@ -34,17 +32,12 @@ inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 // Element count of a packed [N, K] weight.
 inline int64_t packed_elems(int64_t N, int64_t K) { return round_up(N, kPanelCols) * round_up(K, kKAlign); }
 
-// Packs W [N, K] (row stride ld, BF16) into dst (packed_elems(N, K) values).
-void pack_weight(uint16_t *dst, const uint16_t *W, int64_t ld, int64_t N, int64_t K);
+// Packs W [N, K] (row stride ld) into dst (packed_elems(N, K) values): BF16 values, or the
+// one-byte codes of an 8-bit format (packed_weight.h) in the same positions.
+template <typename T>
+void pack_weight(T *dst, const T *W, int64_t ld, int64_t N, int64_t K);
 
 // Inverse of pack_weight: writes W [N, K] with row stride ld.
 void unpack_weight(uint16_t *W, int64_t ld, const uint16_t *src, int64_t N, int64_t K);
-
-// The transposed view, for dX = dY W: builds packed panels of W^T restricted to the K-columns
-// [k0, k0 + kn) of W (kn % 16 == 0 after padding), i.e. a packed [kn, Np] weight whose reduction
-// dimension is W's N. dst holds (kn / 16) panels of round_up(Np, 32) * 16 values.
-// Rows of W past N (padding up to the next multiple of 32) are zero.
-void pack_transposed_block(uint16_t *dst, const uint16_t *src, int64_t N, int64_t K, int64_t k0, int64_t kn,
-                           TransposeBlockFn transpose);
 
 }  // namespace kt

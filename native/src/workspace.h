@@ -31,6 +31,7 @@ private:
 struct ThreadScratch {
     Buffer tile;       // FP32 [rows, 64] GEMM output block
     Buffer panels;     // BF16 transposed weight panels of one column block (pack_transposed_block)
+    Buffer decoded;    // BF16 panels of one column block of an 8-bit weight (bf16_panels)
     Buffer rows_a;     // FP32 [rows, width] converted activation rows (x, h)
     Buffer rows_b;     // FP32 [rows, width] converted gradient rows (w dY, dGU)
     Buffer rows_c;     // FP32 [rows, width] third operand rows (x in backward)

@@ -14,6 +14,10 @@
 //     1e-6 (oracle) / 1e-5 (others) of the magnitude of their terms, which cancel near
 //     g = -1.28. h_f32 is float(h) bit for bit; dw, an FP32 sum, has the gemms' bound.
 //   transpose_block: bit-exact; the oracle against the offsets of kernels.h.
+//   decode_rows (FP8 E4M3 and INT8): bit-exact, every path against an independent reference:
+//     the code's value from its bit fields, times the scale in double (exact: <= 4 + 24
+//     significant bits), rounded to FP32 and then to BF16 -- what one FP32 product is. Every
+//     non-NaN code, scales 0, +-2^-100, +-2^100 and random ones.
 //
 // Prints one line per ISA x kernel and "N passed, M failed"; exits non-zero on failure.
 // Usage: kt_kernels_selftest [--bench]   (--bench adds gemm_bf16 GFLOP/s per ISA)
@@ -502,6 +506,45 @@ void test_transpose(const std::vector<const Kernels *> &isas, std::vector<Stats>
         }
 }
 
+// ---------------------------------------------------------------- decode_rows
+
+double code_value(uint8_t c, int32_t format) {
+    if (format == KT_FORMAT_INT8) return static_cast<int8_t>(c);
+    const int e = (c >> 3) & 15, m = c & 7;
+    const double mag = e == 0 ? std::ldexp(m / 8.0, -6) : std::ldexp(1.0 + m / 8.0, e - 7);
+    return c & 0x80 ? -mag : mag;
+}
+
+void test_decode(const std::vector<const Kernels *> &isas, std::vector<Stats> &stats) {
+    std::uniform_int_distribution<int> byte(0, 255);
+    for (int32_t format : {KT_FORMAT_FP8_E4M3, KT_FORMAT_INT8})
+        for (int rep = 0; rep < 64; ++rep) {
+            const int64_t rows = 1 + rep % 9;
+            std::vector<uint8_t> src(rows * 32);
+            for (int64_t i = 0; i < rows * 32; ++i) {   // the first reps walk every code
+                int c = rep < 8 ? static_cast<int>((rep * rows * 32 + i) % 256) : byte(rng);
+                if (format == KT_FORMAT_FP8_E4M3 && (c & 0x7f) == 0x7f) c ^= 1;   // NaN codes are refused at load
+                src[i] = static_cast<uint8_t>(c);
+            }
+            float scales[16];
+            const float specials[] = {0.0f, 0x1p-100f, -0x1p-100f, 0x1p100f, -0x1p100f};
+            for (int c = 0; c < 16; ++c)
+                scales[c] = rep % 4 == 0 && c < 5 ? specials[c] : uniform(-1.0f, 1.0f) * std::ldexp(1.0f, byte(rng) % 40 - 20);
+            std::vector<uint16_t> want(rows * 32);
+            for (int64_t i = 0; i < rows * 32; ++i)
+                want[i] = kt::float_to_bf16(static_cast<float>(code_value(src[i], format) * scales[(i % 32) / 2]));
+            for (size_t k = 0; k < isas.size(); ++k) {
+                std::vector<uint16_t> dst(rows * 32 + 1, kGuardBf16);
+                isas[k]->decode_rows(dst.data(), src.data(), rows, scales, format);
+                int64_t bad = dst[rows * 32] != kGuardBf16;
+                for (int64_t i = 0; i < rows * 32; ++i) bad += dst[i] != want[i];
+                stats[k].max_ratio = std::max(stats[k].max_ratio, double(bad));
+                record(stats[k], bad == 0, std::string("decode ") + (format == KT_FORMAT_INT8 ? "int8" : "fp8") +
+                                               " rep=" + std::to_string(rep));
+            }
+        }
+}
+
 // ---------------------------------------------------------------- driver
 
 // Every path dispatch would select on this CPU (kt::isa_available), scalar first.
@@ -567,8 +610,8 @@ void bench(const std::vector<const Kernels *> &isas) {
 int main(int argc, char **argv) {
     const std::vector<const Kernels *> isas = available_isas();
     const char *names[] = {"gemm_bf16", "sgemm_nt", "sgemm_nn", "sgemm_tn", "bf16_to_f32", "f32_to_bf16",
-                           "transpose", "glu", "glu_backward"};
-    const int kinds = sizeof names / sizeof names[0], first_bit_exact = 4, last_bit_exact = 6;
+                           "transpose", "decode_rows", "glu", "glu_backward"};
+    const int kinds = sizeof names / sizeof names[0], first_bit_exact = 4, last_bit_exact = 7;
     std::vector<std::vector<Stats>> stats(kinds, std::vector<Stats>(isas.size()));
     test_gemm(isas, stats[0]);
     test_sgemm(kNT, isas, stats[1]);
@@ -577,7 +620,8 @@ int main(int argc, char **argv) {
     test_bf16_to_f32(isas, stats[4]);
     test_f32_to_bf16(isas, stats[5]);
     test_transpose(isas, stats[6]);
-    test_act(isas, stats[7], stats[8]);
+    test_decode(isas, stats[7]);
+    test_act(isas, stats[8], stats[9]);
     std::printf("(scalar gemms and activations are checked against a double-precision reference; the others "
                 "against scalar)\n");
     for (size_t i = 0; i < isas.size(); ++i)

@@ -127,9 +127,9 @@ def test_sizes_that_overflow():
     ffi, lib = load()
     out = ffi.new("kt_experts **")
     refused = (lib.KT_ERR_INVALID_ARGUMENT, lib.KT_ERR_OUT_OF_MEMORY)
-    assert lib.kt_experts_create(out, 65536, 1 << 20, 1 << 20) in refused   # refused, not crashed
+    assert lib.kt_experts_create(out, 65536, 1 << 20, 1 << 20, lib.KT_FORMAT_BF16, 0) in refused   # refused, not crashed
     assert out[0] == ffi.NULL
-    assert lib.kt_experts_create(out, 0, 32, 32) == lib.KT_ERR_INVALID_ARGUMENT
+    assert lib.kt_experts_create(out, 0, 32, 32, lib.KT_FORMAT_BF16, 0) == lib.KT_ERR_INVALID_ARGUMENT
     assert b"num_experts" in ffi.string(lib.kt_last_error())
 
 
@@ -145,7 +145,7 @@ def test_routing_tokens_that_overflow(engine):
 def test_expert_without_weights():
     ffi, lib = load()
     out = ffi.new("kt_experts **")
-    assert lib.kt_experts_create(out, 2, 32, 32) == lib.KT_OK
+    assert lib.kt_experts_create(out, 2, 32, 32, lib.KT_FORMAT_BF16, 0) == lib.KT_OK
     handle = ffi.gc(out[0], lib.kt_experts_destroy)
     routing = ffi.new("kt_routing *")
     assert raw_forward(handle, routing) == lib.KT_ERR_INVALID_ARGUMENT

@@ -196,6 +196,6 @@ bool amx_thread_init() {
 const Kernels kernels_amx = {"amx",           gemm_bf16,           avx512::sgemm_nt,
                              avx512::sgemm_nn, avx512::sgemm_tn,    avx512::bf16_to_f32,
                              avx512::f32_to_bf16, avx512::glu,         avx512::glu_backward,
-                             avx512::transpose_block};
+                             avx512::transpose_block, avx512::decode_rows};
 
 }  // namespace kt

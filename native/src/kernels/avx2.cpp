@@ -156,9 +156,45 @@ void transpose_block(uint16_t *__restrict__ dst, const uint16_t *__restrict__ sr
     }
 }
 
+// decode_rows (kernels.h) in groups of 8 values. FP8: the 7 magnitude bits shifted into an FP16
+// (e4m3 -> e5m10 keeps every value, subnormals included, times 2^-8; F16C converts exactly), so
+// value * s = fp16 * (256 s), the same one FP32 rounding as the scalar table.
+template <int32_t F>
+void decode_rows_as(uint16_t *__restrict__ dst, const uint8_t *__restrict__ src, int64_t rows, const float *scales16) {
+    const float unit = F == KT_FORMAT_FP8_E4M3 ? 256.0f : 1.0f;
+    __m256 s[4];   // lanes of values 8j .. 8j+7: columns 4j .. 4j+3, each twice
+    for (int j = 0; j < 4; ++j)
+        s[j] = _mm256_mul_ps(_mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(scales16 + 4 * j)),
+                                                      _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3)),
+                             _mm256_set1_ps(unit));
+    for (int64_t q = 0; q < rows; ++q)
+        for (int j = 0; j < 4; ++j) {
+            const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i *>(src + q * 32 + 8 * j));
+            __m256 v;
+            if (F == KT_FORMAT_FP8_E4M3) {
+                const __m128i w = _mm_cvtepu8_epi16(b);
+                const __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(w, _mm_set1_epi16(0x7f)), 7),
+                                               _mm_slli_epi16(_mm_and_si128(w, _mm_set1_epi16(0x80)), 8));
+                v = _mm256_cvtph_ps(h);
+            } else {
+                v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+            }
+            _mm_storeu_si128(reinterpret_cast<__m128i *>(dst + q * 32 + 8 * j),
+                             pack8(narrow_bf16(_mm256_castps_si256(_mm256_mul_ps(v, s[j])))));
+        }
+}
+
+void decode_rows(uint16_t *dst, const uint8_t *src, int64_t rows, const float *scales16, int32_t format) {
+    if (format == KT_FORMAT_FP8_E4M3)
+        decode_rows_as<KT_FORMAT_FP8_E4M3>(dst, src, rows, scales16);
+    else
+        decode_rows_as<KT_FORMAT_INT8>(dst, src, rows, scales16);
+}
+
 }  // namespace
 
 const Kernels kernels_avx2 = {"avx2",      gemm_bf16,   sgemm_nt, sgemm_nn,     sgemm_tn,
-                              bf16_to_f32, f32_to_bf16, glu,      glu_backward, transpose_block};
+                              bf16_to_f32, f32_to_bf16, glu,      glu_backward, transpose_block,
+                              decode_rows};
 
 }  // namespace kt

@@ -95,6 +95,41 @@ void transpose_block(uint16_t *__restrict__ dst, const uint16_t *__restrict__ sr
     for (int j = 0; j < 8; ++j) _mm512_storeu_si512(dst + j * 32, out[j]);
 }
 
+// decode_rows (kernels.h), one panel row (32 values) per step. FP8 as in avx2.cpp: the magnitude
+// bits as an FP16 times 256 s. _mm512_cvtne2ps_pbh rounds to nearest even and flushes denormals,
+// which these products never are (kernels.h).
+template <int32_t F>
+void decode_rows_as(uint16_t *__restrict__ dst, const uint8_t *__restrict__ src, int64_t rows, const float *scales16) {
+    const __m512 sc = _mm512_mul_ps(_mm512_loadu_ps(scales16), _mm512_set1_ps(F == KT_FORMAT_FP8_E4M3 ? 256.0f : 1.0f));
+    // Value i of a row belongs to column i / 2.
+    const __m512 s_lo = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7), sc);
+    const __m512 s_hi =
+        _mm512_permutexvar_ps(_mm512_setr_epi32(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15), sc);
+    for (int64_t q = 0; q < rows; ++q) {
+        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(src + q * 32));
+        __m512 lo, hi;
+        if (F == KT_FORMAT_FP8_E4M3) {
+            const __m512i w = _mm512_cvtepu8_epi16(b);
+            const __m512i h = _mm512_or_si512(_mm512_slli_epi16(_mm512_and_si512(w, _mm512_set1_epi16(0x7f)), 7),
+                                              _mm512_slli_epi16(_mm512_and_si512(w, _mm512_set1_epi16(0x80)), 8));
+            lo = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
+            hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
+        } else {
+            lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
+            hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
+        }
+        _mm512_storeu_si512(dst + q * 32,
+                            (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, s_hi), _mm512_mul_ps(lo, s_lo)));
+    }
+}
+
+void decode_rows(uint16_t *dst, const uint8_t *src, int64_t rows, const float *scales16, int32_t format) {
+    if (format == KT_FORMAT_FP8_E4M3)
+        decode_rows_as<KT_FORMAT_FP8_E4M3>(dst, src, rows, scales16);
+    else
+        decode_rows_as<KT_FORMAT_INT8>(dst, src, rows, scales16);
+}
+
 }  // namespace avx512
 }  // namespace
 }  // namespace kt

@@ -7,6 +7,8 @@
 
 #include <cstdint>
 
+#include "kt_trl.h"
+
 namespace kt {
 
 // The gated activation of the experts: kind 0 = SiLU gate (h = silu(g) * u); kind 1 = gpt-oss's
@@ -59,6 +61,13 @@ struct Kernels {
 
     // dst = the transposed 16 x 16 block of src (TransposeBlockFn above).
     TransposeBlockFn transpose_block;
+
+    // rows panel rows of 8-bit codes (32 per row, pack.h positions) -> BF16 panel rows:
+    //   dst[q * 32 + i] = bf16(value(src[q * 32 + i]) * scales16[i / 2])
+    // value() per format (KT_FORMAT_FP8_E4M3 or KT_FORMAT_INT8, packed_weight.h). The codes hold
+    // no FP8 NaN and the scales are 0 or in [2^-100, 2^100] (checked at load), so every product is
+    // a normal number or zero and one rounding to nearest even is exact on every path.
+    void (*decode_rows)(uint16_t *dst, const uint8_t *src, int64_t rows, const float *scales16, int32_t format);
 };
 
 extern const Kernels kernels_scalar;

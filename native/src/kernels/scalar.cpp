@@ -55,9 +55,32 @@ void transpose_block(uint16_t *__restrict__ dst, const uint16_t *__restrict__ sr
     for (int i = 0; i < 256; ++i) dst[i] = src[kBlock.src[i]];
 }
 
+// The FP8 E4M3 ("fn") value of each code: s eeee mmm, exponent bias 7, e = 0 subnormal (m/8 * 2^-6).
+struct Fp8Values {
+    float v[256];
+    constexpr Fp8Values() : v() {
+        for (int c = 0; c < 256; ++c) {
+            const int e = (c >> 3) & 15, m = c & 7;
+            float mag = e == 0 ? m / 8.0f : 1.0f + m / 8.0f;
+            for (int i = 0; i < (e == 0 ? 6 : 7 - e); ++i) mag /= 2.0f;   // 2^-6 or 2^(e-7)
+            for (int i = 0; i < e - 7; ++i) mag *= 2.0f;
+            v[c] = c & 0x80 ? -mag : mag;
+        }
+    }
+};
+constexpr Fp8Values kFp8;
+
+void decode_rows(uint16_t *dst, const uint8_t *src, int64_t rows, const float *scales16, int32_t format) {
+    for (int64_t i = 0; i < rows * 32; ++i) {
+        const float v = format == KT_FORMAT_FP8_E4M3 ? kFp8.v[src[i]] : static_cast<float>(static_cast<int8_t>(src[i]));
+        dst[i] = float_to_bf16(v * scales16[(i % 32) / 2]);
+    }
+}
+
 }  // namespace
 
 const Kernels kernels_scalar = {"scalar",    gemm_bf16,   sgemm_nt, sgemm_nn,     sgemm_tn,
-                                bf16_to_f32, f32_to_bf16, glu,      glu_backward, transpose_block};
+                                bf16_to_f32, f32_to_bf16, glu,      glu_backward, transpose_block,
+                                decode_rows};
 
 }  // namespace kt

@@ -1,0 +1,117 @@
+#include "packed_weight.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "error.h"
+
+namespace kt {
+
+WeightLayout::WeightLayout(int32_t format_, int64_t N_, int64_t K_, int64_t block_k)
+    : format(format_), N(N_), K(K_), Np(round_up(N_, kPanelCols)), Kp(round_up(K_, kKAlign)) {
+    if (bf16()) return;
+    bk = block_k <= 0 || block_k >= K ? Kp : block_k;   // one block per row: padding included
+    nkb = (K + bk - 1) / bk;
+}
+
+PackedWeight WeightLayout::at(uint8_t *base) const {
+    return PackedWeight{this, base, bf16() ? nullptr : reinterpret_cast<float *>(base + code_bytes())};
+}
+
+namespace {
+
+// nq rows of panel p from row q0 as BF16 (32 values per row) into dst, in runs of one scale block.
+void decode_rows(uint16_t *dst, const PackedWeight &w, int64_t p, int64_t q0, int64_t nq, const Kernels &K) {
+    const WeightLayout &l = *w.layout;
+    const int64_t rows_per_block = l.bk / 2;
+    for (int64_t q = q0; q < q0 + nq;) {
+        const int64_t kb = std::min(q / rows_per_block, l.nkb - 1);   // rows past K have zero codes
+        const int64_t end = kb == l.nkb - 1 ? q0 + nq : std::min(q0 + nq, (kb + 1) * rows_per_block);
+        K.decode_rows(dst + (q - q0) * 32, w.data + (p * l.Kp + q * 2) * 16, end - q, w.panel_scales(p, kb),
+                      l.format);
+        q = end;
+    }
+}
+
+bool usable_scale(float s) {
+    const float a = std::fabs(s);
+    return s == 0.0f || (a >= 0x1p-100f && a <= 0x1p100f);   // also false for NaN and infinities
+}
+
+}  // namespace
+
+void pack_bf16(const PackedWeight &w, const uint16_t *W, int64_t ld) {
+    pack_weight(reinterpret_cast<uint16_t *>(w.data), W, ld, w.layout->N, w.layout->K);
+}
+
+void pack_8bit(const PackedWeight &w, const uint8_t *codes, int64_t ld, const float *scales, const char *what) {
+    const WeightLayout &l = *w.layout;
+    if (l.format == KT_FORMAT_FP8_E4M3)
+        for (int64_t n = 0; n < l.N; ++n)
+            for (int64_t k = 0; k < l.K; ++k)
+                KT_CHECK((codes[n * ld + k] & 0x7F) != 0x7F,
+                         "%s: FP8 code 0x%02X at [%lld, %lld] is NaN; the checkpoint's weights must be finite", what,
+                         codes[n * ld + k], (long long)n, (long long)k);
+    for (int64_t i = 0; i < l.N * l.nkb; ++i)
+        KT_CHECK(usable_scale(scales[i]),
+                 "%s: scale %g at [%lld, %lld] is not 0 or in [2^-100, 2^100] in magnitude", what, scales[i],
+                 (long long)(i / l.nkb), (long long)(i % l.nkb));
+    pack_weight(w.data, codes, ld, l.N, l.K);
+    std::fill_n(w.scales, l.scale_count(), 0.0f);
+    for (int64_t n = 0; n < l.N; ++n)
+        for (int64_t kb = 0; kb < l.nkb; ++kb)
+            w.scales[((n / 16) * l.nkb + kb) * 16 + n % 16] = scales[n * l.nkb + kb];
+}
+
+void unpack(uint16_t *W, int64_t ld, const PackedWeight &w) {
+    const WeightLayout &l = *w.layout;
+    if (l.bf16()) {
+        unpack_weight(W, ld, w.panels(), l.N, l.K);
+        return;
+    }
+    std::vector<uint16_t> panel(l.Kp * 16);   // one decoded panel
+    for (int64_t p = 0; p < l.Np / 16; ++p) {
+        decode_rows(panel.data(), w, p, 0, l.Kp / 2, kernels_scalar);
+        for (int64_t n = p * 16; n < std::min(l.N, p * 16 + 16); ++n)
+            for (int64_t k = 0; k < l.K; ++k) W[n * ld + k] = panel[(k / 2) * 32 + (n % 16) * 2 + k % 2];
+    }
+}
+
+const uint16_t *bf16_panels(const PackedWeight &w, int64_t c0, int64_t cn, Buffer &buf, const Kernels &K) {
+    const WeightLayout &l = *w.layout;
+    if (l.bf16()) return w.panels() + (c0 / 16) * l.Kp * 16;
+    uint16_t *dst = buf.get<uint16_t>(cn * l.Kp);
+    for (int64_t i = 0; i < cn / 16; ++i) decode_rows(dst + i * l.Kp * 16, w, c0 / 16 + i, 0, l.Kp / 2, K);
+    return dst;
+}
+
+void pack_transposed_block(uint16_t *dst, const PackedWeight &w, int64_t k0, int64_t kn, const Kernels &K) {
+    const WeightLayout &l = *w.layout;
+    const int64_t Rp = round_up(l.N, kKAlign);   // reduction length of the transposed view
+    const int64_t n_panels = l.Np / 16;
+    alignas(64) uint16_t decoded[256];
+    // Source blocks past K (k0 + kn may exceed K up to the next multiple of 16) and reduction rows
+    // past the last source panel are zero.
+    for (int64_t kb = 0; kb < kn; kb += 16) {
+        uint16_t *out_panel = dst + (kb / 16) * Rp * 16;
+        for (int64_t np = 0; np < n_panels; ++np) {
+            uint16_t *out = out_panel + np * 256;             // reduction rows 16np .. 16np+15
+            const int64_t k = k0 + kb;
+            if (k >= l.Kp) {
+                std::memset(out, 0, 512);
+                continue;
+            }
+            if (l.bf16()) {
+                K.transpose_block(out, w.panels() + np * l.Kp * 16 + (k / 2) * 32);   // 512 contiguous bytes
+            } else {
+                decode_rows(decoded, w, np, k / 2, 8, K);   // bk % 16 == 0: one scale block
+                K.transpose_block(out, decoded);
+            }
+        }
+        if (Rp > n_panels * 16) std::memset(out_panel + n_panels * 256, 0, sizeof(uint16_t) * (Rp - n_panels * 16) * 16);
+    }
+}
+
+}  // namespace kt
