@@ -10,6 +10,11 @@ direction, the convention of kt-kernel's benchmark), expert-weight GB/s (every e
 are read once per direction), the fraction of the measured AMX tile peak (register-resident, and
 the practical one with the kernel's tile loads from L1) and DRAM bandwidth, and the ratios against
 plain PyTorch and kt-kernel.
+
+Per shape and T it also gives a per-stage roofline (a `stage_roofline` record, and one line on
+stderr naming the stage with the most time above its floor): each profiled engine stage's
+modelled DRAM bytes and matrix FLOPs (`stage_costs`), the rates its measured time reaches, and,
+with the ceilings, its fractions of the DRAM read bandwidth and the AMX tile peak.
 """
 
 from __future__ import annotations
