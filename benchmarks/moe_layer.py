@@ -49,8 +49,10 @@ def emit(record: dict, sink: list) -> None:
     print(json.dumps(record), flush=True)
 
 
-def best_ms(fn, iters: int) -> tuple[float, float]:
+def best_ms(fn, iters: int, after_warmup=None) -> tuple[float, float]:
     fn()   # warm-up (first-touch of the workspace)
+    if after_warmup:
+        after_warmup()
     times = []
     for _ in range(iters):
         t0 = time.perf_counter()
@@ -79,8 +81,21 @@ def machine_ceilings(threads: int) -> dict:
     for _ in range(3):
         torch.matmul(a, a)
     out["torch_bf16_gemm_tflops"] = round(3 * 2 * 4096 ** 3 / (time.perf_counter() - t0) / 1e12, 3)
+    if "dram_read_gbs" not in out:   # the native read mode needs AVX-512: a torch reduction instead
+        out["dram_read_gbs_torch"] = torch_read_gbs()
     out.pop("sink", None)
     return out
+
+
+def torch_read_gbs(gib: int = 1) -> float:
+    """DRAM read bandwidth as torch's sum of a `gib` GiB FP32 buffer sees it (a lower bound of the
+    native streaming read: the per-stage roofline's fallback on CPUs without AVX-512)."""
+    a = torch.ones(gib << 28)
+    a.sum()
+    t0 = time.perf_counter()
+    for _ in range(3):
+        a.sum()
+    return round(3 * a.numel() * 4 / (time.perf_counter() - t0) / 1e9, 1)
 
 
 def random_layer(E: int, H: int, I: int, pool: int = 4):
@@ -116,11 +131,137 @@ def bench_engine(engine, T, E, H, k, lgu, ld, iters):
     def bwd():
         engine.backward(dy, x, ids, w, state["saved"], lora_gate_up=lgu, lora_down=ld)
 
+    # The profile sums every call, best_ms's warm-ups included: stages_ms is the mean over the
+    # 2 x (iters + 1) calls (as in earlier results); the roofline's `warm` leaves out the two
+    # warm-ups, whose first touch of the workspace is no stage's steady cost.
+    snaps = []   # cumulative stage ms after the fwd warm-up, before and after the bwd warm-up
+
+    def snap():
+        snaps.append(profile_read())
+
     profile_read(reset=True)
-    f = best_ms(fwd, iters)
-    b = best_ms(bwd, iters)
-    stages = {name: round(ms / (iters + 1), 2) for name, ms in profile_read(reset=True).items() if ms > 0}
-    return f, b, stages
+    f = best_ms(fwd, iters, after_warmup=snap)
+    snap()
+    b = best_ms(bwd, iters, after_warmup=snap)
+    total = profile_read(reset=True)
+    stages = {name: round(ms / (iters + 1), 2) for name, ms in total.items() if ms > 0}
+    warm = {name: (ms - snaps[0][name] - (snaps[2][name] - snaps[1][name])) / iters for name, ms in total.items()}
+    return f, b, stages, {name: ms for name, ms in warm.items() if ms > 0}
+
+
+# Per-stage roofline. For each stage (native/src/moe_forward.cpp, moe_backward.cpp) the model
+# counts its compulsory DRAM traffic, every buffer it reads or writes once, and its matrix FLOPs.
+# Buffers passed between stages (Xs, GU, Hs, D, ...) count in both stages; at small T they may stay
+# in L3, and any weights that fit in the caches (tiny) stay there across calls, so achieved GB/s
+# can pass the ceiling. Reads and writes both count against the read bandwidth: writes cost at least
+# as much (read-for-ownership), so the floor is optimistic. Row padding (Hp, Ip) is left out.
+# FLOPs are 2 x the multiply-adds of the BF16 expert GEMMs (AMX) and of the FP32 LoRA products
+# (vector units, counted against the same AMX peak: they are ~r/H of a GEMM stage's FLOPs);
+# the elementwise work of act and combine is not counted.
+BF16, F32 = 2, 4
+
+
+def active_experts(T: int, E: int, k: int) -> int:
+    """Experts with at least one route under `routing(T, E, k)`: the ones whose weights are read."""
+    return int(torch.unique(routing(T, E, k)[0]).numel())
+
+
+def stage_costs(E: int, H: int, I: int, k: int, r: int, T: int, active: int) -> dict[str, tuple[int, int]]:
+    """{stage: (DRAM bytes, FLOPs)} of one forward and one backward with rank-r LoRA on both projections."""
+    N = T * k   # routes; random routing has no sentinel ones, so every route is a sorted row
+
+    def rows(width: int, size: int = BF16) -> int:   # one row per route of a [N, width] buffer
+        return N * width * size
+
+    def gemm(n_out: int, n_in: int) -> int:   # FLOPs of [N, n_in] x [n_in, n_out]
+        return 2 * N * n_out * n_in
+
+    w_gu, w_d = active * 2 * I * H * BF16, active * H * I * BF16   # packed weights of the experts with tokens
+    per_expert = active * r * F32                 # x width: a LoRA A [r, in] or B [out, r] of each active expert
+    lora_b_all = E * r * (2 * I + H) * F32        # both Bs of all E experts
+    lr = rows(r, F32)                             # a [N, r] FP32 LoRA row buffer (LX, LH, TY, TG)
+    return {
+        # Each call (fwd and bwd) reads ids int64 + weights FP32, writes route, row_of int64 + weight FP32.
+        "plan": (2 * N * (8 + 4 + 8 + 8 + 4), 0),
+        # fwd transposes both Bs (all E, read + write), bwd copies them again.
+        "lora_prep": (4 * lora_b_all, 0),
+        # x row per route -> Xs; LoRA LX = Xs A_gu^T (reads A_gu, writes LX).
+        "fwd_gather": (2 * rows(H) + per_expert * H + lr, gemm(r, H)),
+        # Xs, the gate_up weights, LX and Bt_gu in; GU (BF16, the saved buffer) out.
+        "fwd_gate_up": (rows(H) + w_gu + lr + per_expert * 2 * I + rows(2 * I), gemm(2 * I, H) + gemm(2 * I, r)),
+        # GU in, Hs out; LoRA LH = Hs A_d^T; LX copied to the saved buffer (read + write), LH saved too.
+        "fwd_act": (rows(2 * I) + rows(I) + per_expert * I + lr + 2 * lr + lr, gemm(r, I)),
+        # Hs, the down weights, LH and Bt_d in; D [N, H] FP32 per-route rows out.
+        "fwd_down": (rows(I) + w_d + lr + per_expert * H + rows(H, F32), gemm(H, I) + gemm(H, r)),
+        # D rows and route weights in, y [T, H] BF16 out.
+        "fwd_combine": (rows(H, F32) + N * F32 + T * H * BF16, 0),
+        # dY row per route -> dYs; LoRA TY = dYs B_d (reads B_d, writes TY).
+        "bwd_gather": (2 * rows(H) + per_expert * H + lr, gemm(r, H)),
+        # dYs, the down weights again, TY and A_d in; G [N, I] FP32 out.
+        "bwd_down_t": (rows(H) + w_d + lr + per_expert * I + rows(I, F32), gemm(I, H) + gemm(I, r)),
+        # saved GU and G in, dGU and dw out; LoRA: B_gu, saved LX and LH, TY, x and dYs rows in, TG out,
+        # dA of both (all E) written, dB accumulated per expert then stored (write, read, write).
+        "bwd_act": (rows(2 * I) + rows(I, F32) + rows(2 * I) + N * F32
+                    + per_expert * 2 * I + 3 * lr + (2 * rows(H) if r else 0) + lr
+                    + E * r * (H + I) * F32 + 3 * lora_b_all,
+                    gemm(r, 2 * I) + gemm(2 * I, r) + gemm(r, H) + gemm(r, I) + gemm(H, r)),
+        # dGU, the gate_up weights again, TG and A_gu in; DX [N, H] FP32 per-route rows out.
+        "bwd_gate_up_t": (rows(2 * I) + w_gu + lr + per_expert * H + rows(H, F32), gemm(H, 2 * I) + gemm(H, r)),
+        # DX rows in, dx [T, H] BF16 out.
+        "bwd_combine": (rows(H, F32) + T * H * BF16, 0),
+    }
+
+
+def roofline(ms: float, nbytes: int, flops: int, dram_gbs: float | None, amx_tflops: float | None) -> dict:
+    """One stage: its rates and, for the ceilings given, fractions of them; `floor_ms` is the time at
+    the nearer ceiling (ms x the larger fraction), `headroom` how many times faster it could run."""
+    out = {"ms": round(ms, 3), "bytes": nbytes, "flops": flops,
+           "achieved_GBps": round(nbytes / ms / 1e6, 2), "achieved_TFLOPS": round(flops / ms / 1e9, 4)}
+    frac = {}
+    if dram_gbs:
+        frac["dram"] = nbytes / ms / 1e6 / dram_gbs
+    if amx_tflops:
+        frac["amx"] = flops / ms / 1e9 / amx_tflops
+    out.update({f"frac_{name}": round(f, 4) for name, f in frac.items()})
+    if frac and max(frac.values()) > 0:
+        bound = max(frac, key=frac.get)
+        out.update(bound=bound, headroom=round(1 / frac[bound], 2), floor_ms=round(ms * frac[bound], 3))
+    return out
+
+
+def stage_roofline(name: str, T: int, shape: tuple, r: int, warm_ms: dict, ceil: dict) -> dict:
+    """The `stage_roofline` record of one (shape, T) from the warm per-call stage ms."""
+    E, H, I, k = shape
+    active = active_experts(T, E, k)
+    dram_key = next((key for key in ("dram_read_gbs", "dram_read_gbs_torch") if key in ceil), None)
+    dram, amx = ceil.get(dram_key), ceil.get("amx_peak_tflops")
+    rec = {"kind": "stage_roofline", "shape": name, "T": T, "routes": T * k, "active_experts": active,
+           "dram_ceiling": dram_key, "dram_gbs": dram, "amx_peak_tflops": amx}
+    costs = stage_costs(E, H, I, k, r, T, active)
+    for stage, ms in warm_ms.items():
+        if stage in costs:
+            rec[stage] = roofline(ms, *costs[stage], dram, amx)
+    rec["unmodelled"] = sorted(set(warm_ms) - set(costs))   # stages added to the engine since this model
+    return rec
+
+
+def worst_stage_line(rec: dict) -> str:
+    """The stage with the most time above its floor (its ms minus floor_ms), or without ceilings the slowest."""
+    stages = {n: v for n, v in rec.items() if isinstance(v, dict)}
+    head = f"{rec['shape']} T={rec['T']}:"
+    if not stages:
+        return f"{head} no profiled stages"
+    total = sum(v["ms"] for v in stages.values())
+    floored = {n: v for n, v in stages.items() if "floor_ms" in v}
+    if not floored:
+        n, v = max(stages.items(), key=lambda item: item[1]["ms"])
+        return (f"{head} slowest stage {n} {v['ms']:.2f} ms, {v['achieved_GBps']:.1f} GB/s, "
+                f"{v['achieved_TFLOPS']:.3f} TFLOPS (no ceilings, no floors); stages {total:.1f} ms")
+    n, v = max(floored.items(), key=lambda item: item[1]["ms"] - item[1]["floor_ms"])
+    fracs = ", ".join(f"{v[f'frac_{c}']:.2f} of {c.upper()}" for c in ("dram", "amx") if f"frac_{c}" in v)
+    floor = sum(s["floor_ms"] for s in floored.values())
+    return (f"{head} worst stage {n} {v['ms']:.2f} ms, {fracs} (floor {v['floor_ms']:.2f} ms, "
+            f"{v['bound'].upper()}-bound, headroom {v['headroom']:.1f}x); stages {total:.1f} ms vs floor {floor:.1f} ms")
 
 
 def bench_torch(gate_up, down, T, E, H, k, lgu, ld, iters):
@@ -193,7 +334,7 @@ def main() -> None:
         lgu, ld = (lora(E, 2 * I, H, r), lora(E, H, I, r)) if r else (None, None)
         full = None
         for T in tokens:
-            (f_ms, f_med), (b_ms, b_med), stages = bench_engine(engine, T, E, H, k, lgu, ld, args.iters)
+            (f_ms, f_med), (b_ms, b_med), stages, warm = bench_engine(engine, T, E, H, k, lgu, ld, args.iters)
             flops = 6 * T * k * H * I
             rec = {"kind": "result", "shape": name, "T": T, "threads": threads,
                    "fwd_ms": round(f_ms, 2), "bwd_ms": round(b_ms, 2), "step_ms": round(f_ms + b_ms, 2),
@@ -225,6 +366,9 @@ def main() -> None:
                 rec["speedup_vs_kt_kernel"] = round(ref["step_ms"] / (f_ms + b_ms), 2)
             emit(rec, records)
             emit({"kind": "stages_ms", "shape": name, "T": T, **stages}, records)
+            roof = stage_roofline(name, T, (E, H, I, k), r, warm, ceil)
+            emit(roof, records)
+            print(worst_stage_line(roof), file=sys.stderr, flush=True)
         del engine, full
     if args.json:
         Path(args.json).write_text("\n".join(json.dumps(r) for r in records) + "\n")

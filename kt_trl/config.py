@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ._native.isa import ISA_CHOICES
+from .formats import EXPERT_FORMATS
 
 
 @dataclass(frozen=True)
@@ -54,13 +55,20 @@ class KTConfig:
         max_pending_activations (`int`, *optional*, defaults to `8`):
             Per MoE layer, how many first-forward activations may wait for their recomputation
             (micro-batches forwarded before one backward). Older ones are dropped with a warning.
+        expert_format (`str`, *optional*, defaults to `"auto"`):
+            How the CPU engine stores the frozen routed experts (`kt_trl.formats`): `"bf16"`;
+            `"fp8"` (E4M3 with FP32 scales: an FP8 checkpoint's own codes and block scales, or
+            quantized from BF16 with one scale per row and 128 values); `"int8"` (one scale per
+            row, quantized at load). The 8-bit ones take half the host memory of BF16 and train
+            exactly as the BF16 engine would on their dequantized weights. `"auto"` keeps an FP8
+            checkpoint's experts in FP8 when `kt_trl.load_model` streams them, BF16 otherwise.
 
     Example:
 
     ```python
     >>> from kt_trl import KTConfig
     >>> KTConfig(isa="avx2", threads=2)
-    KTConfig(isa='avx2', threads=2, reuse_checkpointed_activations=True, max_kept_activations_gb=None, max_kept_activations_gpu_gb=None, gpu_experts='auto', max_gpu_memory_gb=None, torch_threads=None, freeze_experts=False, max_pending_activations=8)
+    KTConfig(isa='avx2', threads=2, reuse_checkpointed_activations=True, max_kept_activations_gb=None, max_kept_activations_gpu_gb=None, gpu_experts='auto', max_gpu_memory_gb=None, torch_threads=None, freeze_experts=False, max_pending_activations=8, expert_format='auto')
     >>> KTConfig().isa is None  # KT_TRL_ISA or "auto"
     True
     ```
@@ -76,6 +84,7 @@ class KTConfig:
     torch_threads: int | None = None
     freeze_experts: bool = False
     max_pending_activations: int = 8
+    expert_format: str = "auto"
 
     def __post_init__(self) -> None:
         if self.isa is not None and self.isa not in ISA_CHOICES:
@@ -84,6 +93,8 @@ class KTConfig:
             raise ValueError(f"KTConfig(threads={self.threads!r}) must be a positive int, or None for one per physical core.")
         if self.torch_threads is not None and (not isinstance(self.torch_threads, int) or self.torch_threads < 1):
             raise ValueError(f"KTConfig(torch_threads={self.torch_threads!r}) must be a positive int, or None for the default.")
+        if self.expert_format not in EXPERT_FORMATS:
+            raise ValueError(f"KTConfig(expert_format={self.expert_format!r}) is not one of {EXPERT_FORMATS}.")
         if self.max_pending_activations < 1:
             raise ValueError("KTConfig(max_pending_activations=...) must be >= 1.")
         gpu = self.gpu_experts

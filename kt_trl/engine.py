@@ -108,7 +108,7 @@ class ExpertEngine:
                     raise ValueError(f"{name} must have shape {list(shape)} {dims} for gate_up {list(gate_up.shape)}, "
                                      f"got {list(bias.shape)}")
         self._allocate(E, H, two_i // 2, format, block_k)
-        ops.experts_set_activation(self._handle, activation, alpha, limit)
+        self._set_activation(activation, alpha, limit)
         for e in range(E):
             self.load_expert(e, gate_up[e], down[e])
         if gate_up_bias is not None:
@@ -130,7 +130,7 @@ class ExpertEngine:
         """
         engine = cls.__new__(cls)
         engine._allocate(num_experts, hidden_size, intermediate_size, format, block_k)
-        ops.experts_set_activation(engine._handle, activation, alpha, limit)
+        engine._set_activation(activation, alpha, limit)
         count = 0
         for e, weights in enumerate(experts):
             if e >= num_experts:
@@ -156,6 +156,11 @@ class ExpertEngine:
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
         self.format, self.block_k = format, block_k
         self._handle = ops.experts_create(num_experts, hidden_size, intermediate_size, format, block_k)
+        self._biases: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _set_activation(self, activation: str, alpha: float, limit: float) -> None:
+        ops.experts_set_activation(self._handle, activation, alpha, limit)
+        self._activation = {"activation": activation, "alpha": alpha, "limit": limit}
 
     @property
     def dims(self) -> tuple[int, int, int]:
@@ -189,9 +194,9 @@ class ExpertEngine:
 
     def load_bias(self, expert: int, gate_up_bias: torch.Tensor, down_bias: torch.Tensor) -> None:
         """Frozen biases of one expert: ``gate_up_bias [2I]`` (gate then up), ``down_bias [H]``."""
-        ops.experts_load_bias(self._handle, expert, _as_cpu(gate_up_bias, torch.float32, "gate_up_bias"),
-                              _as_cpu(down_bias, torch.float32, "down_bias"), self.hidden_size,
-                              self.intermediate_size)
+        biases = _as_cpu(gate_up_bias, torch.float32, "gate_up_bias"), _as_cpu(down_bias, torch.float32, "down_bias")
+        ops.experts_load_bias(self._handle, expert, *biases, self.hidden_size, self.intermediate_size)
+        self._biases[expert] = tuple(b.clone() for b in biases)   # kept for as_bf16 (E x (2I + H) floats)
 
     def unpack(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The packed weights back in the HF layout: ``gate_up [E, 2I, H]``, ``down [E, H, I]`` (bf16; for an
@@ -199,6 +204,14 @@ class ExpertEngine:
         parts = [ops.experts_unpack(self._handle, e, self.hidden_size, self.intermediate_size)
                  for e in range(self.num_experts)]
         return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+
+    def as_bf16(self) -> "ExpertEngine":
+        """A BF16 engine computing exactly what this one does: its (dequantized) weights, activation and
+        biases, built expert by expert. For writing into the weights (merging an adapter), which
+        8-bit codes cannot hold."""
+        E, H, I = self.dims
+        experts = (ops.experts_unpack(self._handle, e, H, I) + self._biases.get(e, ()) for e in range(E))
+        return ExpertEngine.from_experts(E, H, I, experts, **self._activation)
 
     def forward(self, x, top_k_index, top_k_weights, *, lora_gate_up: ExpertLoRA | None = None,
                 lora_down: ExpertLoRA | None = None, save: bool = True, empty=None):

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checkpoint_formats import fp8_buffers, read_fp8_codes, streamed_format
 from .checkpoint_keys import (DTYPES, LayerSources, Shards, checkpoint_files, fp8_block_size, layer_sources,
                               unplaced_expert_keys)
 from .config import KTConfig
@@ -124,7 +125,8 @@ def load_model(name_or_path: str | os.PathLike, *, kt_config: KTConfig | None = 
         configure(isa=kt_config.isa, threads=kt_config.threads)
     directory = _local_directory(name_or_path, hub, weights=True)
     start = time.perf_counter()
-    model = _load(directory, config, dtype, model_kwargs, hub.get("trust_remote_code", False))
+    model = _load(directory, config, dtype, model_kwargs, hub.get("trust_remote_code", False),
+                  kt_config.expert_format if kt_config is not None else "auto")
     model.config._name_or_path = str(name_or_path)  # what trl reads to find the tokenizer, PEFT to name the base
     logger.info("kt_trl: loaded %s in %.1f s", name_or_path, time.perf_counter() - start)
     return model
@@ -168,7 +170,7 @@ def _local_directory(name_or_path, hub: dict, *, weights: bool) -> Path:
     return Path(snapshot_download(str(name_or_path), allow_patterns=patterns, **download)) / subfolder
 
 
-def _load(directory: Path, config, dtype, model_kwargs: dict, trust_remote_code: bool) -> nn.Module:
+def _load(directory: Path, config, dtype, model_kwargs: dict, trust_remote_code: bool, expert_format: str) -> nn.Module:
     """The model with non-expert weights loaded by transformers and experts streamed into engines."""
     from transformers import AutoModelForCausalLM
 
@@ -180,10 +182,7 @@ def _load(directory: Path, config, dtype, model_kwargs: dict, trust_remote_code:
     layers = layer_sources(meta, find_moe_blocks(find_decoder_layers(meta), layout))
     shards = Shards(checkpoint_files(directory), **fp8)
     _check_keys(shards, layers)
-    if shards.fp8:
-        logger.warning("kt_trl: this checkpoint stores its weights in FP8; they are dequantized as read, and the CPU "
-                       "engine holds the routed experts in BF16 for now (2 bytes per weight; FP8 experts in the engine "
-                       "are future work).")
+    engine_format = streamed_format(expert_format, shards, layout, [key for layer in layers for key in layer.keys])
     state_dict = _lazy_state_dict(shards, layers, meta, dtype)
     model = type(meta).from_pretrained(None, config=config, state_dict=state_dict, dtype=dtype, **model_kwargs)
     del state_dict, meta
@@ -193,7 +192,7 @@ def _load(directory: Path, config, dtype, model_kwargs: dict, trust_remote_code:
     _load_generation_config(model, directory)
     shards.release_all()  # non-expert reads are done; expert shards reopen as needed
     start = time.perf_counter()
-    packed = _stream_experts(model, layers, shards, layout, dtype)
+    packed = _stream_experts(model, layers, shards, layout, dtype, engine_format)
     seconds = time.perf_counter() - start
     logger.info("kt_trl: streamed the routed experts of %d layers into the CPU engine: %.2f GB packed in %.1f s "
                 "(%.2f GB/s)", len(layers), packed / 1e9, seconds, packed / 1e9 / max(seconds, 1e-9))
@@ -276,7 +275,8 @@ def _load_generation_config(model: nn.Module, directory: Path) -> None:
         model.generation_config = GenerationConfig.from_pretrained(str(directory))
 
 
-def _stream_experts(model: nn.Module, layers: list[LayerSources], shards: Shards, layout, dtype) -> int:
+def _stream_experts(model: nn.Module, layers: list[LayerSources], shards: Shards, layout, dtype,
+                    engine_format: tuple[str, int | None]) -> int:
     """Fill the layers' engines expert by expert, several layers at once; drop each shard's page cache
     once every layer reading from it is done. Returns the packed bytes."""
     from ._native import ensure_configured
@@ -295,7 +295,7 @@ def _stream_experts(model: nn.Module, layers: list[LayerSources], shards: Shards
     workers = max(1, min(len(layers), 8, max(2, (os.cpu_count() or 2) // 2)))
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kt_trl_load")
     try:
-        futures = [pool.submit(_layer_engine, experts, layer, shards, layout, dtype)
+        futures = [pool.submit(_layer_engine, experts, layer, shards, layout, dtype, engine_format)
                    for experts, layer in zip(modules, layers)]
         with progress_bar(total=len(layers), desc="Streaming experts into the CPU engine", unit="layer") as bar:
             for experts, used, future in zip(modules, paths, futures):
@@ -335,23 +335,34 @@ def _check_placeholders(experts: nn.Module, layer: LayerSources) -> None:
             )
 
 
-def _layer_engine(experts: nn.Module, layer: LayerSources, shards: Shards, layout, dtype):
-    """The layer's engine, filled expert by expert from two reused buffers (one read, one packed)."""
+def _layer_engine(experts: nn.Module, layer: LayerSources, shards: Shards, layout, dtype,
+                  engine_format: tuple[str, int | None]):
+    """The layer's engine, filled expert by expert from two reused buffers (one read, one packed): FP8
+    codes as stored, or weights in `dtype` (quantized by the engine for an 8-bit format)."""
     from .engine import ExpertEngine
 
     E, H, I = engine_dims(layout, experts)
-    first = [shards.entry(per_param[0][0].key).dtype for per_param in layer.sources]
-    ring = [tuple(torch.empty(getattr(experts, param).shape[1:], dtype=_buffer_dtype(disk, dtype, shards.fp8))
-                  for param, disk in zip(EXPERT_PARAMETERS, first)) for _ in range(2)]
+    format, block_k = engine_format
+    if format == "fp8" and block_k is not None:
+        ring = [(fp8_buffers((2 * I, H), block_k), fp8_buffers((H, I), block_k)) for _ in range(2)]
 
-    def read(e: int) -> tuple[torch.Tensor, torch.Tensor]:
-        buffers = ring[e % 2]
-        for sources, out in zip(layer.sources, buffers):
-            _read_matrix(shards, sources[e], out, dtype)
-        return engine_expert(layout, *buffers)
+        def read(e: int):
+            for sources, out in zip(layer.sources, ring[e % 2]):
+                read_fp8_codes(shards, sources[e], out)
+            return ring[e % 2]
+    else:
+        first = [shards.entry(per_param[0][0].key).dtype for per_param in layer.sources]
+        ring = [tuple(torch.empty(getattr(experts, param).shape[1:], dtype=_buffer_dtype(disk, dtype, shards.fp8))
+                      for param, disk in zip(EXPERT_PARAMETERS, first)) for _ in range(2)]
+
+        def read(e: int):
+            buffers = ring[e % 2]
+            for sources, out in zip(layer.sources, buffers):
+                _read_matrix(shards, sources[e], out, dtype)
+            return engine_expert(layout, *buffers)
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kt_trl_read") as reader:
-        return ExpertEngine.from_experts(E, H, I, _read_ahead(reader, read, E))
+        return ExpertEngine.from_experts(E, H, I, _read_ahead(reader, read, E), format=format, block_k=block_k)
 
 
 def _read_ahead(pool: ThreadPoolExecutor, read, count: int):

@@ -114,7 +114,13 @@ def _unmerge_from_engine(self: nn.Module) -> None:
 
 
 def _add_delta_to_engine(wrapper: nn.Module, adapter: str, *, sign: float, check_finite: bool) -> None:
-    engine = wrapper.get_base_layer()._kt_runner.engine
+    runner = wrapper.get_base_layer()._kt_runner
+    if runner.engine.format != "bf16":
+        logger.warning("kt_trl: merging into the %s experts of %s: 8-bit codes cannot hold W + s·B·A, so this layer's "
+                       "experts become BF16 (their dequantized weights plus the delta, twice the host memory).",
+                       runner.engine.format.upper(), runner.name)
+        runner.engine = runner.engine.as_bf16()
+    engine = runner.engine
     lora = expert_lora_factors(wrapper, adapter)
     gate_up, down = engine.unpack()  # this layer only: [E, 2I, H], [E, H, I] bf16
     target = gate_up if wrapper.parameter_name == "gate_up_proj" else down

@@ -1,8 +1,9 @@
 """`plan`: what a model, batch and LoRA will take of host and GPU memory, from the config alone.
 
 [NOTE] Everything here is counted from the config: the model is built on the meta device for its
-parameter shapes, no weight is read. Host memory holds the routed experts packed in BF16 (the
-engine's panels: rows padded to 16, K to 32), the expert LoRA in FP32 with its gradient and
+parameter shapes, no weight is read. Host memory holds the routed experts packed in their engine
+format (`KTConfig.expert_format`: BF16, or 8-bit codes and FP32 scales; the engine's panels, rows
+padded to 16, K to 32, each part 64-byte aligned), the expert LoRA in FP32 with its gradient and
 AdamW's two moments (4 × params × 4 bytes), and, under gradient checkpointing with reuse, what
 each MoE layer keeps from the first forward for its backward, per micro-batch of
 T = per_device_train_batch_size × max_length tokens: the routing ids, the output `[T, H]`, the
@@ -18,14 +19,17 @@ from __future__ import annotations
 
 import logging
 import os
+
 import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .checkpoint_keys import fp8_block_size
 from .config import KTConfig
 from .containers import find_decoder_layers, find_moe_blocks
+from .formats import FP8_BLOCK_K
 from .layouts import EXPERT_PARAMETERS, engine_dims, match_layout
 from .lora import requested_expert_lora
 
@@ -35,6 +39,9 @@ logger = logging.getLogger(__name__)
 
 GB = 1e9
 _TOP_K_KEYS = ("num_experts_per_tok", "moe_topk", "moe_k", "top_k", "experts_per_token")
+
+
+_PACKED = "routed experts, packed"
 
 
 @dataclass(frozen=True)
@@ -119,11 +126,15 @@ class Plan:
         lora = next((n for what, n in self.host if what.startswith("expert LoRA")), 0)
         if lora:
             fixes.append(f"a smaller LoRA rank than r={self.lora_rank} (expert LoRA takes {lora / GB:.1f} GB)")
+        packed_row, packed = next(((w, n) for w, n in self.host if w.startswith(_PACKED)), (_PACKED, 0))
+        if packed_row.endswith("BF16"):
+            fixes.append(f"8-bit experts, KTConfig(expert_format='fp8') or 'int8' (about {packed / 2 / GB:.1f} GB "
+                         "instead of the BF16 ones)")
         fixes.append("a smaller model (or a host with more memory)")
         raise ValueError(
             f"kt_trl plan: {self.model} needs {self.host_bytes / GB:.1f} GB of host memory, {excess / GB:.1f} GB more "
-            f"than the {self.host_available / GB:.1f} GB available (routed experts packed in BF16: "
-            f"{rows.get('routed experts, packed BF16', 0) / GB:.1f} GB). Change one of: {'; '.join(fixes)}.\n{self}"
+            f"than the {self.host_available / GB:.1f} GB available ({packed_row}: {packed / GB:.1f} GB). "
+            f"Change one of: {'; '.join(fixes)}.\n{self}"
         )
 
 
@@ -178,7 +189,8 @@ def plan(name_or_path_or_config, args=None, kt_config: KTConfig | None = None, *
     kept_gpu = min(kept, _gpu_kept_budget(kt_config)) if cuda else 0
     host_limit = kt_config.kept_activations_limit_bytes
     kept_host = kept - kept_gpu if host_limit is None else min(kept - kept_gpu, host_limit)
-    host = [("routed experts, packed BF16", layers * E * _packed_expert_bytes(H, I)),
+    format, block_k = _planned_format(kt_config, config, layout)
+    host = [(f"{_PACKED} {format.upper()}", layers * E * _packed_expert_bytes(H, I, format, block_k)),
             (f"expert LoRA r{r} (+ grad, AdamW; FP32)", 16 * r * layers * lora_factors),
             ("kept activations (checkpointing)", kept_host)]
     rest = [(f"other weights ({weight_bytes} bytes each)", other * weight_bytes),
@@ -243,11 +255,35 @@ def _dtype_of(dtype, args, config) -> torch.dtype:
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
-def _packed_expert_bytes(H: int, I: int) -> int:
-    """One expert in the engine: gate_up `[2I, H]` and down `[H, I]` in panels of 16 rows, K padded to 32."""
+def _planned_format(kt_config: KTConfig, config, layout) -> tuple[str, int]:
+    """`(format, block_k)` the engine will store the experts in (`kt_trl.checkpoint_formats` for "auto")."""
+    quantization = getattr(config, "quantization_config", None)
+    block = None
+    if quantization is not None:
+        block = fp8_block_size(quantization)
+    fp8_checkpoint = quantization is not None and (block is None or block[1] % 16 == 0) \
+        and not layout.transposed and not layout.interleaved
+    format = kt_config.expert_format
+    if format == "auto":
+        format = "fp8" if fp8_checkpoint else "bf16"
+    if format == "fp8":
+        return format, (0 if block is None else block[1]) if fp8_checkpoint else FP8_BLOCK_K
+    return format, 0
+
+
+def _packed_expert_bytes(H: int, I: int, format: str = "bf16", block_k: int = 0) -> int:
+    """One expert in the engine (the native WeightLayout): gate_up `[2I, H]` and down `[H, I]`, each in
+    panels of 16 rows with K padded to 32 (1 byte per value for 8-bit formats, 2 for BF16), plus
+    FP32 scales per 16 rows and K block, each part 64-byte aligned."""
     def pad(n, m):
         return -(-n // m) * m
-    return 2 * (pad(2 * I, 16) * pad(H, 32) + pad(H, 16) * pad(I, 32))
+
+    def projection(N, K):
+        if format == "bf16":
+            return pad(pad(N, 16) * pad(K, 32) * 2, 64)
+        blocks = 1 if block_k == 0 or block_k >= K else -(-K // block_k)
+        return pad(pad(N, 16) * pad(K, 32), 64) + pad(pad(N, 16) * blocks * 4, 64)
+    return projection(2 * I, H) + projection(H, I)
 
 
 def _expert_lora_factors(peft_config, E: int, H: int, I: int) -> int:

@@ -133,7 +133,7 @@ def _route_blocks(base: nn.Module, blocks: list[MoEBlock], layout: ExpertLayout,
     for block in blocks:
         engine = take_installed_engine(block.experts)
         if engine is None:
-            engine = pack_experts(block.experts, layout)
+            engine = pack_experts(block.experts, layout, packed_format(config))
             bar.update()
         release_expert_weights(block.experts)
         block.experts._kt_runner = EngineRunner(engine, layer=block.layer, name=block.name, config=config,
@@ -143,6 +143,11 @@ def _route_blocks(base: nn.Module, blocks: list[MoEBlock], layout: ExpertLayout,
     bar.close()
 
 
+def packed_format(config: KTConfig) -> str:
+    """The engine format of experts packed from the model's own weights: `"auto"` keeps their BF16."""
+    return "bf16" if config.expert_format == "auto" else config.expert_format
+
+
 def _parameter_device(model: nn.Module) -> torch.device:
     return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
 
@@ -150,6 +155,12 @@ def _parameter_device(model: nn.Module) -> torch.device:
 def _apply_config(base: nn.Module, config: KTConfig) -> None:
     """Give an already-prepared model's engine and runners the settings of `config`."""
     placed = base._kt_config
+    if config.expert_format != placed.expert_format:
+        raise ValueError(
+            f"This model was prepared with expert_format={placed.expert_format!r}; its experts are packed in that "
+            "format and cannot be repacked in place. Pass the same expert_format (or no kt_config), or prepare a "
+            "freshly loaded model."
+        )
     if (config.gpu_experts, config.max_gpu_memory_gb) != (placed.gpu_experts, placed.max_gpu_memory_gb):
         raise ValueError(
             f"This model was prepared with gpu_experts={placed.gpu_experts!r}, max_gpu_memory_gb="
@@ -261,6 +272,7 @@ def _build_report(model, base, blocks, layout, config, *, on_device: list[MoEBlo
         isa=str(info.get("isa")),
         threads=int(info.get("threads") or 0),
         packed_bytes=sum(int(b.experts._kt_runner.engine.packed_bytes) for b in blocks),
+        expert_format="/".join(sorted({b.experts._kt_runner.engine.format for b in blocks})) or "bf16",
         expert_lora=expert_lora,
         adapters=adapters,
         untrained_groups=untrained,

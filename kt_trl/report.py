@@ -32,6 +32,8 @@ class RoutingReport:
         gpu_layers: Decoder-layer indices whose experts stay in transformers' path on the training
             device (`KTConfig.gpu_experts`).
         gpu_expert_bytes: Their expert weights' bytes.
+        expert_format: How the engine stores the routed experts (`kt_trl.formats`; layers that differ
+            are joined with "/").
     """
 
     family: str
@@ -48,6 +50,7 @@ class RoutingReport:
     reuse_checkpointed_activations: bool
     gpu_layers: tuple[int, ...] = ()
     gpu_expert_bytes: int = 0
+    expert_format: str = "bf16"
 
     @property
     def expert_lora_parameters(self) -> int:
@@ -73,7 +76,8 @@ class RoutingReport:
             (
                 f"kt_trl: {self.family}: routed experts of {layers} layer(s) "
                 f"({'/'.join(map(str, experts))} experts each) to the CPU engine "
-                f"[{self.isa}, {self.threads} thread(s)], {self.packed_bytes / 2**20:.1f} MiB packed{on_device}",
+                f"[{self.isa}, {self.threads} thread(s)], {self.packed_bytes / 2**20:.1f} MiB packed "
+                f"({self.expert_format.upper()}){on_device}",
                 self.adapters_line(),
                 "kt_trl: gradient checkpointing "
                 + ("reuses the first CPU expert forward" if self.reuse_checkpointed_activations else "recomputes the CPU expert forward"),

@@ -30,12 +30,13 @@ from .engine import ExpertEngine
 from .layouts import EXPERT_PARAMETERS, ExpertLayout, engine_bias, engine_dims, engine_expert, engine_experts, hf_expert
 
 
-def pack_experts(experts: nn.Module, layout: ExpertLayout) -> ExpertEngine:
-    """An `ExpertEngine` holding the module's experts (and biases) in `layout`, built expert by expert."""
+def pack_experts(experts: nn.Module, layout: ExpertLayout, format: str = "bf16") -> ExpertEngine:
+    """An `ExpertEngine` holding the module's experts (and biases) in `layout`, built expert by expert
+    and stored in `format` (`kt_trl.formats`: 8-bit ones are quantized from the module's weights)."""
     E, H, I = engine_dims(layout, experts)
-    options = {}
+    options = {"format": format}
     if layout.act == "clamped_swiglu":
-        options = {"activation": "clamped_swiglu", "alpha": float(experts.alpha), "limit": float(experts.limit)}
+        options.update(activation="clamped_swiglu", alpha=float(experts.alpha), limit=float(experts.limit))
     with torch.no_grad():
         return ExpertEngine.from_experts(E, H, I, engine_experts(layout, experts), **options)
 

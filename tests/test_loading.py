@@ -42,6 +42,11 @@ def engines(model):
     return {name: module._kt_runner.engine for name, module in model.named_modules() if hasattr(module, "_kt_runner")}
 
 
+def installed_engines(model):
+    """The engines `load_model` installed, before preparation takes them."""
+    return {name: module._kt_engine for name, module in model.named_modules() if hasattr(module, "_kt_engine")}
+
+
 def non_expert_state(model):
     return {k: v for k, v in model.state_dict().items() if not k.endswith(tuple(f"experts.{n}" for n in EXPERT_NAMES))}
 
@@ -233,9 +238,11 @@ def write_fp8(path, block: int) -> dict[str, torch.Tensor]:
 
 def test_fp8_experts_equal_the_dequantized_weights(tmp_path, caplog):
     stored = write_fp8(tmp_path / "fp8", block=8)   # kv_a_proj_with_mqa [20, 32]: partial 8 x 8 blocks
-    with caplog.at_level("WARNING", logger="kt_trl.loading"):
+    with caplog.at_level("WARNING", logger="kt_trl"):
         model = load_model(tmp_path / "fp8")
-    assert "routed experts in BF16 for now" in caplog.text
+    # 8-column scale blocks: the engine's FP8 needs multiples of 16, so "auto" dequantizes (and says so)
+    assert "cannot go to the engine as stored (scale blocks of 8 columns" in caplog.text
+    assert {engine.format for engine in installed_engines(model).values()} == {"bf16"}
     assert getattr(model.config, "quantization_config", None) is None and model.dtype == torch.bfloat16
 
     def dequantized(key):
@@ -251,6 +258,35 @@ def test_fp8_experts_equal_the_dequantized_weights(tmp_path, caplog):
     for key in ("model.layers.0.self_attn.kv_a_proj_with_mqa.weight",
                 "model.layers.1.mlp.shared_experts.up_proj.weight"):
         assert torch.equal(state[key], dequantized(key))
+
+
+def test_fp8_experts_stay_fp8_in_the_engine_and_compute_as_dequantized(tmp_path):
+    write_fp8(tmp_path / "fp8", block=16)
+    kept = load_model(tmp_path / "fp8")   # "auto": the codes and block scales as stored
+    dequantized = load_model(tmp_path / "fp8", kt_config=KTConfig(expert_format="bf16"))
+    fp8_engines, bf16_engines = installed_engines(kept), installed_engines(dequantized)
+    assert {(e.format, e.block_k) for e in fp8_engines.values()} == {("fp8", 16)}
+    for name, engine in fp8_engines.items():
+        assert engine.packed_bytes < 0.6 * bf16_engines[name].packed_bytes
+    assert_same_model(kept, dequantized)   # the same weights, bit for bit, and the same logits
+
+
+def test_fp8_and_int8_experts_train(tmp_path, tokenizer, dataset):
+    from peft import LoraConfig
+
+    write_fp8(tmp_path / "fp8", block=16)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"], target_parameters=expert_targets("deepseek_v3"))
+    losses, reports = {}, {}
+    for format in ("auto", "bf16", "int8"):
+        trainer = KTSFTTrainer(str(tmp_path / "fp8"), sft_args(tmp_path / format, "deepseek_v3", max_steps=3), dataset,
+                               processing_class=copy.deepcopy(tokenizer), peft_config=copy.deepcopy(lora),
+                               kt_config=KTConfig(expert_format=format))
+        trainer.train()
+        losses[format], reports[format] = step_losses(trainer), trainer.kt_report
+    assert reports["auto"].expert_format == "fp8" and reports["int8"].expert_format == "int8"
+    assert len(losses["auto"]) == 3 and losses["auto"] == losses["bf16"]   # FP8 codes = their dequantized BF16
+    for ours, theirs in zip(losses["int8"], losses["bf16"]):   # INT8 re-quantizes those weights: close, not equal
+        assert abs(ours - theirs) <= 0.02 * theirs
 
 
 def test_fp8_matches_transformers_dequantization(tmp_path):

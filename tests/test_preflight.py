@@ -48,6 +48,16 @@ def test_counts_match_the_prepared_model(family, tmp_path):
     assert lines["other weights (4 bytes each)"] == 4 * other
 
 
+@pytest.mark.parametrize("format", ["fp8", "int8"])
+def test_8bit_expert_bytes_match_the_prepared_model(format, tmp_path):
+    kt_config = KTConfig(expert_format=format)
+    p = plan(tiny_config("qwen3_moe"), sft_args(tmp_path), kt_config)
+    report = prepare_model(tiny_model("qwen3_moe"), KTConfig(expert_format=format, freeze_experts=True))
+    assert report.expert_format == format
+    assert rows(p)[f"routed experts, packed {format.upper()}"] == report.packed_bytes
+    assert report.packed_bytes < rows(plan(tiny_config("qwen3_moe"), sft_args(tmp_path)))[PACKED]
+
+
 def test_kept_activations(tmp_path, tokenizer, dataset):
     family, r = "qwen3_moe", 4
     args = sft_args(tmp_path, max_steps=1, per_device_train_batch_size=2)
@@ -94,7 +104,9 @@ def test_plan_reads_only_the_config(tmp_path):
     fp8 = json.loads((tmp_path / "config.json").read_text())
     fp8["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
     (tmp_path / "config.json").write_text(json.dumps(fp8))
-    assert plan(tmp_path).host == p.host   # FP8 on disk, BF16 in the engine: the same plan
+    kept = dict(plan(tmp_path).host)   # FP8 on disk stays FP8 in the engine ("auto")
+    assert kept["routed experts, packed FP8"] < 0.6 * rows(p)[PACKED]
+    assert plan(tmp_path, kt_config=KTConfig(expert_format="bf16")).host == p.host   # dequantized: as BF16
 
 
 def test_dense_model_is_refused():

@@ -31,7 +31,7 @@ def test_adapters_line():
 def test_summary():
     text = report(reuse_checkpointed_activations=False).summary()
     assert "Qwen3-MoE: routed experts of 2 layer(s) (8 experts each)" in text
-    assert "[avx2, 2 thread(s)], 3.0 MiB packed" in text
+    assert "[avx2, 2 thread(s)], 3.0 MiB packed (BF16)" in text
     assert "recomputes the CPU expert forward" in text
 
 
