@@ -114,3 +114,32 @@ def test_merge_adapter_and_unmerge_keep_the_outputs():
     with kt.disable_adapter():
         disabled = logits(kt)
     assert not torch.allclose(disabled, before, rtol=0.02, atol=0.02)
+
+
+def test_merging_into_int8_experts_gives_bf16_experts_of_the_dequantized_weights_plus_the_delta(caplog):
+    from kt_trl.lora import expert_lora_factors
+
+    plain, _ = lora_pair()
+    kt = copy.deepcopy(plain)
+    prepare_model(kt, KTConfig(expert_format="int8"))
+    expected = []   # per layer: bf16(W_int8 dequantized + s·B_e·A_e), as the merge computes it
+    for module in kt.modules():
+        if hasattr(module, "_kt_wrappers"):
+            engine = module.get_base_layer()._kt_runner.engine
+            assert engine.format == "int8"
+            weights = dict(zip(("gate_up_proj", "down_proj"), engine.unpack()))
+            for name, wrapper in module._kt_wrappers.items():
+                lora = expert_lora_factors(wrapper, "default")
+                delta = lora.scale * (lora.B.detach().float() @ lora.A.detach().float())
+                weights[name] = (weights[name].float() + delta).bfloat16()
+            expected.append((weights["gate_up_proj"], weights["down_proj"]))
+    before = logits(kt)
+    with caplog.at_level("WARNING", logger="kt_trl"):
+        merged = kt.merge_and_unload()
+    assert "8-bit codes cannot hold W + s·B·A" in caplog.text
+    engines = [m._kt_runner.engine for m in merged.modules() if hasattr(m, "_kt_runner")]
+    assert len(engines) == len(expected) == 2 and {e.format for e in engines} == {"bf16"}
+    for engine, (gate_up, down) in zip(engines, expected):
+        merged_gate_up, merged_down = engine.unpack()
+        assert torch.equal(merged_gate_up, gate_up) and torch.equal(merged_down, down)
+    torch.testing.assert_close(logits(merged), before, rtol=0.02, atol=0.02)
