@@ -131,9 +131,10 @@ def bench_engine(engine, T, E, H, k, lgu, ld, iters):
     def bwd():
         engine.backward(dy, x, ids, w, state["saved"], lora_gate_up=lgu, lora_down=ld)
 
-    # The profile sums every call, best_ms's warm-ups included: stages_ms is the mean over the
-    # 2 x (iters + 1) calls (as in earlier results); the roofline's `warm` leaves out the two
-    # warm-ups, whose first touch of the workspace is no stage's steady cost.
+    # The profile sums every call, best_ms's warm-ups included: stages_ms is ms per step (one
+    # forward and one backward) over all iters + 1 of each, warm-ups in (as in earlier results);
+    # the roofline's `warm` is per step over the timed iters only: a warm-up's first touch of the
+    # workspace is no stage's steady cost.
     snaps = []   # cumulative stage ms after the fwd warm-up, before and after the bwd warm-up
 
     def snap():
@@ -151,6 +152,8 @@ def bench_engine(engine, T, E, H, k, lgu, ld, iters):
 
 # Per-stage roofline. For each stage (native/src/moe_forward.cpp, moe_backward.cpp) the model
 # counts its compulsory DRAM traffic, every buffer it reads or writes once, and its matrix FLOPs.
+# Rows gathered by route (x, dY) count once per route: a token's k routes go to different experts'
+# chunks, far apart in time. Only the experts with tokens have their weights read.
 # Buffers passed between stages (Xs, GU, Hs, D, ...) count in both stages; at small T they may stay
 # in L3, and any weights that fit in the caches (tiny) stay there across calls, so achieved GB/s
 # can pass the ceiling. Reads and writes both count against the read bandwidth: writes cost at least
@@ -176,37 +179,41 @@ def stage_costs(E: int, H: int, I: int, k: int, r: int, T: int, active: int) -> 
     def gemm(n_out: int, n_in: int) -> int:   # FLOPs of [N, n_in] x [n_in, n_out]
         return 2 * N * n_out * n_in
 
+    def lora_mat(width: int) -> int:   # a LoRA A [r, width] or B [width, r] of every expert with tokens
+        return active * r * width * F32
+
     w_gu, w_d = active * 2 * I * H * BF16, active * H * I * BF16   # packed weights of the experts with tokens
-    per_expert = active * r * F32                 # x width: a LoRA A [r, in] or B [out, r] of each active expert
-    lora_b_all = E * r * (2 * I + H) * F32        # both Bs of all E experts
-    lr = rows(r, F32)                             # a [N, r] FP32 LoRA row buffer (LX, LH, TY, TG)
+    lora_b_all = E * r * (2 * I + H) * F32   # both Bs of all E experts
+    lr = rows(r, F32)                        # a [N, r] FP32 LoRA row buffer (LX, LH, TY, TG)
     return {
         # Each call (fwd and bwd) reads ids int64 + weights FP32, writes route, row_of int64 + weight FP32.
         "plan": (2 * N * (8 + 4 + 8 + 8 + 4), 0),
         # fwd transposes both Bs (all E, read + write), bwd copies them again.
         "lora_prep": (4 * lora_b_all, 0),
         # x row per route -> Xs; LoRA LX = Xs A_gu^T (reads A_gu, writes LX).
-        "fwd_gather": (2 * rows(H) + per_expert * H + lr, gemm(r, H)),
+        "fwd_gather": (2 * rows(H) + lora_mat(H) + lr, gemm(r, H)),
         # Xs, the gate_up weights, LX and Bt_gu in; GU (BF16, the saved buffer) out.
-        "fwd_gate_up": (rows(H) + w_gu + lr + per_expert * 2 * I + rows(2 * I), gemm(2 * I, H) + gemm(2 * I, r)),
-        # GU in, Hs out; LoRA LH = Hs A_d^T; LX copied to the saved buffer (read + write), LH saved too.
-        "fwd_act": (rows(2 * I) + rows(I) + per_expert * I + lr + 2 * lr + lr, gemm(r, I)),
+        "fwd_gate_up": (rows(H) + w_gu + lr + lora_mat(2 * I) + rows(2 * I), gemm(2 * I, H) + gemm(2 * I, r)),
+        # GU in, Hs out; LoRA LH = Hs A_d^T (A_d in, LH out), LX copied to the saved buffer (in + out),
+        # LH saved too (out).
+        "fwd_act": (rows(2 * I) + rows(I) + lora_mat(I) + 4 * lr, gemm(r, I)),
         # Hs, the down weights, LH and Bt_d in; D [N, H] FP32 per-route rows out.
-        "fwd_down": (rows(I) + w_d + lr + per_expert * H + rows(H, F32), gemm(H, I) + gemm(H, r)),
+        "fwd_down": (rows(I) + w_d + lr + lora_mat(H) + rows(H, F32), gemm(H, I) + gemm(H, r)),
         # D rows and route weights in, y [T, H] BF16 out.
         "fwd_combine": (rows(H, F32) + N * F32 + T * H * BF16, 0),
         # dY row per route -> dYs; LoRA TY = dYs B_d (reads B_d, writes TY).
-        "bwd_gather": (2 * rows(H) + per_expert * H + lr, gemm(r, H)),
+        "bwd_gather": (2 * rows(H) + lora_mat(H) + lr, gemm(r, H)),
         # dYs, the down weights again, TY and A_d in; G [N, I] FP32 out.
-        "bwd_down_t": (rows(H) + w_d + lr + per_expert * I + rows(I, F32), gemm(I, H) + gemm(I, r)),
-        # saved GU and G in, dGU and dw out; LoRA: B_gu, saved LX and LH, TY, x and dYs rows in, TG out,
-        # dA of both (all E) written, dB accumulated per expert then stored (write, read, write).
+        "bwd_down_t": (rows(H) + w_d + lr + lora_mat(I) + rows(I, F32), gemm(I, H) + gemm(I, r)),
+        # saved GU and G in, dGU and dw out; LoRA: B_gu, saved LX and LH, TY in, TG out, x and dYs rows
+        # in again (dA_gu, dB_d), dA of both written (all E), dB accumulated per expert then stored
+        # (out, in, out).
         "bwd_act": (rows(2 * I) + rows(I, F32) + rows(2 * I) + N * F32
-                    + per_expert * 2 * I + 3 * lr + (2 * rows(H) if r else 0) + lr
+                    + lora_mat(2 * I) + 4 * lr + (2 * rows(H) if r else 0)
                     + E * r * (H + I) * F32 + 3 * lora_b_all,
                     gemm(r, 2 * I) + gemm(2 * I, r) + gemm(r, H) + gemm(r, I) + gemm(H, r)),
         # dGU, the gate_up weights again, TG and A_gu in; DX [N, H] FP32 per-route rows out.
-        "bwd_gate_up_t": (rows(2 * I) + w_gu + lr + per_expert * H + rows(H, F32), gemm(H, 2 * I) + gemm(H, r)),
+        "bwd_gate_up_t": (rows(2 * I) + w_gu + lr + lora_mat(H) + rows(H, F32), gemm(H, 2 * I) + gemm(H, r)),
         # DX rows in, dx [T, H] BF16 out.
         "bwd_combine": (rows(H, F32) + T * H * BF16, 0),
     }
@@ -230,7 +237,7 @@ def roofline(ms: float, nbytes: int, flops: int, dram_gbs: float | None, amx_tfl
 
 
 def stage_roofline(name: str, T: int, shape: tuple, r: int, warm_ms: dict, ceil: dict) -> dict:
-    """The `stage_roofline` record of one (shape, T) from the warm per-call stage ms."""
+    """The `stage_roofline` record of one (shape, T) from the warm per-step stage ms."""
     E, H, I, k = shape
     active = active_experts(T, E, k)
     dram_key = next((key for key in ("dram_read_gbs", "dram_read_gbs_torch") if key in ceil), None)
@@ -260,8 +267,10 @@ def worst_stage_line(rec: dict) -> str:
     n, v = max(floored.items(), key=lambda item: item[1]["ms"] - item[1]["floor_ms"])
     fracs = ", ".join(f"{v[f'frac_{c}']:.2f} of {c.upper()}" for c in ("dram", "amx") if f"frac_{c}" in v)
     floor = sum(s["floor_ms"] for s in floored.values())
+    missing = [c for c, key in (("DRAM", "dram_gbs"), ("AMX", "amx_peak_tflops")) if rec[key] is None]
     return (f"{head} worst stage {n} {v['ms']:.2f} ms, {fracs} (floor {v['floor_ms']:.2f} ms, "
-            f"{v['bound'].upper()}-bound, headroom {v['headroom']:.1f}x); stages {total:.1f} ms vs floor {floor:.1f} ms")
+            f"{v['bound'].upper()}-bound, headroom {v['headroom']:.1f}x); stages {total:.1f} ms vs floor {floor:.1f} ms"
+            + "".join(f"; no {c} ceiling" for c in missing))
 
 
 def bench_torch(gate_up, down, T, E, H, k, lgu, ld, iters):

@@ -55,7 +55,7 @@ class KTSFTTrainer(SFTTrainer):
     >>> trainer.train()  # doctest: +ELLIPSIS
     {...}
     TrainOutput(global_step=2, ...)
-    >>> trainer.kt_report.layers_routed
+    >>> trainer.kt_report.layers_routed + trainer.kt_report.gpu_layers   # on the CPU engine, then kept on the GPU
     (0, 1)
     ```
     """

@@ -48,7 +48,8 @@ def _launch(out: Path, *, ranks: int, batch: int, reduce: bool = True) -> None:
     command = (launcher if ranks > 1 else [sys.executable]) + [str(script), str(out), str(batch),
                                                              "reduce" if reduce else "no-reduce"]
     done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if "Error" in line and "File " not in line]
+    assert done.returncode == 0, "\n".join(errors[:20]) + "\n" + done.stderr[-2000:]
 
 
 def _params(out: Path, rank: int) -> dict:

@@ -142,6 +142,8 @@ _PEAK_SCRIPT = textwrap.dedent("""
     def peak():
         return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
     ExpertEngine(torch.zeros(1, 32, 32), torch.zeros(1, 32, 16))   # imports and the library before the baseline
+    if torch.cuda.is_available():   # the plan reads free GPU memory: the CUDA context's host memory is no expert
+        torch.cuda.mem_get_info()
     with torch.device("meta"):
         transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(sys.argv[1]))
     before = peak()
@@ -290,8 +292,13 @@ def test_fp8_and_int8_experts_train(tmp_path, tokenizer, dataset):
 
 
 def test_fp8_matches_transformers_dequantization(tmp_path):
+    from transformers import FineGrainedFP8Config
+
     write_fp8(tmp_path / "fp8", block=4)   # every matrix a whole number of blocks: transformers' own path loads it
-    assert_same_model(load_model(tmp_path / "fp8"), AutoModelForCausalLM.from_pretrained(tmp_path / "fp8"))
+    # dequantize=True: where a GPU is visible transformers would otherwise keep FP8 weights (its FP8Experts)
+    dequantized = FineGrainedFP8Config(weight_block_size=(4, 4), dequantize=True)
+    assert_same_model(load_model(tmp_path / "fp8", kt_config=KTConfig(expert_format="bf16")),
+                      AutoModelForCausalLM.from_pretrained(tmp_path / "fp8", quantization_config=dequantized))
 
 
 # Clear errors.
