@@ -41,7 +41,9 @@ json.dump({"losses": step_losses(trainer), "affinity": sorted(os.sched_getaffini
 def _launch(out: Path, *, ranks: int, batch: int, reduce: bool = True) -> None:
     out.mkdir()
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    # CPU ranks: with a GPU visible, accelerate's barrier passes device_ids=[local rank] and torch then asks for
+    # that CUDA device, which a one-GPU host lacks for rank 1 (plain SFTTrainer fails the same way there).
+    env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     script = out / "train.py"
     script.write_text(TRAIN)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
