@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from moe_layer import SHAPES, lora, machine_ceilings, random_layer, routing  # noqa: E402
 
 from kt_trl._native import configure  # noqa: E402
+from kt_trl._native.ops import profile_read  # noqa: E402
 from kt_trl.engine import ExpertEngine  # noqa: E402
 from kt_trl.formats import FP8_BLOCK_K, quantize  # noqa: E402
 
@@ -55,18 +56,23 @@ def step_fn(engine: ExpertEngine, x, ids, w, dy, lgu, ld):
     return step
 
 
-def interleaved(steps: dict, reps: int) -> dict[str, list[float]]:
-    """ms per step of each variant, the variants taking turns (and rotating who goes first)."""
+def interleaved(steps: dict, reps: int) -> tuple[dict[str, list[float]], dict[str, dict[str, float]]]:
+    """ms per step of each variant, the variants taking turns (and rotating who goes first), and each
+    variant's mean ms per engine stage."""
     for fn in steps.values():
         fn()   # warm-up: first touch of the workspace
     times = {name: [] for name in steps}
+    stages = {name: {} for name in steps}
     names = list(steps)
     for rep in range(reps):
         for name in names[rep % len(names):] + names[:rep % len(names)]:
+            profile_read(reset=True)
             t0 = time.perf_counter()
             steps[name]()
             times[name].append((time.perf_counter() - t0) * 1e3)
-    return times
+            for stage, ms in profile_read(reset=True).items():
+                stages[name][stage] = stages[name].get(stage, 0.0) + ms / reps
+    return times, stages
 
 
 def main() -> None:
@@ -97,7 +103,7 @@ def main() -> None:
         for T in (int(t) for t in args.tokens.split(",")):
             ids, w = routing(T, E, k)
             x, dy = torch.randn(T, H).bfloat16(), torch.randn(T, H).bfloat16()
-            times = interleaved({f: step_fn(e, x, ids, w, dy, lgu, ld) for f, e in built.items()}, args.reps)
+            times, stages = interleaved({f: step_fn(e, x, ids, w, dy, lgu, ld) for f, e in built.items()}, args.reps)
             base = statistics.median(times["bf16"])
             for fmt, ms in times.items():
                 med = statistics.median(ms)
@@ -109,6 +115,8 @@ def main() -> None:
                     rec["fraction_dram"] = round(rec["weight_gbs"] / ceil["dram_read_gbs"], 3)
                     rec["step_over_bf16_dram_floor"] = round(med / (2 * bf16_bytes / (ceil["dram_read_gbs"] * 1e6)), 2)
                 emit(rec)
+                emit({"kind": "stages_ms", "shape": name, "T": T, "format": fmt,
+                      **{k: round(v, 2) for k, v in stages[fmt].items() if v > 0}})
         del built
     if args.json:
         Path(args.json).write_text("\n".join(json.dumps(r) for r in records) + "\n")
