@@ -118,7 +118,8 @@ class ExpertEngine:
     @classmethod
     def from_experts(cls, num_experts: int, hidden_size: int, intermediate_size: int, experts, *,
                      activation: str = "silu", alpha: float = 1.702, limit: float = 7.0, format: str = "bf16",
-                     block_k: int | None = None) -> "ExpertEngine":
+                     block_k: int | None = None, memory: torch.Tensor | None = None,
+                     filled: bool = False) -> "ExpertEngine":
         """Builds an engine expert by expert, never holding the whole layer in another copy.
 
         Args:
@@ -127,10 +128,20 @@ class ExpertEngine:
                 engine's format), or with the expert's biases ``(gate_up, down, gate_up_bias [2I],
                 down_bias [H])``.
             activation, alpha, limit, format, block_k: as for the constructor.
+            memory (`torch.Tensor`, *optional*): uint8 CPU memory of `weight_bytes` bytes to pack into
+                instead of the engine's own (e.g. a mapping several processes share; kept alive by the
+                engine).
+            filled (`bool`, *optional*): `memory` holds every expert already, packed by an engine of
+                the same sizes and format; `experts` then gives only what is not in it (biases), or is None.
         """
         engine = cls.__new__(cls)
-        engine._allocate(num_experts, hidden_size, intermediate_size, format, block_k)
+        engine._allocate(num_experts, hidden_size, intermediate_size, format, block_k, memory, filled)
         engine._set_activation(activation, alpha, limit)
+        if filled:
+            for e, weights in enumerate(experts or ()):
+                if len(weights) == 4:
+                    engine.load_bias(e, weights[2], weights[3])
+            return engine
         count = 0
         for e, weights in enumerate(experts):
             if e >= num_experts:
@@ -147,7 +158,7 @@ class ExpertEngine:
         return engine
 
     def _allocate(self, num_experts: int, hidden_size: int, intermediate_size: int, format: str,
-                  block_k: int | None) -> None:
+                  block_k: int | None, memory: torch.Tensor | None = None, filled: bool = False) -> None:
         ensure_configured()
         if format not in ops.FORMAT_CONSTANTS:
             raise ValueError(f"format must be one of {sorted(ops.FORMAT_CONSTANTS)}, got {format!r}")
@@ -155,7 +166,8 @@ class ExpertEngine:
             block_k = FP8_BLOCK_K if format == "fp8" else 0
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
         self.format, self.block_k = format, block_k
-        self._handle = ops.experts_create(num_experts, hidden_size, intermediate_size, format, block_k)
+        self._handle = ops.experts_create(num_experts, hidden_size, intermediate_size, format, block_k, memory, filled)
+        self._memory = memory   # outlives the handle's use of it
         self._biases: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _set_activation(self, activation: str, alpha: float, limit: float) -> None:
@@ -169,6 +181,20 @@ class ExpertEngine:
     @property
     def packed_bytes(self) -> int:
         return ops.experts_packed_bytes(self._handle)
+
+    @property
+    def shared(self) -> bool:
+        """Whether the weights are in memory given from outside (`from_experts(memory=...)`), which
+        other processes may read too."""
+        return self._memory is not None
+
+    @staticmethod
+    def weight_bytes(num_experts: int, hidden_size: int, intermediate_size: int, format: str = "bf16",
+                     block_k: int | None = None) -> int:
+        """Bytes of the packed weights of an engine of these sizes and format."""
+        if block_k is None:
+            block_k = FP8_BLOCK_K if format == "fp8" else 0
+        return ops.experts_weight_bytes(num_experts, hidden_size, intermediate_size, format, block_k)
 
     def load_expert(self, expert: int, gate_up, down) -> None:
         """(Re)packs one expert from ``gate_up [2I, H]`` and ``down [H, I]``: tensors (rounded to BF16,
@@ -206,9 +232,9 @@ class ExpertEngine:
         return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
 
     def as_bf16(self) -> "ExpertEngine":
-        """A BF16 engine computing exactly what this one does: its (dequantized) weights, activation and
-        biases, built expert by expert. For writing into the weights (merging an adapter), which
-        8-bit codes cannot hold."""
+        """A BF16 engine in its own memory computing exactly what this one does: its (dequantized)
+        weights, activation and biases, built expert by expert. For writing into the weights (merging
+        an adapter), which 8-bit codes cannot hold and shared pages must not take."""
         E, H, I = self.dims
         experts = (ops.experts_unpack(self._handle, e, H, I) + self._biases.get(e, ()) for e in range(E))
         return ExpertEngine.from_experts(E, H, I, experts, **self._activation)

@@ -40,6 +40,7 @@ from .checkpoint_keys import (DTYPES, LayerSources, Shards, checkpoint_files, fp
                               unplaced_expert_keys)
 from .config import KTConfig
 from .containers import find_decoder_layers, find_moe_blocks
+from .host_copy import host_engines
 from .layouts import EXPERT_PARAMETERS, ExpertLayout, engine_dims, engine_expert, match_layout
 from .progress import progress_bar
 
@@ -277,8 +278,8 @@ def _load_generation_config(model: nn.Module, directory: Path) -> None:
 
 def _stream_experts(model: nn.Module, layers: list[LayerSources], shards: Shards, layout, dtype,
                     engine_format: tuple[str, int | None]) -> int:
-    """Fill the layers' engines expert by expert, several layers at once; drop each shard's page cache
-    once every layer reading from it is done. Returns the packed bytes."""
+    """Fill the layers' engines expert by expert and install them, one copy per host when several ranks
+    share it (`kt_trl.host_copy`: the others map it, reading nothing). Returns the packed bytes."""
     from ._native import ensure_configured
     from .weights import install_engine
 
@@ -286,23 +287,40 @@ def _stream_experts(model: nn.Module, layers: list[LayerSources], shards: Shards
     modules = [model.get_submodule(layer.module) for layer in layers]
     for experts, layer in zip(modules, layers):
         _check_placeholders(experts, layer)
+    format, block_k = engine_format
+    sizes = [(*engine_dims(layout, experts), format, block_k) for experts in modules]
+
+    def attach(i: int, memory):   # the experts another rank of this host streamed
+        from .engine import ExpertEngine
+
+        return ExpertEngine.from_experts(*sizes[i][:3], None, format=format, block_k=block_k, memory=memory,
+                                         filled=True)
+
+    engines = host_engines(sizes, lambda memories: _stream_layers(modules, layers, shards, layout, dtype,
+                                                                  engine_format, memories), attach)
+    for experts, engine in zip(modules, engines):
+        install_engine(experts, engine)
+        experts.register_state_dict_post_hook(_unpack_installed_engine)
+    return sum(int(engine.packed_bytes) for engine in engines)
+
+
+def _stream_layers(modules, layers: list[LayerSources], shards: Shards, layout, dtype, engine_format, memories):
+    """The layers' engines (into `memories` where given), several layers at once; each shard's page cache is
+    dropped once every layer reading from it is done."""
     paths = [{shards.files[key] for key in layer.keys} for layer in layers]
     readers = {path: sum(path in used for used in paths) for path in set().union(*paths)}
-    packed = 0
+    engines = []
     # Packing is CPU work on fresh memory, whose page faults cost more than the packing itself on some hosts
     # (VMs): several layers at once spread both over the cores (each layer's engine is its own memory), one
     # packing thread and its reader per two logical CPUs, at least two.
     workers = max(1, min(len(layers), 8, max(2, (os.cpu_count() or 2) // 2)))
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kt_trl_load")
     try:
-        futures = [pool.submit(_layer_engine, experts, layer, shards, layout, dtype, engine_format)
-                   for experts, layer in zip(modules, layers)]
+        futures = [pool.submit(_layer_engine, experts, layer, shards, layout, dtype, engine_format, memory)
+                   for experts, layer, memory in zip(modules, layers, memories)]
         with progress_bar(total=len(layers), desc="Streaming experts into the CPU engine", unit="layer") as bar:
-            for experts, used, future in zip(modules, paths, futures):
-                engine = future.result()
-                install_engine(experts, engine)
-                experts.register_state_dict_post_hook(_unpack_installed_engine)
-                packed += int(engine.packed_bytes)
+            for used, future in zip(paths, futures):
+                engines.append(future.result())
                 for path in used:
                     readers[path] -= 1
                     if not readers[path]:
@@ -310,7 +328,7 @@ def _stream_experts(model: nn.Module, layers: list[LayerSources], shards: Shards
                 bar.update()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-    return packed
+    return engines
 
 
 def _unpack_installed_engine(module: nn.Module, state_dict, prefix: str, local_metadata) -> None:
@@ -336,7 +354,7 @@ def _check_placeholders(experts: nn.Module, layer: LayerSources) -> None:
 
 
 def _layer_engine(experts: nn.Module, layer: LayerSources, shards: Shards, layout, dtype,
-                  engine_format: tuple[str, int | None]):
+                  engine_format: tuple[str, int | None], memory=None):
     """The layer's engine, filled expert by expert from two reused buffers (one read, one packed): FP8
     codes as stored, or weights in `dtype` (quantized by the engine for an 8-bit format)."""
     from .engine import ExpertEngine
@@ -362,7 +380,8 @@ def _layer_engine(experts: nn.Module, layer: LayerSources, shards: Shards, layou
             return engine_expert(layout, *buffers)
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kt_trl_read") as reader:
-        return ExpertEngine.from_experts(E, H, I, _read_ahead(reader, read, E), format=format, block_k=block_k)
+        return ExpertEngine.from_experts(E, H, I, _read_ahead(reader, read, E), format=format, block_k=block_k,
+                                         memory=memory)
 
 
 def _read_ahead(pool: ThreadPoolExecutor, read, count: int):

@@ -120,6 +120,10 @@ def _add_delta_to_engine(wrapper: nn.Module, adapter: str, *, sign: float, check
                        "experts become BF16 (their dequantized weights plus the delta, twice the host memory).",
                        runner.engine.format.upper(), runner.name)
         runner.engine = runner.engine.as_bf16()
+    elif runner.engine.shared:   # the host's other ranks compute with these pages: merge into a private copy
+        logger.warning("kt_trl: merging into %s, whose experts this host's ranks share: this rank's layer gets its "
+                       "own copy first.", runner.name)
+        runner.engine = runner.engine.as_bf16()
     engine = runner.engine
     lora = expert_lora_factors(wrapper, adapter)
     gate_up, down = engine.unpack()  # this layer only: [E, 2I, H], [E, H, I] bf16

@@ -18,7 +18,8 @@ from .config import KTConfig
 from .containers import MoEBlock, find_decoder_layers, find_moe_blocks, unwrap_model
 from .distributed import ignore_in_ddp, pin_to_rank_cores
 from .experts import KT_IMPLEMENTATION, EngineRunner, register_experts_implementation
-from .layouts import EXPERT_PARAMETERS, ExpertLayout, check_experts_module, match_layout
+from .host_copy import host_engines
+from .layouts import EXPERT_PARAMETERS, ExpertLayout, check_experts_module, engine_dims, match_layout
 from .lora import bind_expert_lora, requested_expert_lora
 from .placement import expert_lora_params, gpu_layers
 from .progress import progress_bar
@@ -128,19 +129,36 @@ def _route_blocks(base: nn.Module, blocks: list[MoEBlock], layout: ExpertLayout,
     _switch_experts_implementation(base, blocks, on_device)
     staging = HostStaging()  # one for all layers: its in-flight copies are released on any layer's call
     budgets = activation_budgets(config)  # model-wide
-    to_pack = sum(not hasattr(block.experts, "_kt_engine") for block in blocks)
-    bar = progress_bar(total=to_pack, desc="Packing experts for the CPU engine", unit="layer")
+    packed = dict(zip(map(id, blocks), _packed_engines(blocks, layout, packed_format(config))))
     for block in blocks:
-        engine = take_installed_engine(block.experts)
-        if engine is None:
-            engine = pack_experts(block.experts, layout, packed_format(config))
-            bar.update()
+        engine = packed[id(block)] if id(block) in packed else take_installed_engine(block.experts)
         release_expert_weights(block.experts)
         block.experts._kt_runner = EngineRunner(engine, layer=block.layer, name=block.name, config=config,
                                                 staging=staging, budgets=budgets)
         keep_on_cpu(block.experts)  # also once PEFT's unload() puts it back in the model
         attach_state_hooks(block.experts, layout)
-    bar.close()
+
+
+def _packed_engines(blocks: list[MoEBlock], layout: ExpertLayout, format: str) -> list:
+    """Engines packed from the module weights of the blocks without an installed one (in their order):
+    one copy per host when several ranks share it (`kt_trl.host_copy`)."""
+    blocks = [b for b in blocks if not hasattr(b.experts, "_kt_engine")]
+    if not blocks:
+        return []
+
+    def fill(memories):
+        with progress_bar(total=len(blocks), desc="Packing experts for the CPU engine", unit="layer") as bar:
+            engines = []
+            for block, memory in zip(blocks, memories):
+                engines.append(pack_experts(block.experts, layout, format, memory=memory))
+                bar.update()
+            return engines
+
+    def attach(i, memory):
+        return pack_experts(blocks[i].experts, layout, format, memory=memory, filled=True)
+
+    sizes = [(*engine_dims(layout, b.experts), format, None) for b in blocks]
+    return host_engines(sizes, fill, attach)
 
 
 def packed_format(config: KTConfig) -> str:

@@ -30,15 +30,18 @@ from .engine import ExpertEngine
 from .layouts import EXPERT_PARAMETERS, ExpertLayout, engine_bias, engine_dims, engine_expert, engine_experts, hf_expert
 
 
-def pack_experts(experts: nn.Module, layout: ExpertLayout, format: str = "bf16") -> ExpertEngine:
+def pack_experts(experts: nn.Module, layout: ExpertLayout, format: str = "bf16", *, memory=None,
+                 filled: bool = False) -> ExpertEngine:
     """An `ExpertEngine` holding the module's experts (and biases) in `layout`, built expert by expert
-    and stored in `format` (`kt_trl.formats`: 8-bit ones are quantized from the module's weights)."""
+    and stored in `format` (`kt_trl.formats`: 8-bit ones are quantized from the module's weights);
+    `memory` / `filled` as for `ExpertEngine.from_experts` (filled: only the biases are read)."""
     E, H, I = engine_dims(layout, experts)
-    options = {"format": format}
+    options = {"format": format, "memory": memory, "filled": filled}
     if layout.act == "clamped_swiglu":
         options.update(activation="clamped_swiglu", alpha=float(experts.alpha), limit=float(experts.limit))
     with torch.no_grad():
-        return ExpertEngine.from_experts(E, H, I, engine_experts(layout, experts), **options)
+        weights = engine_experts(layout, experts) if not filled or layout.bias else None   # filled: biases only
+        return ExpertEngine.from_experts(E, H, I, weights, **options)
 
 
 def release_expert_weights(experts: nn.Module) -> None:

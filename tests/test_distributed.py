@@ -14,7 +14,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 TRAIN = """
-import json, os, sys
+import json, os, re, sys
 import torch
 from peft import LoraConfig
 from kt_trl import KTSFTTrainer, distributed
@@ -30,11 +30,28 @@ trainer = KTSFTTrainer(
     processing_class=build_tokenizer(dataset),
     peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"], target_parameters=expert_targets("qwen3_moe")),
 )
+def shared_expert_memory():  # (Rss, Pss) bytes of the mappings of the host's packed experts (unlinked files)
+    rss = pss = 0
+    inside = False
+    for line in open("/proc/self/smaps"):
+        if re.match(r"[0-9a-f]+-[0-9a-f]+ ", line):
+            inside = "/dev/shm/kt_trl-" in line
+        elif inside and line.startswith("Rss:"):
+            rss += int(line.split()[1]) * 1024
+        elif inside and line.startswith("Pss:"):
+            pss += int(line.split()[1]) * 1024
+    return rss, pss
+
+
 trainer.train()
 rank = int(os.environ.get("RANK", "0"))
+rss, pss = shared_expert_memory()
+packed = trainer.kt_report.packed_bytes
 torch.save({n: p.detach().cpu() for n, p in trainer.model.named_parameters() if p.requires_grad}, f"{out}/params{rank}.pt")
 json.dump({"losses": step_losses(trainer), "affinity": sorted(os.sched_getaffinity(0)),
-           "threads": trainer.kt_report.threads}, open(f"{out}/rank{rank}.json", "w"))
+           "threads": trainer.kt_report.threads, "shared_rss": rss, "shared_pss": pss, "packed": packed,
+           "shm_files": [f for f in os.listdir("/dev/shm") if f.startswith("kt_trl-")]},
+          open(f"{out}/rank{rank}.json", "w"))
 """
 
 
@@ -98,3 +115,15 @@ def test_each_rank_runs_on_its_share_of_the_cores(runs):
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("one CPU: nothing to share")
     assert not set(ranks[0]["affinity"]) & set(ranks[1]["affinity"])
+
+
+def test_the_host_holds_one_copy_of_the_experts(runs):
+    ranks = [json.loads((runs / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    packed = ranks[0]["packed"]
+    assert packed > 0
+    for rank in ranks:   # both map all of it; each is charged half of it (proportional set size)
+        assert rank["shared_rss"] >= packed
+        assert abs(rank["shared_pss"] - packed / 2) <= 0.05 * packed, rank
+        assert rank["shm_files"] == []   # unlinked once both had mapped them
+    single = json.loads((runs / "one" / "rank0.json").read_text())
+    assert single["shared_rss"] == 0   # one process on the host: its own memory

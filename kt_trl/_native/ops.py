@@ -196,17 +196,41 @@ def cpu_info() -> dict:
 _HANDLE_DIMS: dict[int, tuple[int, int, int]] = {}
 
 
-def experts_create(num_experts: int, hidden: int, intermediate: int, format: str = "bf16", block_k: int = 0):
-    """A ``kt_experts`` handle storing the weights in ``format`` (a key of `FORMAT_CONSTANTS`),
-    destroyed when garbage-collected."""
-    ffi, lib = load()
+def _format_args(lib, num_experts, hidden, intermediate, format, block_k) -> tuple:
     dims = (_as_int(num_experts, "num_experts"), _as_int(hidden, "hidden size"),
             _as_int(intermediate, "intermediate size"))
     if format not in FORMAT_CONSTANTS:
         raise ValueError(f"unknown weight format {format!r}; use one of {sorted(FORMAT_CONSTANTS)}")
+    return dims, (getattr(lib, FORMAT_CONSTANTS[format]), _as_int(block_k, "block_k"))
+
+
+def experts_weight_bytes(num_experts: int, hidden: int, intermediate: int, format: str = "bf16",
+                         block_k: int = 0) -> int:
+    """Bytes of the packed weights of an engine of these sizes and format (the memory of `experts_create_in`)."""
+    ffi, lib = load()
+    dims, fmt = _format_args(lib, num_experts, hidden, intermediate, format, block_k)
+    out = ffi.new("int64_t *")
+    check(lib, ffi, lib.kt_experts_weight_bytes(out, *dims, *fmt), "kt_experts_weight_bytes")
+    return int(out[0])
+
+
+def experts_create(num_experts: int, hidden: int, intermediate: int, format: str = "bf16", block_k: int = 0,
+                   memory: torch.Tensor | None = None, filled: bool = False):
+    """A ``kt_experts`` handle storing the weights in ``format`` (a key of `FORMAT_CONSTANTS`), destroyed
+    when garbage-collected; over ``memory`` (a uint8 CPU tensor the caller keeps alive, e.g. a shared
+    mapping; ``filled``: it holds every expert already) or its own."""
+    ffi, lib = load()
+    dims, fmt = _format_args(lib, num_experts, hidden, intermediate, format, block_k)
     out = ffi.new("kt_experts **")
-    status = lib.kt_experts_create(out, *dims, getattr(lib, FORMAT_CONSTANTS[format]), _as_int(block_k, "block_k"))
-    check(lib, ffi, status, "kt_experts_create")
+    if memory is None:
+        check(lib, ffi, lib.kt_experts_create(out, *dims, *fmt), "kt_experts_create")
+    else:
+        check_tensor(memory, "memory")
+        if memory.dtype != torch.uint8 or not memory.is_cpu or not memory.is_contiguous():
+            raise TypeError(f"memory must be a contiguous uint8 CPU tensor, got {memory.dtype} on {memory.device}")
+        status = lib.kt_experts_create_in(out, *dims, *fmt, ffi.cast("void *", memory.data_ptr()), memory.numel(),
+                                          int(bool(filled)))
+        check(lib, ffi, status, "kt_experts_create_in")
     address = int(ffi.cast("uintptr_t", out[0]))
     _HANDLE_DIMS[address] = dims
 

@@ -193,6 +193,14 @@ int64_t kt_host_cached_bytes(void);
  * one column when block_k = 0). */
 kt_status kt_experts_create(kt_experts **out, int64_t num_experts, int64_t hidden, int64_t intermediate,
                             int32_t format, int64_t block_k);
+/* The same engine over caller-owned memory (e.g. a mapping shared by the processes of a host):
+ * at least kt_experts_weight_bytes bytes, 64-byte aligned, alive until kt_experts_destroy. With
+ * filled != 0 the memory already holds every expert, packed by an engine of the same sizes and
+ * format (another process's), and nothing needs loading. */
+kt_status kt_experts_weight_bytes(int64_t *out, int64_t num_experts, int64_t hidden, int64_t intermediate,
+                                  int32_t format, int64_t block_k);
+kt_status kt_experts_create_in(kt_experts **out, int64_t num_experts, int64_t hidden, int64_t intermediate,
+                               int32_t format, int64_t block_k, void *memory, int64_t memory_bytes, int32_t filled);
 void kt_experts_destroy(kt_experts *experts);
 kt_status kt_experts_load(kt_experts *experts, int64_t expert, const uint16_t *gate_up,
                           int64_t gate_up_ld, const uint16_t *down, int64_t down_ld);

@@ -166,39 +166,81 @@ KT_API void kt_profile_read(double *ms, int32_t reset) {
     });
 }
 
+namespace {
+
+// A new engine's sizes and layouts for (E, H, I, format, block_k), all checked; no weight memory yet.
+kt_experts *new_experts(int64_t E, int64_t H, int64_t I, int32_t format, int64_t block_k) {
+    KT_CHECK(E >= 1 && E <= 65536, "num_experts must be in [1, 65536], got %lld", (long long)E);
+    KT_CHECK(H >= 1 && H <= (1 << 20), "hidden size must be in [1, 2^20], got %lld", (long long)H);
+    KT_CHECK(I >= 1 && I <= (1 << 20), "intermediate size must be in [1, 2^20], got %lld", (long long)I);
+    KT_CHECK(format == KT_FORMAT_BF16 || format == KT_FORMAT_FP8_E4M3 || format == KT_FORMAT_INT8,
+             "unknown weight format %d (KT_FORMAT_BF16, KT_FORMAT_FP8_E4M3 or KT_FORMAT_INT8)", format);
+    KT_CHECK(format != KT_FORMAT_BF16 || block_k == 0, "block_k must be 0 for BF16 weights, got %lld",
+             (long long)block_k);
+    KT_CHECK(block_k == 0 || (block_k > 0 && block_k % 16 == 0 && block_k <= (1 << 20)),
+             "block_k must be 0 (one scale per row) or a positive multiple of 16, got %lld", (long long)block_k);
+    auto ex = new kt_experts();
+    ex->E = E; ex->H = H; ex->I = I;
+    ex->Hp = round_up(H, kKAlign);
+    ex->Ip = round_up(I, kKAlign);
+    ex->GUp = round_up(2 * I, kKAlign);
+    ex->ldx = ex->Hp + kKAlign;
+    ex->ldh = ex->Ip + kKAlign;
+    ex->ldgu = ex->GUp + kKAlign;
+    ex->format = format;
+    ex->block_k = block_k;
+    ex->gu_layout = WeightLayout(format, 2 * I, H, block_k);
+    ex->d_layout = WeightLayout(format, H, I, block_k);
+    ex->expert_bytes = ex->gu_layout.bytes() + ex->d_layout.bytes();
+    ex->loaded.assign(E, 0);
+    return ex;
+}
+
+int64_t weight_bytes(const kt_experts &ex) { return checked_product(ex.E, ex.expert_bytes, 1, "packed experts"); }
+
+}  // namespace
+
 KT_API kt_status kt_experts_create(kt_experts **out, int64_t E, int64_t H, int64_t I, int32_t format, int64_t block_k) {
     return guarded([&] {
         KT_CHECK(out != nullptr, "output handle pointer is NULL");
         *out = nullptr;
-        KT_CHECK(E >= 1 && E <= 65536, "num_experts must be in [1, 65536], got %lld", (long long)E);
-        KT_CHECK(H >= 1 && H <= (1 << 20), "hidden size must be in [1, 2^20], got %lld", (long long)H);
-        KT_CHECK(I >= 1 && I <= (1 << 20), "intermediate size must be in [1, 2^20], got %lld", (long long)I);
-        KT_CHECK(format == KT_FORMAT_BF16 || format == KT_FORMAT_FP8_E4M3 || format == KT_FORMAT_INT8,
-                 "unknown weight format %d (KT_FORMAT_BF16, KT_FORMAT_FP8_E4M3 or KT_FORMAT_INT8)", format);
-        KT_CHECK(format != KT_FORMAT_BF16 || block_k == 0, "block_k must be 0 for BF16 weights, got %lld",
-                 (long long)block_k);
-        KT_CHECK(block_k == 0 || (block_k > 0 && block_k % 16 == 0 && block_k <= (1 << 20)),
-                 "block_k must be 0 (one scale per row) or a positive multiple of 16, got %lld", (long long)block_k);
-        auto ex = new kt_experts();
+        kt_experts *ex = new_experts(E, H, I, format, block_k);
         try {
-            ex->E = E; ex->H = H; ex->I = I;
-            ex->Hp = round_up(H, kKAlign);
-            ex->Ip = round_up(I, kKAlign);
-            ex->GUp = round_up(2 * I, kKAlign);
-            ex->ldx = ex->Hp + kKAlign;
-            ex->ldh = ex->Ip + kKAlign;
-            ex->ldgu = ex->GUp + kKAlign;
-            ex->format = format;
-            ex->block_k = block_k;
-            ex->gu_layout = WeightLayout(format, 2 * I, H, block_k);
-            ex->d_layout = WeightLayout(format, H, I, block_k);
-            ex->expert_bytes = ex->gu_layout.bytes() + ex->d_layout.bytes();
-            ex->base_ = ex->packed.get<uint8_t>(checked_product(E, ex->expert_bytes, 1, "packed experts"));
-            ex->loaded.assign(E, 0);
+            ex->base_ = ex->packed.get<uint8_t>(weight_bytes(*ex));
         } catch (...) {
             delete ex;
             throw;
         }
+        *out = ex;
+    });
+}
+
+KT_API kt_status kt_experts_weight_bytes(int64_t *out, int64_t E, int64_t H, int64_t I, int32_t format,
+                                         int64_t block_k) {
+    return guarded([&] {
+        KT_CHECK(out != nullptr, "output pointer is NULL");
+        kt_experts *ex = new_experts(E, H, I, format, block_k);
+        *out = ex->E * ex->expert_bytes;
+        delete ex;
+    });
+}
+
+KT_API kt_status kt_experts_create_in(kt_experts **out, int64_t E, int64_t H, int64_t I, int32_t format,
+                                      int64_t block_k, void *memory, int64_t memory_bytes, int32_t filled) {
+    return guarded([&] {
+        KT_CHECK(out != nullptr, "output handle pointer is NULL");
+        *out = nullptr;
+        KT_CHECK(memory != nullptr, "memory pointer is NULL");
+        KT_CHECK(reinterpret_cast<uintptr_t>(memory) % 64 == 0, "memory %p is not 64-byte aligned", memory);
+        kt_experts *ex = new_experts(E, H, I, format, block_k);
+        const int64_t need = ex->E * ex->expert_bytes;
+        if (memory_bytes < need) {
+            delete ex;
+            KT_CHECK(false, "memory holds %lld bytes; these experts need %lld (kt_experts_weight_bytes)",
+                     (long long)memory_bytes, (long long)need);
+        }
+        ex->base_ = static_cast<uint8_t *>(memory);
+        if (filled) ex->loaded.assign(E, 1);
         *out = ex;
     });
 }

@@ -182,6 +182,9 @@ def fuzz_lib_misc(draw: Draw, ffi, lib, h) -> None:
         lambda: lib.kt_experts_create(ffi.NULL, 2, 16, 16, 0, 0),
         lambda: lib.kt_experts_create(out, 2, 16, 16, draw.pick([-1, 3, 1 << 30]), 0),
         lambda: lib.kt_experts_create(out, 2, 16, 16, draw.pick([0, 1, 2]), draw.pick([-16, 8, 17, 1 << 21])),
+        lambda: lib.kt_experts_weight_bytes(draw.pick([ffi.NULL, ffi.new("int64_t *")]), 0, 16, 16, 0, 0),
+        lambda: lib.kt_experts_create_in(out, 2, 16, 16, 0, 0, draw.pick([ffi.NULL, odd, p]), draw.pick([-1, 0, 64]),
+                                         draw.int(0, 1)),
         lambda: lib.kt_experts_load_8bit(h, 0, ffi.cast("uint8_t *", p), 16, ffi.cast("float *", p),
                                          ffi.cast("uint8_t *", p), 8, ffi.cast("float *", p)),   # a BF16 engine
         lambda: lib.kt_experts_load(h, draw.pick([-1, 3, 1 << 40]), p, 16, p, 8),

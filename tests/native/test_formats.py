@@ -158,3 +158,25 @@ def test_mismatched_formats_are_refused():
         ExpertEngine(torch.randn(1, 32, 32), torch.randn(1, 32, 16), format="fp4")
     with pytest.raises(KTNativeError, match="block_k must be 0 .* or a positive multiple of 16"):
         ExpertEngine(torch.randn(1, 32, 32), torch.randn(1, 32, 16), format="fp8", block_k=24)
+
+
+@pytest.mark.parametrize("format", ["bf16", "fp8", "int8"])
+def test_an_engine_over_memory_another_engine_filled_computes_the_same(format):
+    case = make_case(4, 64, 48, 20, 2, 2, 2)
+    memory = torch.empty(ExpertEngine.weight_bytes(4, 64, 48, format), dtype=torch.uint8)
+    filler = ExpertEngine.from_experts(4, 64, 48, zip(case.gate_up, case.down), format=format, memory=memory)
+    reader = ExpertEngine.from_experts(4, 64, 48, None, format=format, memory=memory, filled=True)
+    assert reader.shared and filler.packed_bytes == memory.numel()
+    got, want = run_engine(case, reader), run_engine(case, filler)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+def test_external_memory_that_cannot_hold_the_experts_is_refused():
+    need = ExpertEngine.weight_bytes(2, 32, 16)
+    with pytest.raises(KTNativeError, match=f"memory holds {need - 64} bytes; these experts need {need}"):
+        ExpertEngine.from_experts(2, 32, 16, None, memory=torch.empty(need - 64, dtype=torch.uint8), filled=True)
+    with pytest.raises(KTNativeError, match="not 64-byte aligned"):
+        ExpertEngine.from_experts(2, 32, 16, None, memory=torch.empty(need + 64, dtype=torch.uint8)[1:], filled=True)
+    with pytest.raises(TypeError, match="contiguous uint8 CPU tensor"):
+        ExpertEngine.from_experts(2, 32, 16, None, memory=torch.empty(need), filled=True)
