@@ -603,6 +603,23 @@ void bench(const std::vector<const Kernels *> &isas) {
                         k->name, g.M, g.N, g.Kp, 2.0 * g.M * g.N * g.Kp / (total / reps) * 1e-9);
         }
     }
+    // decode_rows as bf16_panels calls it: runs of 64 rows (a 128-value scale block), L2-resident codes.
+    std::vector<uint8_t> codes(64 * 1024 * 32, 0x38);
+    std::vector<uint16_t> out(codes.size());
+    const float scales[16] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
+    for (const Kernels *k : isas)
+        for (int32_t format : {KT_FORMAT_FP8_E4M3, KT_FORMAT_INT8}) {
+            int64_t reps = 0;
+            double total = 0.0;
+            const auto t0 = std::chrono::steady_clock::now();
+            while (total < 0.25) {
+                for (size_t r = 0; r < codes.size() / 32; r += 64) k->decode_rows(out.data() + r * 32, codes.data() + r * 32, 64, scales, format);
+                ++reps;
+                total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+            }
+            std::printf("bench   %-7s decode_rows %s %8.2f Gvalues/s\n", k->name, format == KT_FORMAT_INT8 ? "int8" : "fp8 ",
+                        double(codes.size()) * reps / total * 1e-9);
+        }
 }
 
 }  // namespace
