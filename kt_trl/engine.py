@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ._native import ensure_configured, ops
-from .formats import CODE_DTYPES, FP8_BLOCK_K, QuantizedWeight, quantize
+from .formats import CODE_DTYPES, QuantizedWeight, default_block_k, quantize
 
 
 @dataclass(frozen=True)
@@ -162,8 +162,7 @@ class ExpertEngine:
         ensure_configured()
         if format not in ops.FORMAT_CONSTANTS:
             raise ValueError(f"format must be one of {sorted(ops.FORMAT_CONSTANTS)}, got {format!r}")
-        if block_k is None:
-            block_k = FP8_BLOCK_K if format == "fp8" else 0
+        block_k = default_block_k(format) if block_k is None else block_k
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
         self.format, self.block_k = format, block_k
         self._handle = ops.experts_create(num_experts, hidden_size, intermediate_size, format, block_k, memory, filled)
@@ -192,8 +191,7 @@ class ExpertEngine:
     def weight_bytes(num_experts: int, hidden_size: int, intermediate_size: int, format: str = "bf16",
                      block_k: int | None = None) -> int:
         """Bytes of the packed weights of an engine of these sizes and format."""
-        if block_k is None:
-            block_k = FP8_BLOCK_K if format == "fp8" else 0
+        block_k = default_block_k(format) if block_k is None else block_k
         return ops.experts_weight_bytes(num_experts, hidden_size, intermediate_size, format, block_k)
 
     def load_expert(self, expert: int, gate_up, down) -> None:

@@ -48,6 +48,11 @@ class QuantizedWeight:
         return (self.codes.float() * scales.float()).bfloat16()
 
 
+def default_block_k(format: str) -> int:
+    """K values per scale when none is given: 128 for FP8 (DeepSeek's block width), one per row otherwise."""
+    return FP8_BLOCK_K if format == "fp8" else 0
+
+
 def quantize_int8(weight: torch.Tensor) -> QuantizedWeight:
     """Symmetric per-row INT8: ``scale = max |row| / 127`` (1 for an all-zero row)."""
     w = weight.detach().float()

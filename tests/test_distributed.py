@@ -21,12 +21,13 @@ from kt_trl import KTSFTTrainer, distributed
 from kt_trl.demo import build_tokenizer, load_instructions
 from tests.helpers import expert_targets, sft_args, step_losses, tiny_model
 
-out, batch, reduce = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "reduce"
+out, batch, reduce, steps, resume = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "reduce", int(sys.argv[4]), sys.argv[5]
 if not reduce:  # what DDP alone would do: the expert LoRA of each rank trains on its own tokens
     distributed.reduce_expert_gradients = lambda model: 0
 dataset = load_instructions()
 trainer = KTSFTTrainer(
-    tiny_model("qwen3_moe"), sft_args(out, max_steps=3, per_device_train_batch_size=batch), dataset,
+    tiny_model("qwen3_moe"), sft_args(out, max_steps=steps, per_device_train_batch_size=batch, save_strategy="steps",
+                                      save_steps=2), dataset,
     processing_class=build_tokenizer(dataset),
     peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"], target_parameters=expert_targets("qwen3_moe")),
 )
@@ -43,7 +44,7 @@ def shared_expert_memory():  # (Rss, Pss) bytes of the mappings of the host's pa
     return rss, pss
 
 
-trainer.train()
+trainer.train(resume_from_checkpoint=resume == "resume")
 rank = int(os.environ.get("RANK", "0"))
 rss, pss = shared_expert_memory()
 packed = trainer.kt_report.packed_bytes
@@ -55,8 +56,8 @@ json.dump({"losses": step_losses(trainer), "affinity": sorted(os.sched_getaffini
 """
 
 
-def _launch(out: Path, *, ranks: int, batch: int, reduce: bool = True) -> None:
-    out.mkdir()
+def _launch(out: Path, *, ranks: int, batch: int, reduce: bool = True, steps: int = 3, resume: bool = False) -> None:
+    out.mkdir(exist_ok=resume)
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     # CPU ranks: with a GPU visible, accelerate's barrier passes device_ids=[local rank] and torch then asks for
     # that CUDA device, which a one-GPU host lacks for rank 1 (plain SFTTrainer fails the same way there).
@@ -65,7 +66,8 @@ def _launch(out: Path, *, ranks: int, batch: int, reduce: bool = True) -> None:
     script.write_text(TRAIN)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
     command = (launcher if ranks > 1 else [sys.executable]) + [str(script), str(out), str(batch),
-                                                             "reduce" if reduce else "no-reduce"]
+                                                             "reduce" if reduce else "no-reduce", str(steps),
+                                                             "resume" if resume else "fresh"]
     done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     errors = [line for line in done.stderr.splitlines() if "Error" in line and "File " not in line]
     assert done.returncode == 0, "\n".join(errors[:20]) + "\n" + done.stderr[-2000:]
@@ -81,6 +83,8 @@ def runs(tmp_path_factory):
     _launch(root / "two", ranks=2, batch=2)
     _launch(root / "one", ranks=1, batch=4)  # the same global batches in one process
     _launch(root / "unreduced", ranks=2, batch=2, reduce=False)
+    _launch(root / "resumed", ranks=2, batch=2, steps=2)   # stops after checkpoint-2 ...
+    _launch(root / "resumed", ranks=2, batch=2, steps=3, resume=True)   # ... and goes on from it
     return root
 
 
@@ -127,3 +131,12 @@ def test_the_host_holds_one_copy_of_the_experts(runs):
         assert rank["shm_files"] == []   # unlinked once both had mapped them
     single = json.loads((runs / "one" / "rank0.json").read_text())
     assert single["shared_rss"] == 0   # one process on the host: its own memory
+
+
+def test_one_adapter_is_saved_and_every_rank_resumes_from_it(runs):
+    checkpoint = runs / "resumed" / "checkpoint-2"
+    assert sorted(p.name for p in checkpoint.glob("adapter_model*")) == ["adapter_model.safetensors"]
+    for rank in (0, 1):   # 2 steps, a checkpoint, 1 more step = 3 steps in one go
+        resumed, straight = _params(runs / "resumed", rank), _params(runs / "two", rank)
+        for name, value in straight.items():
+            torch.testing.assert_close(resumed[name], value, rtol=1e-5, atol=1e-7, msg=name)

@@ -1,0 +1,160 @@
+"""A checkpoint's routed experts read from its safetensors files straight into CPU engines, layer by layer.
+
+Several layers at a time (packing is CPU work on fresh memory), each layer's experts are read one by
+one with `os.preadv` into two reused buffers (the next read runs while the engine packs the current
+expert) into an `ExpertEngine`, handed over with `weights.install_engine`; a shard's page cache is
+dropped once its last expert is read. FP8 codes go in as stored (`checkpoint_formats`); several
+ranks of a host share one copy (`host_copy`).
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from torch import nn
+
+from .checkpoint_formats import fp8_buffers, read_fp8_codes
+from .checkpoint_keys import DTYPES, LayerSources, Shards
+from .host_copy import host_engines
+from .layouts import EXPERT_PARAMETERS, engine_dims, engine_expert
+from .progress import progress_bar
+
+
+def stream_experts(model: nn.Module, layers: list[LayerSources], shards: Shards, layout, dtype,
+                    engine_format: tuple[str, int | None]) -> int:
+    """Fill the layers' engines expert by expert and install them, one copy per host when several ranks
+    share it (`kt_trl.host_copy`: the others map it, reading nothing). Returns the packed bytes."""
+    from ._native import ensure_configured
+    from .weights import install_engine
+
+    ensure_configured()  # here, once: the workers create engines concurrently
+    modules = [model.get_submodule(layer.module) for layer in layers]
+    for experts, layer in zip(modules, layers):
+        _check_placeholders(experts, layer)
+    format, block_k = engine_format
+    sizes = [(*engine_dims(layout, experts), format, block_k) for experts in modules]
+
+    def attach(i: int, memory):   # the experts another rank of this host streamed
+        from .engine import ExpertEngine
+
+        return ExpertEngine.from_experts(*sizes[i][:3], None, format=format, block_k=block_k, memory=memory,
+                                         filled=True)
+
+    engines = host_engines(sizes, lambda memories: _stream_layers(modules, layers, shards, layout, dtype,
+                                                                  engine_format, memories), attach)
+    for experts, engine in zip(modules, engines):
+        install_engine(experts, engine)
+        experts.register_state_dict_post_hook(_unpack_installed_engine)
+    return sum(int(engine.packed_bytes) for engine in engines)
+
+
+def _stream_layers(modules, layers: list[LayerSources], shards: Shards, layout, dtype, engine_format, memories):
+    """The layers' engines (into `memories` where given), several layers at once; each shard's page cache is
+    dropped once every layer reading from it is done."""
+    paths = [{shards.files[key] for key in layer.keys} for layer in layers]
+    readers = {path: sum(path in used for used in paths) for path in set().union(*paths)}
+    engines = []
+    # Packing is CPU work on fresh memory, whose page faults cost more than the packing itself on some hosts
+    # (VMs): several layers at once spread both over the cores (each layer's engine is its own memory), one
+    # packing thread and its reader per two logical CPUs, at least two.
+    workers = max(1, min(len(layers), 8, max(2, (os.cpu_count() or 2) // 2)))
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kt_trl_load")
+    try:
+        futures = [pool.submit(_layer_engine, experts, layer, shards, layout, dtype, engine_format, memory)
+                   for experts, layer, memory in zip(modules, layers, memories)]
+        with progress_bar(total=len(layers), desc="Streaming experts into the CPU engine", unit="layer") as bar:
+            for used, future in zip(paths, futures):
+                engines.append(future.result())
+                for path in used:
+                    readers[path] -= 1
+                    if not readers[path]:
+                        shards.release(path)
+                bar.update()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return engines
+
+
+def _unpack_installed_engine(module: nn.Module, state_dict, prefix: str, local_metadata) -> None:
+    """`state_dict()` of a loaded model not prepared yet: the installed engine's experts, not the placeholders.
+
+    install_engine leaves the placeholders in `state_dict()` until `prepare_model` attaches its hooks (and takes
+    the engine: this one then does nothing). Remove it once install_engine attaches them itself.
+    """
+    engine = getattr(module, "_kt_engine", None)
+    if engine is None or prefix.startswith("base_model.model."):  # prepared, or a PEFT state dict (adapters only)
+        return
+    for name, tensor in zip(EXPERT_PARAMETERS, engine.unpack()):   # the [E, 2I, H] layout: no conversion
+        state_dict[prefix + name] = tensor.to(state_dict[prefix + name].dtype)
+
+
+def _check_placeholders(experts: nn.Module, layer: LayerSources) -> None:
+    for param in EXPERT_PARAMETERS:
+        if any(getattr(experts, param).stride()):
+            raise RuntimeError(
+                f"{layer.module}.{param}: transformers allocated the expert placeholder instead of installing it "
+                "(a change in from_pretrained); kt_trl.load_model would hold the experts twice. Please report this."
+            )
+
+
+def _layer_engine(experts: nn.Module, layer: LayerSources, shards: Shards, layout, dtype,
+                  engine_format: tuple[str, int | None], memory=None):
+    """The layer's engine, filled expert by expert from two reused buffers (one read, one packed): FP8
+    codes as stored, or weights in `dtype` (quantized by the engine for an 8-bit format)."""
+    from .engine import ExpertEngine
+
+    E, H, I = engine_dims(layout, experts)
+    format, block_k = engine_format
+    if format == "fp8" and block_k is not None:
+        ring = [(fp8_buffers((2 * I, H), block_k), fp8_buffers((H, I), block_k)) for _ in range(2)]
+
+        def read(e: int):
+            for sources, out in zip(layer.sources, ring[e % 2]):
+                read_fp8_codes(shards, sources[e], out)
+            return ring[e % 2]
+    else:
+        first = [shards.entry(per_param[0][0].key).dtype for per_param in layer.sources]
+        ring = [tuple(torch.empty(getattr(experts, param).shape[1:], dtype=_buffer_dtype(disk, dtype, shards.fp8))
+                      for param, disk in zip(EXPERT_PARAMETERS, first)) for _ in range(2)]
+
+        def read(e: int):
+            buffers = ring[e % 2]
+            for sources, out in zip(layer.sources, buffers):
+                _read_matrix(shards, sources[e], out, dtype)
+            return engine_expert(layout, *buffers)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kt_trl_read") as reader:
+        return ExpertEngine.from_experts(E, H, I, _read_ahead(reader, read, E), format=format, block_k=block_k,
+                                         memory=memory)
+
+
+def _read_ahead(pool: ThreadPoolExecutor, read, count: int):
+    """`read(0), read(1), ...`, each next one running on `pool` while the caller packs the current one
+    (so `read(e + 1)` may reuse what `read(e - 1)` returned)."""
+    future = pool.submit(read, 0)
+    for e in range(count):
+        result = future.result()
+        if e + 1 < count:
+            future = pool.submit(read, e + 1)
+        yield result
+
+
+def _buffer_dtype(disk: str, dtype: torch.dtype, fp8: bool) -> torch.dtype:
+    # from_pretrained would hold the experts in `dtype`, and the engine rounds that to BF16. BF16 -> FP32 -> BF16
+    # is exact, so BF16 on disk stays BF16 (read with no conversion); any other case rounds as from_pretrained does.
+    if not fp8 and DTYPES.get(disk) == torch.bfloat16 and dtype in (torch.bfloat16, torch.float32):
+        return torch.bfloat16
+    return dtype
+
+
+def _read_matrix(shards: Shards, sources, out: torch.Tensor, dtype: torch.dtype) -> None:
+    """One expert's `[A, B]` slice of a fused parameter into `out`, from its checkpoint tensors."""
+    for source in sources:
+        first = int(source.rows[0])
+        consecutive = torch.equal(source.rows, torch.arange(first, first + source.rows.numel()))
+        if consecutive and DTYPES.get(shards.entry(source.key).dtype) == out.dtype and not shards.quantized(source.key):
+            shards.read_into(source.key, out[first:first + source.rows.numel()], source.index)  # no copy
+        else:
+            out.index_copy_(0, source.rows, shards.read(source.key, source.index).to(dtype).to(out.dtype))
