@@ -3,7 +3,7 @@
     python benchmarks/train_step.py [--family qwen3_moe] [--layers 48] [--batch 4] [--seq 2048]
         [--steps 4] [--warmup 1] [--reference] [--threads N] [--isa auto] [--json FILE]
         [--max-kept-activations-gb GB] [--max-kept-activations-gpu-gb GB]
-        [--gpu-experts auto|none|N] [--max-gpu-memory-gb GB]
+        [--gpu-experts auto|none|N] [--max-gpu-memory-gb GB] [--expert-format bf16|fp8|int8]
         [--hidden 2048] [--experts 128] [--intermediate 768] [--top-k 8] [--heads 32] [--kv-heads 4]
         [--head-dim 128] [--vocab 151936] [--dense-intermediate 6144]
 
@@ -87,9 +87,12 @@ def expert_pool(layer: int, num_experts: int, hidden: int, inter: int, std: floa
     return [pool[e % len(pool)] for e in range(num_experts)]
 
 
-def build_model(config, *, device: torch.device, seed: int, engines: bool, dense_layers: int = 0):
+def build_model(config, *, device: torch.device, seed: int, engines: bool, dense_layers: int = 0,
+                expert_format: str = "bf16"):
     """The model with random weights: experts in `ExpertEngine`s (`engines`, but for the first
-    `dense_layers` MoE layers) or dense on `device`."""
+    `dense_layers` MoE layers; stored in `expert_format`, the pool quantized once) or dense on `device`."""
+    from kt_trl.formats import default_block_k, quantize
+
     from transformers import AutoModelForCausalLM
 
     from kt_trl.containers import find_decoder_layers, find_moe_blocks
@@ -106,7 +109,12 @@ def build_model(config, *, device: torch.device, seed: int, engines: bool, dense
         num_experts, two_inter, hidden = block.experts.gate_up_proj.shape
         experts = expert_pool(block.index, num_experts, hidden, two_inter // 2, std, seed)
         if engines and block.index >= blocks[0].index + dense_layers:  # one layer's pool at a time: the engine is the only copy
-            install_engine(block.experts, ExpertEngine.from_experts(num_experts, hidden, two_inter // 2, experts))
+            if expert_format != "bf16":
+                block_k = default_block_k(expert_format)
+                coded = {id(w): quantize(w, expert_format, block_k) for pair in experts[:POOL] for w in pair}
+                experts = [(coded[id(g)], coded[id(d)]) for g, d in experts]
+            install_engine(block.experts, ExpertEngine.from_experts(num_experts, hidden, two_inter // 2, experts,
+                                                                    format=expert_format))
         else:
             pools[block.index] = experts
     model.to_empty(device=device)  # installed experts stay on the CPU
@@ -317,6 +325,8 @@ def parse(argv=None):
     ap.add_argument("--gpu-experts", default="auto",
                     help="KTConfig(gpu_experts=...): auto, none or a number of experts kept on the GPU (whole layers)")
     ap.add_argument("--max-gpu-memory-gb", type=float, default=None, help="KTConfig(max_gpu_memory_gb=...)")
+    ap.add_argument("--expert-format", default="bf16", choices=["bf16", "fp8", "int8"],
+                    help="how the engines store the CPU layers' experts (KTConfig.expert_format)")
     ap.add_argument("--reference", action="store_true", help="first train it all-on-GPU with plain PEFT SFTTrainer")
     ap.add_argument("--json", default=None, help="also write all records to this file")
     opts = ap.parse_args(argv)
@@ -383,9 +393,11 @@ def run_kt(*, config, device, tokenizer, dataset, workdir, opts, records) -> dic
     baseline = host_memory()["host_rss_gb"]
     start = time.perf_counter()
     dense_layers = planned_dense_layers(config, opts, device)
-    model = build_model(config, device=device, seed=opts.seed, engines=True, dense_layers=dense_layers)
+    model = build_model(config, device=device, seed=opts.seed, engines=True, dense_layers=dense_layers,
+                        expert_format=opts.expert_format)
     build_s = round(time.perf_counter() - start, 2)
     emit({"kind": "model", "family": opts.family, "layers": opts.layers, "build_s": build_s,
+          "expert_format": opts.expert_format,
           "gpu_layers": dense_layers,
           "gpu_allocated_gb": round(torch.cuda.memory_allocated() / 1e9, 3) if device.type == "cuda" else None,
           "host_rss_before_build_gb": baseline, **host_memory()}, records)
