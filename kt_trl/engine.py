@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ._native import ensure_configured, ops
+from ._native.pointers import check_tensor, has_internal_overlap
 from .formats import CODE_DTYPES, QuantizedWeight, default_block_k, quantize
 
 
@@ -46,13 +47,13 @@ class ExpertActivations:
 def _as_cpu(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
     """``t`` on the CPU in ``dtype``, in a layout the engine reads: unit last stride, distinct and
     aligned elements (copied only if needed)."""
-    ops.check_tensor(t, name)
+    check_tensor(t, name)
     return _readable(t.detach().to(device="cpu", dtype=dtype))
 
 
 def _readable(t: torch.Tensor) -> torch.Tensor:
     """``t``, or a contiguous copy where its last stride is not 1, its elements overlap or are misaligned."""
-    if t.dim() and (t.stride(-1) != 1 or ops.has_internal_overlap(t)) or t.data_ptr() % t.element_size():
+    if t.dim() and (t.stride(-1) != 1 or has_internal_overlap(t)) or t.data_ptr() % t.element_size():
         return t.clone(memory_format=torch.contiguous_format)
     return t
 
@@ -90,8 +91,8 @@ class ExpertEngine:
     def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, *, activation: str = "silu", alpha: float = 1.702,
                  limit: float = 7.0, gate_up_bias: torch.Tensor | None = None,
                  down_bias: torch.Tensor | None = None, format: str = "bf16", block_k: int | None = None):
-        ops.check_tensor(gate_up, "gate_up")
-        ops.check_tensor(down, "down")
+        check_tensor(gate_up, "gate_up")
+        check_tensor(down, "down")
         if gate_up.dim() != 3 or down.dim() != 3:
             raise ValueError(f"gate_up must be [E, 2I, H] and down [E, H, I], got {list(gate_up.shape)} and {list(down.shape)}")
         E, two_i, H = gate_up.shape
@@ -103,7 +104,7 @@ class ExpertEngine:
         if gate_up_bias is not None:
             for bias, name, shape, dims in ((gate_up_bias, "gate_up_bias", (E, two_i), "[E, 2I]"),
                                             (down_bias, "down_bias", (E, H), "[E, H]")):
-                ops.check_tensor(bias, name)
+                check_tensor(bias, name)
                 if tuple(bias.shape) != shape:
                     raise ValueError(f"{name} must have shape {list(shape)} {dims} for gate_up {list(gate_up.shape)}, "
                                      f"got {list(bias.shape)}")
@@ -276,8 +277,8 @@ class ExpertEngine:
 
 def _routing_to_cpu(ids: torch.Tensor, weights: torch.Tensor):
     """``top_k_index`` and ``top_k_weights`` as contiguous CPU tensors of dtypes the engine reads."""
-    ops.check_tensor(ids, "top_k_index")
-    ops.check_tensor(weights, "top_k_weights")
+    check_tensor(ids, "top_k_index")
+    check_tensor(weights, "top_k_weights")
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise TypeError(f"top_k_index must hold integer expert ids (int64 or int32), got {ids.dtype}")
     if not weights.dtype.is_floating_point:
@@ -302,8 +303,8 @@ def _engine_lora(lora: ExpertLoRA | None, name: str) -> ExpertLoRA | None:
         return None
     if not isinstance(lora, ExpertLoRA):
         raise TypeError(f"lora_{name} must be an ExpertLoRA(A, B, scale), got {type(lora).__name__}")
-    ops.check_tensor(lora.B, f"{name} LoRA B")
-    if ops.has_internal_overlap(lora.B) or lora.B.data_ptr() % lora.B.element_size():
+    check_tensor(lora.B, f"{name} LoRA B")
+    if has_internal_overlap(lora.B) or lora.B.data_ptr() % lora.B.element_size():
         return ExpertLoRA(lora.A, lora.B.detach().clone(memory_format=torch.contiguous_format), lora.scale)
     return lora
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kt_trl._native import ops
+from kt_trl._native import ops, pointers
 from kt_trl._native.ffi import load
 from kt_trl.engine import ExpertActivations, ExpertEngine, ExpertLoRA
 from kt_trl.experts import routed_experts
@@ -205,4 +205,4 @@ def test_load_copies_layouts_it_cannot_read(case):
     (lambda: torch.zeros(0, 3).expand(0, 3), False),
 ])
 def test_internal_overlap_is_judged_from_strides(make, overlaps):
-    assert ops.has_internal_overlap(make()) is overlaps
+    assert pointers.has_internal_overlap(make()) is overlaps
