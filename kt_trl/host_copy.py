@@ -54,23 +54,7 @@ def host_engines(sizes: list[tuple], fill: Callable[[list], list[ExpertEngine]],
     paths = [os.path.join(SHM_DIR, f"kt_trl-{os.getuid()}-{token[0]}-{i}") for i in range(len(sizes))]
     nbytes = [ExpertEngine.weight_bytes(*size) for size in sizes]
     first = int(os.environ.get("LOCAL_RANK", "0")) == 0
-    engines, status = None, "ok"
-    if first:
-        try:
-            memories = [_create(path, n) for path, n in zip(paths, nbytes)]
-        except OSError as error:
-            _unlink(paths)
-            status = (f"{SHM_DIR} cannot hold the {sum(nbytes) / 1e9:.2f} GB of packed experts ({error}); every rank "
-                      f"keeps its own copy. Give it room (docker run --shm-size=..., or a larger tmpfs) to hold them "
-                      "once per host.")
-        else:
-            try:
-                engines = fill(memories)
-            except BaseException as error:
-                status = f"packing the experts failed on local rank 0 of a host: {error!r}"
-                _unlink(paths)
-                _gather(status)
-                raise
+    engines, status = _fill_shared(paths, nbytes, fill) if first else (None, "ok")
     statuses = _gather(status)
     failed = [s for s in statuses if s.startswith("packing")]
     if failed:
@@ -81,14 +65,39 @@ def host_engines(sizes: list[tuple], fill: Callable[[list], list[ExpertEngine]],
             _unlink(paths)
             return engines
         return fill([None] * len(sizes))
+    mapped, error = "mapped", None
     if not first:
-        engines = [attach(i, _map(path, n)) for i, (path, n) in enumerate(zip(paths, nbytes))]
-    _gather("mapped")
+        try:
+            engines = [attach(i, _map(path, n)) for i, (path, n) in enumerate(zip(paths, nbytes))]
+        except BaseException as caught:   # the others must not wait for this rank forever
+            mapped, error = f"mapping the host's packed experts failed on rank {dist.get_rank()}: {caught!r}", caught
+    statuses = _gather(mapped)
     if first:
         _unlink(paths)
+    if error is not None:
+        raise error
+    if any(s != "mapped" for s in statuses):
+        raise RuntimeError(next(s for s in statuses if s != "mapped"))
     logger.info("kt_trl: the routed experts (%.2f GB packed) are held once on this host for its %s ranks.",
                 sum(nbytes) / 1e9, os.environ.get("LOCAL_WORLD_SIZE"))
     return engines
+
+
+def _fill_shared(paths: list[str], nbytes: list[int], fill) -> tuple[list | None, str]:
+    """On the host's first rank: the engines filled into new shared files, and "ok" or why there are none."""
+    try:
+        memories = [_create(path, n) for path, n in zip(paths, nbytes)]
+    except OSError as error:
+        _unlink(paths)
+        return None, (f"{SHM_DIR} cannot hold the {sum(nbytes) / 1e9:.2f} GB of packed experts ({error}); every rank "
+                      "keeps its own copy. Give it room (docker run --shm-size=..., or a larger tmpfs) to hold them "
+                      "once per host.")
+    try:
+        return fill(memories), "ok"
+    except BaseException as error:   # the other ranks learn it from the status instead of waiting forever
+        _unlink(paths)
+        _gather(f"packing the experts failed on local rank 0 of a host: {error!r}")
+        raise
 
 
 def _gather(status: str) -> list[str]:

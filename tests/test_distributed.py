@@ -24,6 +24,10 @@ from tests.helpers import expert_targets, sft_args, step_losses, tiny_model
 out, batch, reduce, steps, resume = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "reduce", int(sys.argv[4]), sys.argv[5]
 if not reduce:  # what DDP alone would do: the expert LoRA of each rank trains on its own tokens
     distributed.reduce_expert_gradients = lambda model: 0
+if os.environ.get("SHM_FULL"):  # a /dev/shm without room: reserving the shared copy fails as it would there
+    def no_room(fd, offset, length):
+        raise OSError(28, "No space left on device")
+    os.posix_fallocate = no_room
 dataset = load_instructions()
 trainer = KTSFTTrainer(
     tiny_model("qwen3_moe"), sft_args(out, max_steps=steps, per_device_train_batch_size=batch, save_strategy="steps",
@@ -56,12 +60,15 @@ json.dump({"losses": step_losses(trainer), "affinity": sorted(os.sched_getaffini
 """
 
 
-def _launch(out: Path, *, ranks: int, batch: int, reduce: bool = True, steps: int = 3, resume: bool = False) -> None:
+def _launch(out: Path, *, ranks: int, batch: int, reduce: bool = True, steps: int = 3, resume: bool = False,
+            shm_full: bool = False) -> None:
     out.mkdir(exist_ok=resume)
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     # CPU ranks: with a GPU visible, accelerate's barrier passes device_ids=[local rank] and torch then asks for
     # that CUDA device, which a one-GPU host lacks for rank 1 (plain SFTTrainer fails the same way there).
     env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    if shm_full:
+        env["SHM_FULL"] = "1"
     script = out / "train.py"
     script.write_text(TRAIN)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
@@ -85,6 +92,7 @@ def runs(tmp_path_factory):
     _launch(root / "unreduced", ranks=2, batch=2, reduce=False)
     _launch(root / "resumed", ranks=2, batch=2, steps=2)   # stops after checkpoint-2 ...
     _launch(root / "resumed", ranks=2, batch=2, steps=3, resume=True)   # ... and goes on from it
+    _launch(root / "private", ranks=2, batch=2, shm_full=True)
     return root
 
 
@@ -140,3 +148,13 @@ def test_one_adapter_is_saved_and_every_rank_resumes_from_it(runs):
         resumed, straight = _params(runs / "resumed", rank), _params(runs / "two", rank)
         for name, value in straight.items():
             torch.testing.assert_close(resumed[name], value, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_without_room_in_dev_shm_each_rank_keeps_its_own_copy_and_trains_the_same(runs):
+    shared = json.loads((runs / "two" / "rank0.json").read_text())
+    for rank in (0, 1):
+        private = json.loads((runs / "private" / f"rank{rank}.json").read_text())
+        assert private["shared_rss"] == 0 and private["shm_files"] == []
+        assert private["losses"] == shared["losses"]
+        for name, value in _params(runs / "two", rank).items():
+            torch.testing.assert_close(_params(runs / "private", rank)[name], value, rtol=0, atol=0, msg=name)
