@@ -11,6 +11,24 @@ with ``bf16(value(code) * scale)`` (one FP32 product, rounded once): exactly `Qu
 - ``"int8"``: symmetric INT8 per output row (`quantize_int8`), from BF16 weights at load.
 
 Both read half the bytes of BF16 per weight; the kernels decode them to BF16 in cache (W8A16).
+
+Example:
+
+```python
+>>> import torch
+>>> from kt_trl.engine import ExpertEngine
+>>> from kt_trl.formats import quantize_int8
+>>> w = torch.randn(64, 256)
+>>> q = quantize_int8(w)                              # codes [64, 256] int8, one scale per row
+>>> q.codes.dtype, tuple(q.scales.shape)
+(torch.int8, (64, 1))
+>>> bool((q.dequantize().float() - w).norm() < 0.01 * w.norm())
+True
+>>> gate_up, down = torch.randn(4, 512, 256), torch.randn(4, 256, 256)   # E = 4, H = 256, I = 256
+>>> int8 = ExpertEngine(gate_up, down, format="int8")
+>>> round(int8.packed_bytes / ExpertEngine(gate_up, down).packed_bytes, 2)   # codes + one FP32 scale per row
+0.51
+```
 """
 
 from __future__ import annotations
