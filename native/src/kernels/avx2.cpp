@@ -156,7 +156,15 @@ void transpose_block(uint16_t *__restrict__ dst, const uint16_t *__restrict__ sr
     }
 }
 
-// decode_rows (kernels.h) in groups of 8 values. FP8: the 7 magnitude bits shifted into an FP16
+// Round to nearest even to BF16 of FP32 lanes that are never NaN (decode's products, kernels.h),
+// the results left in the 32-bit lanes: narrow_bf16 without its NaN select.
+inline __m256i round_finite_bf16(__m256 v) {
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    return _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+}
+
+// decode_rows (kernels.h), 16 values per step. FP8: the 7 magnitude bits shifted into an FP16
 // (e4m3 -> e5m10 keeps every value, subnormals included, times 2^-8; F16C converts exactly), so
 // value * s = fp16 * (256 s), the same one FP32 rounding as the scalar table.
 template <int32_t F>
@@ -168,19 +176,24 @@ void decode_rows_as(uint16_t *__restrict__ dst, const uint8_t *__restrict__ src,
                                                       _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3)),
                              _mm256_set1_ps(unit));
     for (int64_t q = 0; q < rows; ++q)
-        for (int j = 0; j < 4; ++j) {
-            const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i *>(src + q * 32 + 8 * j));
-            __m256 v;
+        for (int half = 0; half < 2; ++half) {
+            const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i *>(src + q * 32 + 16 * half));
+            __m256 lo, hi;
             if (F == KT_FORMAT_FP8_E4M3) {
-                const __m128i w = _mm_cvtepu8_epi16(b);
-                const __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(w, _mm_set1_epi16(0x7f)), 7),
-                                               _mm_slli_epi16(_mm_and_si128(w, _mm_set1_epi16(0x80)), 8));
-                v = _mm256_cvtph_ps(h);
+                const __m256i w = _mm256_cvtepu8_epi16(b);
+                const __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(w, _mm256_set1_epi16(0x7f)), 7),
+                                                  _mm256_slli_epi16(_mm256_and_si256(w, _mm256_set1_epi16(0x80)), 8));
+                lo = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
+                hi = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
             } else {
-                v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+                lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+                hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
             }
-            _mm_storeu_si128(reinterpret_cast<__m128i *>(dst + q * 32 + 8 * j),
-                             pack8(narrow_bf16(_mm256_castps_si256(_mm256_mul_ps(v, s[j])))));
+            // packus interleaves the two inputs by 128-bit lane: [lo 0-3, hi 0-3, lo 4-7, hi 4-7] -> reorder
+            const __m256i packed = _mm256_packus_epi32(round_finite_bf16(_mm256_mul_ps(lo, s[2 * half])),
+                                                       round_finite_bf16(_mm256_mul_ps(hi, s[2 * half + 1])));
+            _mm256_storeu_si256(reinterpret_cast<__m256i *>(dst + q * 32 + 16 * half),
+                                _mm256_permute4x64_epi64(packed, 0xD8));
         }
 }
 
