@@ -191,6 +191,13 @@ def check_experts_module(layout: ExpertLayout, experts: nn.Module, *, where: str
             problems.append(f"activation {type(act).__name__} (config.hidden_act must be 'silu')")
     elif not all(isinstance(getattr(experts, name, None), (int, float)) for name in ("alpha", "limit")):
         problems.append("no numeric alpha / limit of the clamped SwiGLU")
+    if problems and "fp8" in name.lower():   # transformers' own FP8 quantization (a GPU was visible at load)
+        raise ValueError(
+            f"{where} ({layout.family}) holds transformers' FP8-quantized experts ({name}), which the CPU engine does "
+            "not read. Pass the checkpoint's name or directory to KTSFTTrainer (or kt_trl.load_model): its FP8 experts "
+            "go into the engine as stored (KTConfig(expert_format='auto')). Or load it dequantized, "
+            "from_pretrained(..., quantization_config=FineGrainedFP8Config(dequantize=True))."
+        )
     if problems:
         raise ValueError(
             f"{where} ({layout.family}) does not have the experts layout the CPU engine runs for this family: "

@@ -56,3 +56,12 @@ def test_structure_mismatch_is_refused():
         check_experts_module(layout, experts, where="layers.0")
 
 
+
+
+def test_transformers_fp8_experts_get_the_way_to_load_them():
+    # What from_pretrained gives for an FP8 checkpoint where a GPU is visible (its FP8Experts class).
+    model = tiny_model("deepseek_v3", bf16_experts=False)
+    experts = model.model.layers[1].mlp.experts
+    experts.__class__ = type("FP8Experts", (type(experts),), {})
+    with pytest.raises(ValueError, match=r"FP8-quantized experts \(FP8Experts\).*name or directory to KTSFTTrainer"):
+        check_experts_module(match_layout(model), experts, where="layers.1")
