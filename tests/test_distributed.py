@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import tiny_model
+
 ROOT = Path(__file__).resolve().parents[1]
 
 TRAIN = """
@@ -30,7 +32,7 @@ if os.environ.get("SHM_FULL"):  # a /dev/shm without room: reserving the shared 
     os.posix_fallocate = no_room
 dataset = load_instructions()
 trainer = KTSFTTrainer(
-    tiny_model("qwen3_moe"), sft_args(out, max_steps=steps, per_device_train_batch_size=batch, save_strategy="steps",
+    os.environ.get("MODEL_PATH") or tiny_model("qwen3_moe"), sft_args(out, max_steps=steps, per_device_train_batch_size=batch, save_strategy="steps",
                                       save_steps=2), dataset,
     processing_class=build_tokenizer(dataset),
     peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"], target_parameters=expert_targets("qwen3_moe")),
@@ -61,7 +63,7 @@ json.dump({"losses": step_losses(trainer), "affinity": sorted(os.sched_getaffini
 
 
 def _launch(out: Path, *, ranks: int, batch: int, reduce: bool = True, steps: int = 3, resume: bool = False,
-            shm_full: bool = False) -> None:
+            shm_full: bool = False, model_path: Path | None = None) -> None:
     out.mkdir(exist_ok=resume)
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     # CPU ranks: with a GPU visible, accelerate's barrier passes device_ids=[local rank] and torch then asks for
@@ -69,6 +71,8 @@ def _launch(out: Path, *, ranks: int, batch: int, reduce: bool = True, steps: in
     env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     if shm_full:
         env["SHM_FULL"] = "1"
+    if model_path is not None:   # streamed by load_model instead of packed from a model in memory
+        env["MODEL_PATH"] = str(model_path)
     script = out / "train.py"
     script.write_text(TRAIN)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
@@ -93,6 +97,8 @@ def runs(tmp_path_factory):
     _launch(root / "resumed", ranks=2, batch=2, steps=2)   # stops after checkpoint-2 ...
     _launch(root / "resumed", ranks=2, batch=2, steps=3, resume=True)   # ... and goes on from it
     _launch(root / "private", ranks=2, batch=2, shm_full=True)
+    tiny_model("qwen3_moe").save_pretrained(root / "checkpoint")
+    _launch(root / "streamed", ranks=2, batch=2, model_path=root / "checkpoint")
     return root
 
 
@@ -129,8 +135,9 @@ def test_each_rank_runs_on_its_share_of_the_cores(runs):
     assert not set(ranks[0]["affinity"]) & set(ranks[1]["affinity"])
 
 
-def test_the_host_holds_one_copy_of_the_experts(runs):
-    ranks = [json.loads((runs / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
+@pytest.mark.parametrize("run", ["two", "streamed"], ids=["packed", "streamed"])
+def test_the_host_holds_one_copy_of_the_experts(runs, run):
+    ranks = [json.loads((runs / run / f"rank{r}.json").read_text()) for r in (0, 1)]
     packed = ranks[0]["packed"]
     assert packed > 0
     for rank in ranks:   # both map all of it; each is charged half of it (proportional set size)
@@ -158,3 +165,9 @@ def test_without_room_in_dev_shm_each_rank_keeps_its_own_copy_and_trains_the_sam
         assert private["losses"] == shared["losses"]
         for name, value in _params(runs / "two", rank).items():
             torch.testing.assert_close(_params(runs / "private", rank)[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_a_streamed_checkpoint_trains_like_the_model_it_was_saved_from(runs):
+    for rank in (0, 1):
+        streamed = json.loads((runs / "streamed" / f"rank{rank}.json").read_text())
+        assert streamed["losses"] == json.loads((runs / "two" / f"rank{rank}.json").read_text())["losses"]
