@@ -51,7 +51,9 @@ def reduce_expert_gradients(model: nn.Module) -> int:
     on_gpu = dist.get_backend() == "nccl" and torch.cuda.is_available()
     world, total = dist.get_world_size(), 0
     for chunk in _chunks(grads):
-        flat = torch.cat([g.reshape(-1) for g in chunk])
+        # pinned where it goes to the GPU: a pageable source makes the copy synchronous and staged
+        flat = torch.empty(sum(g.numel() for g in chunk), dtype=chunk[0].dtype, pin_memory=on_gpu)
+        torch.cat([g.reshape(-1) for g in chunk], out=flat)
         buffer = flat.to(f"cuda:{torch.cuda.current_device()}", non_blocking=True) if on_gpu else flat
         dist.all_reduce(buffer)
         flat.copy_(buffer).div_(world)
