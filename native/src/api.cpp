@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <mutex>
 #include <new>
 #include <utility>
@@ -169,7 +170,7 @@ KT_API void kt_profile_read(double *ms, int32_t reset) {
 namespace {
 
 // A new engine's sizes and layouts for (E, H, I, format, block_k), all checked; no weight memory yet.
-kt_experts *new_experts(int64_t E, int64_t H, int64_t I, int32_t format, int64_t block_k) {
+std::unique_ptr<kt_experts> new_experts(int64_t E, int64_t H, int64_t I, int32_t format, int64_t block_k) {
     KT_CHECK(E >= 1 && E <= 65536, "num_experts must be in [1, 65536], got %lld", (long long)E);
     KT_CHECK(H >= 1 && H <= (1 << 20), "hidden size must be in [1, 2^20], got %lld", (long long)H);
     KT_CHECK(I >= 1 && I <= (1 << 20), "intermediate size must be in [1, 2^20], got %lld", (long long)I);
@@ -179,7 +180,7 @@ kt_experts *new_experts(int64_t E, int64_t H, int64_t I, int32_t format, int64_t
              (long long)block_k);
     KT_CHECK(block_k == 0 || (block_k > 0 && block_k % 16 == 0 && block_k <= (1 << 20)),
              "block_k must be 0 (one scale per row) or a positive multiple of 16, got %lld", (long long)block_k);
-    auto ex = new kt_experts();
+    auto ex = std::make_unique<kt_experts>();
     ex->E = E; ex->H = H; ex->I = I;
     ex->Hp = round_up(H, kKAlign);
     ex->Ip = round_up(I, kKAlign);
@@ -187,8 +188,6 @@ kt_experts *new_experts(int64_t E, int64_t H, int64_t I, int32_t format, int64_t
     ex->ldx = ex->Hp + kKAlign;
     ex->ldh = ex->Ip + kKAlign;
     ex->ldgu = ex->GUp + kKAlign;
-    ex->format = format;
-    ex->block_k = block_k;
     ex->gu_layout = WeightLayout(format, 2 * I, H, block_k);
     ex->d_layout = WeightLayout(format, H, I, block_k);
     ex->expert_bytes = ex->gu_layout.bytes() + ex->d_layout.bytes();
@@ -204,14 +203,9 @@ KT_API kt_status kt_experts_create(kt_experts **out, int64_t E, int64_t H, int64
     return guarded([&] {
         KT_CHECK(out != nullptr, "output handle pointer is NULL");
         *out = nullptr;
-        kt_experts *ex = new_experts(E, H, I, format, block_k);
-        try {
-            ex->base_ = ex->packed.get<uint8_t>(weight_bytes(*ex));
-        } catch (...) {
-            delete ex;
-            throw;
-        }
-        *out = ex;
+        std::unique_ptr<kt_experts> ex = new_experts(E, H, I, format, block_k);
+        ex->base_ = ex->packed.get<uint8_t>(weight_bytes(*ex));
+        *out = ex.release();
     });
 }
 
@@ -219,9 +213,7 @@ KT_API kt_status kt_experts_weight_bytes(int64_t *out, int64_t E, int64_t H, int
                                          int64_t block_k) {
     return guarded([&] {
         KT_CHECK(out != nullptr, "output pointer is NULL");
-        kt_experts *ex = new_experts(E, H, I, format, block_k);
-        *out = ex->E * ex->expert_bytes;
-        delete ex;
+        *out = weight_bytes(*new_experts(E, H, I, format, block_k));
     });
 }
 
@@ -232,16 +224,13 @@ KT_API kt_status kt_experts_create_in(kt_experts **out, int64_t E, int64_t H, in
         *out = nullptr;
         KT_CHECK(memory != nullptr, "memory pointer is NULL");
         KT_CHECK(reinterpret_cast<uintptr_t>(memory) % 64 == 0, "memory %p is not 64-byte aligned", memory);
-        kt_experts *ex = new_experts(E, H, I, format, block_k);
-        const int64_t need = ex->E * ex->expert_bytes;
-        if (memory_bytes < need) {
-            delete ex;
-            KT_CHECK(false, "memory holds %lld bytes; these experts need %lld (kt_experts_weight_bytes)",
-                     (long long)memory_bytes, (long long)need);
-        }
+        std::unique_ptr<kt_experts> ex = new_experts(E, H, I, format, block_k);
+        const int64_t need = weight_bytes(*ex);
+        KT_CHECK(memory_bytes >= need, "memory holds %lld bytes; these experts need %lld (kt_experts_weight_bytes)",
+                 (long long)memory_bytes, (long long)need);
         ex->base_ = static_cast<uint8_t *>(memory);
         if (filled) ex->loaded.assign(E, 1);
-        *out = ex;
+        *out = ex.release();
     });
 }
 
@@ -269,8 +258,8 @@ KT_API kt_status kt_experts_load(kt_experts *ex, int64_t e, const uint16_t *gate
                                  const uint16_t *down, int64_t down_ld) {
     return guarded([&] {
         check_load(ex, e, gate_up, gate_up_ld, down, down_ld);
-        KT_CHECK(ex->format == KT_FORMAT_BF16, "this engine stores %s weights: load codes and scales with "
-                 "kt_experts_load_8bit", format_name(ex->format));
+        KT_CHECK(ex->format() == KT_FORMAT_BF16, "this engine stores %s weights: load codes and scales with "
+                 "kt_experts_load_8bit", format_name(ex->format()));
         check_aligned(gate_up, "gate_up");
         check_aligned(down, "down");
         pack_bf16(ex->gate_up(e), gate_up, gate_up_ld);
@@ -284,7 +273,7 @@ KT_API kt_status kt_experts_load_8bit(kt_experts *ex, int64_t e, const uint8_t *
                                       const float *down_scales) {
     return guarded([&] {
         check_load(ex, e, gate_up, gate_up_ld, down, down_ld);
-        KT_CHECK(ex->format != KT_FORMAT_BF16, "this engine stores BF16 weights: load them with kt_experts_load");
+        KT_CHECK(ex->format() != KT_FORMAT_BF16, "this engine stores BF16 weights: load them with kt_experts_load");
         KT_CHECK(gate_up_scales && down_scales, "gate_up_scales or down_scales pointer is NULL");
         check_aligned(gate_up_scales, "gate_up_scales");
         check_aligned(down_scales, "down_scales");
@@ -337,7 +326,7 @@ KT_API kt_status kt_experts_unpack(const kt_experts *ex, int64_t e, uint16_t *ga
 }
 
 KT_API int64_t kt_experts_packed_bytes(const kt_experts *ex) {
-    return ex ? ex->E * ex->expert_bytes : 0;
+    return ex ? ex->E * ex->expert_bytes : 0;   // no throw here: creation checked this product
 }
 
 KT_API kt_status kt_experts_forward(kt_experts *ex, uint16_t *y, const kt_saved_activations *saved,

@@ -4,9 +4,9 @@
 #include <cstdint>
 #include <vector>
 
-#include "packed_weight.h"
 #include "kernels.h"
 #include "pack.h"
+#include "packed_weight.h"
 #include "workspace.h"
 
 struct kt_experts {
@@ -18,9 +18,7 @@ struct kt_experts {
     // because a stride that is a multiple of 4 KiB maps all 16 rows of an AMX A tile (or a
     // register block) to one L1 set.
     int64_t ldx = 0, ldh = 0, ldgu = 0;
-    int32_t format = 0;    // KT_FORMAT_*: how the frozen weights are stored (formats.h)
-    int64_t block_k = 0;   // 8-bit formats: K values per scale (0 = one scale per row)
-    kt::WeightLayout gu_layout, d_layout;   // gate_up [2I, H] and down [H, I] of one expert
+    kt::WeightLayout gu_layout, d_layout;   // gate_up [2I, H] and down [H, I] of one expert, in one format
     int64_t expert_bytes = 0;               // both projections of one expert, 64-byte aligned
     kt::Buffer packed;     // E x (gate_up, down) in expert_bytes each
     kt::Activation act;
@@ -32,6 +30,7 @@ struct kt_experts {
     std::vector<uint8_t> loaded;
     uint8_t *base_ = nullptr;
 
+    int32_t format() const { return gu_layout.format; }   // KT_FORMAT_*: how the frozen weights are stored
     kt::PackedWeight gate_up(int64_t e) const { return gu_layout.at(base_ + e * expert_bytes); }
     kt::PackedWeight down(int64_t e) const { return d_layout.at(base_ + e * expert_bytes + gu_layout.bytes()); }
 };

@@ -87,17 +87,6 @@ const uint16_t *bf16_panels(const PackedWeight &w, int64_t c0, int64_t cn, Buffe
     return dst;
 }
 
-namespace {
-
-// The 16 x 16 blocks of `kn` K values of source panel np (rows from src, 512 bytes per block) into the
-// transposed panels from K offset kb on: block b goes to output panel (kb / 16 + b), rows 16np...
-void transpose_run(uint16_t *dst, const uint16_t *src, int64_t kb, int64_t kn, int64_t np, int64_t Rp,
-                   const Kernels &K) {
-    for (int64_t b = 0; b < kn / 16; ++b) K.transpose_block(dst + (kb / 16 + b) * Rp * 16 + np * 256, src + b * 256);
-}
-
-}  // namespace
-
 void pack_transposed_block(uint16_t *dst, const PackedWeight &w, int64_t k0, int64_t kn, const Kernels &K) {
     const WeightLayout &l = *w.layout;
     const int64_t Rp = round_up(l.N, kKAlign);   // reduction length of the transposed view
@@ -106,22 +95,22 @@ void pack_transposed_block(uint16_t *dst, const PackedWeight &w, int64_t k0, int
     // past the last source panel are zero.
     const int64_t stored = std::clamp<int64_t>(l.Kp - k0, 0, kn);   // K values of the range inside the panels
     for (int64_t kb = stored; kb < kn; kb += 16) std::memset(dst + (kb / 16) * Rp * 16, 0, sizeof(uint16_t) * n_panels * 256);
-    // 8-bit: one decode per source panel and run of up to kDecodeRun K values (kernel calls of many
-    // rows, not one per block), into a stack buffer that stays in L1.
-    constexpr int64_t kDecodeRun = 256;
-    alignas(64) uint16_t decoded[kDecodeRun * 16];
-    for (int64_t np = 0; np < n_panels; ++np) {
-        if (l.bf16()) break;
-        for (int64_t kb = 0; kb < stored; kb += kDecodeRun) {
-            const int64_t run = std::min(kDecodeRun, stored - kb);
-            decode_rows(decoded, w, np, (k0 + kb) / 2, run / 2, K);
-            transpose_run(dst, decoded, kb, run, np, Rp, K);
-        }
-    }
-    // BF16: blocks straight from the panels, output panel by output panel (each written contiguously).
-    for (int64_t kb = 0; l.bf16() && kb < stored; kb += 16)
+    if (l.bf16()) {   // blocks straight from the panels, output panel by output panel (each written contiguously)
+        for (int64_t kb = 0; kb < stored; kb += 16)
+            for (int64_t np = 0; np < n_panels; ++np)
+                K.transpose_block(dst + (kb / 16) * Rp * 16 + np * 256,
+                                  w.panels() + np * l.Kp * 16 + ((k0 + kb) / 2) * 32);
+    } else {   // one decode per source panel and run of up to kDecodeRun K values, into a buffer in L1
+        constexpr int64_t kDecodeRun = 256;
+        alignas(64) uint16_t decoded[kDecodeRun * 16];
         for (int64_t np = 0; np < n_panels; ++np)
-            K.transpose_block(dst + (kb / 16) * Rp * 16 + np * 256, w.panels() + np * l.Kp * 16 + ((k0 + kb) / 2) * 32);
+            for (int64_t kb = 0; kb < stored; kb += kDecodeRun) {
+                const int64_t run = std::min(kDecodeRun, stored - kb);
+                decode_rows(decoded, w, np, (k0 + kb) / 2, run / 2, K);
+                for (int64_t b = 0; b < run / 16; ++b)   // its 16 x 16 blocks (512 bytes each)
+                    K.transpose_block(dst + (kb / 16 + b) * Rp * 16 + np * 256, decoded + b * 256);
+            }
+    }
     if (Rp > n_panels * 16)
         for (int64_t kb = 0; kb < kn; kb += 16)
             std::memset(dst + (kb / 16) * Rp * 16 + n_panels * 256, 0, sizeof(uint16_t) * (Rp - n_panels * 16) * 16);
