@@ -8,7 +8,7 @@ import logging
 import torch
 
 from .checkpoint_keys import Shards
-from .formats import QuantizedWeight, rows_of_block_scales
+from .formats import QuantizedWeight, rows_of_block_scales, scale_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -16,41 +16,43 @@ logger = logging.getLogger(__name__)
 def streamed_format(requested: str, shards: Shards, layout, keys) -> tuple[str, int | None]:
     """`(format, block_k)` of the engines `load_model` fills: `"auto"` keeps FP8 experts in FP8 where
     their codes can go to the engine as stored; `block_k` is None for the format's default."""
-    readable = shards.fp8 and _codes_readable(shards, layout, keys)
+    readable = shards.fp8 and fp8_codes_fit(shards.fp8_block, layout) and all(shards.quantized(k) for k in keys)
     if requested == "auto":
         requested = "fp8" if readable else "bf16"
         if shards.fp8 and not readable:
             logger.warning("kt_trl: this FP8 checkpoint's experts cannot go to the engine as stored (%s); they are "
                            "dequantized to BF16 as read (2 bytes per weight).", _why_not(shards, layout))
     if requested == "fp8" and readable:
-        return "fp8", _block_k(shards)
+        return "fp8", fp8_block_k(shards.fp8_block)
     if shards.fp8:
         logger.info("kt_trl: dequantizing this FP8 checkpoint's experts as read, stored as %s.", requested.upper())
     return requested, None
 
 
-def _block_k(shards: Shards) -> int:
-    return 0 if shards.fp8_block is None else shards.fp8_block[1]
+def fp8_block_k(block: tuple[int, int] | None) -> int:
+    """The engine's block_k for an FP8 checkpoint's `weight_block_size` (None: one scale per tensor)."""
+    return 0 if block is None else block[1]
+
+
+def fp8_codes_fit(block: tuple[int, int] | None, layout) -> bool:
+    """Whether an FP8 checkpoint's codes and scales (blocks of `block`) can go to the engine as stored for
+    `layout`: its expert matrices in the engine's orientation, scale blocks a multiple of 16 wide."""
+    return not layout.transposed and not layout.interleaved and fp8_block_k(block) % 16 == 0
 
 
 def _why_not(shards: Shards, layout) -> str:
     if layout.transposed or layout.interleaved:
         return f"the {layout.family} expert layout is transposed or interleaved"
-    if _block_k(shards) % 16:
-        return f"scale blocks of {_block_k(shards)} columns; the engine needs a multiple of 16"
+    if fp8_block_k(shards.fp8_block) % 16:
+        return f"scale blocks of {fp8_block_k(shards.fp8_block)} columns; the engine needs a multiple of 16"
     return "some expert weights are not FP8"
-
-
-def _codes_readable(shards: Shards, layout, keys) -> bool:
-    return (not layout.transposed and not layout.interleaved and _block_k(shards) % 16 == 0
-            and all(shards.quantized(key) for key in keys))
 
 
 def fp8_buffers(shape: tuple[int, int], block_k: int) -> QuantizedWeight:
     """Reusable codes and scales of one expert's `[N, K]` weight."""
     N, K = shape
-    blocks = 1 if block_k == 0 else -(-K // block_k)
-    return QuantizedWeight(torch.empty(N, K, dtype=torch.float8_e4m3fn), torch.empty(N, blocks), block_k)
+    return QuantizedWeight(torch.empty(N, K, dtype=torch.float8_e4m3fn), torch.empty(N, scale_blocks(K, block_k)),
+                           block_k)
 
 
 def read_fp8_codes(shards: Shards, sources, out: QuantizedWeight) -> None:

@@ -66,6 +66,11 @@ class QuantizedWeight:
         return (self.codes.float() * scales.float()).bfloat16()
 
 
+def scale_blocks(K: int, block_k: int) -> int:
+    """Scales per row of a weight with K values along K: one per `block_k` of them (0: one per row)."""
+    return 1 if block_k == 0 else -(-K // block_k)
+
+
 def default_block_k(format: str) -> int:
     """K values per scale when none is given: 128 for FP8 (DeepSeek's block width), one per row otherwise."""
     return FP8_BLOCK_K if format == "fp8" else 0
@@ -84,7 +89,7 @@ def quantize_fp8(weight: torch.Tensor, block_k: int = FP8_BLOCK_K) -> QuantizedW
     """FP8 E4M3 with one scale per row and `block_k` values: ``scale = max |block| / 448``."""
     w = weight.detach().float()
     N, K = w.shape
-    nkb = -(-K // block_k)
+    nkb = scale_blocks(K, block_k)
     padded = torch.nn.functional.pad(w, (0, nkb * block_k - K)).view(N, nkb, block_k)
     amax = padded.abs().amax(dim=-1)
     scales = torch.where(amax > 0, amax / _FP8_MAX, torch.ones_like(amax))
@@ -104,9 +109,3 @@ def rows_of_block_scales(scale_inv: torch.Tensor, rows: int, block_rows: int) ->
     """DeepSeek's ``weight_scale_inv [ceil(R / b0), ceil(C / b1)]`` as one row of scales per weight
     row: ``[R, ceil(C / b1)]``."""
     return scale_inv.float().repeat_interleave(block_rows, dim=0)[:rows].contiguous()
-
-
-def check_format(format: str) -> str:
-    if format not in EXPERT_FORMATS:
-        raise ValueError(f"expert_format must be one of {EXPERT_FORMATS}, got {format!r}")
-    return format

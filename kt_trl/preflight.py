@@ -26,10 +26,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .checkpoint_formats import fp8_block_k, fp8_codes_fit
 from .checkpoint_keys import fp8_block_size
 from .config import KTConfig
 from .containers import find_decoder_layers, find_moe_blocks
-from .formats import FP8_BLOCK_K
+from .formats import FP8_BLOCK_K, scale_blocks
 from .layouts import EXPERT_PARAMETERS, engine_dims, match_layout
 from .lora import requested_expert_lora
 
@@ -258,16 +259,13 @@ def _dtype_of(dtype, args, config) -> torch.dtype:
 def _planned_format(kt_config: KTConfig, config, layout) -> tuple[str, int]:
     """`(format, block_k)` the engine will store the experts in (`kt_trl.checkpoint_formats` for "auto")."""
     quantization = getattr(config, "quantization_config", None)
-    block = None
-    if quantization is not None:
-        block = fp8_block_size(quantization)
-    fp8_checkpoint = quantization is not None and (block is None or block[1] % 16 == 0) \
-        and not layout.transposed and not layout.interleaved
+    block = fp8_block_size(quantization) if quantization is not None else None
+    fp8_checkpoint = quantization is not None and fp8_codes_fit(block, layout)
     format = kt_config.expert_format
     if format == "auto":
         format = "fp8" if fp8_checkpoint else "bf16"
     if format == "fp8":
-        return format, (0 if block is None else block[1]) if fp8_checkpoint else FP8_BLOCK_K
+        return format, fp8_block_k(block) if fp8_checkpoint else FP8_BLOCK_K
     return format, 0
 
 
@@ -281,8 +279,7 @@ def _packed_expert_bytes(H: int, I: int, format: str = "bf16", block_k: int = 0)
     def projection(N, K):
         if format == "bf16":
             return pad(pad(N, 16) * pad(K, 32) * 2, 64)
-        blocks = 1 if block_k == 0 or block_k >= K else -(-K // block_k)
-        return pad(pad(N, 16) * pad(K, 32), 64) + pad(pad(N, 16) * blocks * 4, 64)
+        return pad(pad(N, 16) * pad(K, 32), 64) + pad(pad(N, 16) * scale_blocks(K, block_k) * 4, 64)
     return projection(2 * I, H) + projection(H, I)
 
 

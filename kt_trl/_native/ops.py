@@ -13,6 +13,7 @@ import operator
 
 import torch
 
+from ..formats import scale_blocks
 from . import isa as isa_mod
 from .errors import check
 from .ffi import load
@@ -209,8 +210,7 @@ def experts_load_8bit(handle, expert: int, gate_up, down, hidden: int, intermedi
         if q.codes.dtype not in (torch.float8_e4m3fn, torch.int8):
             raise TypeError(f"{name} codes must be float8_e4m3fn or int8, got {q.codes.dtype}")
         codes = as_ptr(q.codes, dtype=q.codes.dtype, shape=(N, K), name=f"{name} codes", contiguous=False)
-        blocks = 1 if block_k == 0 else -(-K // block_k)
-        scales = as_ptr(q.scales, dtype=torch.float32, shape=(N, blocks), name=f"{name} scales")
+        scales = as_ptr(q.scales, dtype=torch.float32, shape=(N, scale_blocks(K, block_k)), name=f"{name} scales")
         args += [codes, q.codes.stride(0), scales]
     check(lib, ffi, lib.kt_experts_load_8bit(handle, expert, *args), "kt_experts_load_8bit")
 
