@@ -2,8 +2,8 @@
 
 [NOTE] Everything here is counted from the config: the model is built on the meta device for its
 parameter shapes, no weight is read. Host memory holds the routed experts packed in their engine
-format (`KTConfig.expert_format`: BF16, or 8-bit codes and FP32 scales; the engine's panels, rows
-padded to 16, K to 32, each part 64-byte aligned), the expert LoRA in FP32 with its gradient and
+format (`KTConfig.expert_format`: BF16, or 8-bit codes and FP32 scales; the bytes the native library
+reports for those sizes, `ExpertEngine.weight_bytes`), the expert LoRA in FP32 with its gradient and
 AdamW's two moments (4 × params × 4 bytes), and, under gradient checkpointing with reuse, what
 each MoE layer keeps from the first forward for its backward, per micro-batch of
 T = per_device_train_batch_size × max_length tokens: the routing ids, the output `[T, H]`, the
@@ -30,7 +30,8 @@ from .checkpoint_formats import fp8_block_k, fp8_codes_fit
 from .checkpoint_keys import fp8_block_size
 from .config import KTConfig
 from .containers import find_decoder_layers, find_moe_blocks
-from .formats import FP8_BLOCK_K, scale_blocks
+from .engine import ExpertEngine
+from .formats import FP8_BLOCK_K
 from .layouts import EXPERT_PARAMETERS, engine_dims, match_layout
 from .lora import requested_expert_lora
 
@@ -191,7 +192,7 @@ def plan(name_or_path_or_config, args=None, kt_config: KTConfig | None = None, *
     host_limit = kt_config.kept_activations_limit_bytes
     kept_host = kept - kept_gpu if host_limit is None else min(kept - kept_gpu, host_limit)
     format, block_k = _planned_format(kt_config, config, layout)
-    host = [(f"{_PACKED} {format.upper()}", layers * E * _packed_expert_bytes(H, I, format, block_k)),
+    host = [(f"{_PACKED} {format.upper()}", layers * ExpertEngine.weight_bytes(E, H, I, format, block_k)),
             (f"expert LoRA r{r} (+ grad, AdamW; FP32)", 16 * r * layers * lora_factors),
             ("kept activations (checkpointing)", kept_host)]
     rest = [(f"other weights ({weight_bytes} bytes each)", other * weight_bytes),
@@ -267,20 +268,6 @@ def _planned_format(kt_config: KTConfig, config, layout) -> tuple[str, int]:
     if format == "fp8":
         return format, fp8_block_k(block) if fp8_checkpoint else FP8_BLOCK_K
     return format, 0
-
-
-def _packed_expert_bytes(H: int, I: int, format: str = "bf16", block_k: int = 0) -> int:
-    """One expert in the engine (the native WeightLayout): gate_up `[2I, H]` and down `[H, I]`, each in
-    panels of 16 rows with K padded to 32 (1 byte per value for 8-bit formats, 2 for BF16), plus
-    FP32 scales per 16 rows and K block, each part 64-byte aligned."""
-    def pad(n, m):
-        return -(-n // m) * m
-
-    def projection(N, K):
-        if format == "bf16":
-            return pad(pad(N, 16) * pad(K, 32) * 2, 64)
-        return pad(pad(N, 16) * pad(K, 32), 64) + pad(pad(N, 16) * scale_blocks(K, block_k) * 4, 64)
-    return projection(2 * I, H) + projection(H, I)
 
 
 def _expert_lora_factors(peft_config, E: int, H: int, I: int) -> int:
