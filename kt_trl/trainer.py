@@ -72,9 +72,10 @@ class KTSFTTrainer(SFTTrainer):
             # trl would load it with from_pretrained, the experts fused in memory before packing: stream them
             # into engines instead, with trl's model_init_kwargs (dtype, ...), after a preflight plan.
             # quantization_config only when given: None would override the checkpoint's own (an FP8 one)
-            quantization = {k: v for k in ("quantization_config",) if (v := kwargs.pop(k, None)) is not None}
+            quantization = kwargs.pop("quantization_config", None)
+            given = {} if quantization is None else {"quantization_config": quantization}
             model = load_model(model, kt_config=kt_config, args=args, peft_config=kwargs.get("peft_config"),
-                               **quantization, **model_init_kwargs(args))
+                               **given, **model_init_kwargs(args))
             if args is not None and args.model_init_kwargs is not None:  # used: spare trl's "ignored" warning
                 args = copy.copy(args)
                 args.model_init_kwargs = None
