@@ -13,10 +13,9 @@ random experts are generated and tiled into that layer's `ExpertEngine` (`from_e
 with `kt_trl.weights.install_engine`); then everything else is materialised (bf16, random init) on
 the GPU, or the CPU without one. The experts never reach the GPU. `KTSFTTrainer` then trains LoRA r 16
 on attention (q, k, v, o) and on the experts (`target_parameters`), gradient checkpointing on, on
-random tokens. `--gpu-experts` (default `auto`, as `KTConfig`): when every expert fits the GPU
-(`kt_trl.placement`, or N >= all of them), the layers are built dense on the GPU in transformers'
-own path; otherwise every layer gets an engine and the trainer keeps an equal share of each layer's
-experts on the GPU as well (`kt_trl.device_share`).
+random tokens. `--gpu-experts` (default `auto`, as `KTConfig`) keeps the first layers' experts
+dense on the GPU in transformers' own path, as many as `kt_trl.placement` finds room for (or N
+experts' worth of whole layers), the rest in engines.
 
 JSON lines: `runtime`, `model` (build time, packed bytes, host RSS after the build), one `step`
 per optimizer step (`warmup` marks the first ones): tokens/s; the training thread's step split into
@@ -132,34 +131,29 @@ def build_model(config, *, device: torch.device, seed: int, engines: bool, dense
     return model
 
 
-def planned_placement(config, opts, device: torch.device) -> tuple[int, int | str]:
-    """`(MoE layers built dense on the GPU, KTConfig.gpu_experts for the trainer)`: `kt_trl.placement`
-    on the model as the trainer will see it (PEFT-wrapped, built on the meta device), or `--gpu-experts`.
-    All layers dense when every expert fits; otherwise every layer gets an engine, and the trainer
-    keeps a share of each layer's experts on the GPU."""
+def planned_dense_layers(config, opts, device: torch.device) -> int:
+    """How many MoE layers keep their experts on the GPU: `kt_trl.placement` on the model as the
+    trainer will see it (PEFT-wrapped, built on the meta device), or `--gpu-experts N` in layers."""
     from transformers import AutoModelForCausalLM
 
     from kt_trl import KTConfig
     from kt_trl.containers import find_decoder_layers, find_moe_blocks, unwrap_model
     from kt_trl.layouts import match_layout
-    from kt_trl.placement import placement
+    from kt_trl.placement import gpu_layers
 
     if opts.gpu_experts not in ("auto", "none"):  # on a CPU-only run these compute through torch on the CPU
-        experts = int(opts.gpu_experts)
-        return (opts.layers, experts) if experts >= opts.experts * opts.layers else (0, experts)
+        return min(int(opts.gpu_experts) // opts.experts, opts.layers)
     if opts.gpu_experts == "none" or device.type != "cuda":
-        return 0, "none"
+        return 0
     from peft import get_peft_model
 
     with torch.device("meta"):
         probe = unwrap_model(get_peft_model(AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16),
                                             lora_config()))
     blocks = find_moe_blocks(find_decoder_layers(probe), match_layout(probe))
-    placed = placement(probe, blocks, KTConfig(gpu_experts="auto", max_gpu_memory_gb=opts.max_gpu_memory_gb),
-                       tokens=opts.batch * opts.seq, checkpointed=True, device=device)
-    if placed.layers:
-        return len(placed.layers), opts.experts * opts.layers
-    return 0, placed.share * len(blocks)
+    chosen = gpu_layers(probe, blocks, KTConfig(gpu_experts="auto", max_gpu_memory_gb=opts.max_gpu_memory_gb),
+                        tokens=opts.batch * opts.seq, checkpointed=True, device=device)
+    return len(chosen)
 
 
 def lora_config():
@@ -275,7 +269,7 @@ def split_step(step_s: float, optimizer_s: float, d: dict) -> dict:
     return out
 
 
-def train(model, tokenizer, dataset, opts, output_dir: str, meter, *, kt: bool, gpu_experts: int | str = "none"):
+def train(model, tokenizer, dataset, opts, output_dir: str, meter, *, kt: bool, dense_layers: int = 0):
     """Train `model` for `opts.steps` steps with KTSFTTrainer (`kt`) or plain SFTTrainer; returns the trainer."""
     from transformers.trainer_callback import PrinterCallback
     from trl import SFTConfig, SFTTrainer
@@ -293,7 +287,7 @@ def train(model, tokenizer, dataset, opts, output_dir: str, meter, *, kt: bool, 
     if kt:
         kt_config = KTConfig(isa=opts.isa, threads=opts.threads, max_kept_activations_gb=opts.max_kept_activations_gb,
                              max_kept_activations_gpu_gb=opts.max_kept_activations_gpu_gb,
-                             gpu_experts=gpu_experts)
+                             gpu_experts=dense_layers * opts.experts)
         trainer = KTSFTTrainer(model, args, dataset, kt_config=kt_config, **kwargs)
     else:
         trainer = SFTTrainer(model, args, train_dataset=dataset, **kwargs)
@@ -329,7 +323,7 @@ def parse(argv=None):
     ap.add_argument("--max-kept-activations-gpu-gb", type=float, default=None,
                     help="KTConfig(max_kept_activations_gpu_gb=...): GPU budget of kept checkpoint activations")
     ap.add_argument("--gpu-experts", default="auto",
-                    help="KTConfig(gpu_experts=...): auto, none or a number of experts kept on the GPU")
+                    help="KTConfig(gpu_experts=...): auto, none or a number of experts kept on the GPU (whole layers)")
     ap.add_argument("--max-gpu-memory-gb", type=float, default=None, help="KTConfig(max_gpu_memory_gb=...)")
     ap.add_argument("--expert-format", default="bf16", choices=["bf16", "fp8", "int8"],
                     help="how the engines store the CPU layers' experts (KTConfig.expert_format)")
@@ -398,7 +392,7 @@ def run_kt(*, config, device, tokenizer, dataset, workdir, opts, records) -> dic
 
     baseline = host_memory()["host_rss_gb"]
     start = time.perf_counter()
-    dense_layers, gpu_experts = planned_placement(config, opts, device)
+    dense_layers = planned_dense_layers(config, opts, device)
     model = build_model(config, device=device, seed=opts.seed, engines=True, dense_layers=dense_layers,
                         expert_format=opts.expert_format)
     build_s = round(time.perf_counter() - start, 2)
@@ -409,14 +403,13 @@ def run_kt(*, config, device, tokenizer, dataset, workdir, opts, records) -> dic
           "host_rss_before_build_gb": baseline, **host_memory()}, records)
     meter = step_meter(opts.batch * opts.seq, opts.warmup, records, "step")
     trainer = train(model, tokenizer, dataset, opts, os.path.join(workdir, "kt"), meter, kt=True,
-                    gpu_experts=gpu_experts)
+                    dense_layers=dense_layers)
     report = trainer.kt_report
     summary = {"kind": "summary", **summarize(records, "step"), "losses": losses(trainer),
                "initial_loss_uniform": round(math.log(opts.vocab), 4), "packed_bytes": report.packed_bytes,
                "packed_gb": round(report.packed_bytes / 1e9, 3),
                "isa": report.isa, "threads": report.threads, "expert_lora_parameters": report.expert_lora_parameters,
                "gpu_layers": list(report.gpu_layers), "gpu_expert_gb": round(report.gpu_expert_bytes / 1e9, 3),
-               "experts_shared_per_layer": report.experts_shared_per_layer,
                "trainable_parameters": report.trainable_parameters}
     measured = [r for r in records if r["kind"] == "step" and not r["warmup"]]
     counters = expert_counters(model)

@@ -36,14 +36,11 @@ class KTConfig:
             beyond it they go to host memory. Defaults to a quarter of the device's memory; `0` keeps
             them in host memory.
         gpu_experts (`str` or `int`, *optional*, defaults to `"auto"`):
-            Routed experts that stay on the accelerator (`kt_trl.placement`). When all of them fit,
-            every layer keeps its experts in transformers' own path; otherwise every layer goes to the
-            CPU engine and keeps an equal share of its experts on the accelerator too, the most-routed
-            ones from the first optimizer step on, computing their routes while the engine computes
-            the others (`kt_trl.device_share`). `"auto"`: as many as fit next to the rest of training
-            when the model trains on a CUDA device, none on a CPU-only run; an `int`: that many
-            experts counted over the model (on a CPU-only run the share computes through torch on the
-            CPU); `"none"`: every routed expert on the CPU engine only.
+            Routed experts that stay on the accelerator, in transformers' own expert path (whole
+            layers; `kt_trl.placement`). `"auto"`: as many layers as fit next to the rest of
+            training when the model trains on a CUDA device, none on a CPU-only run; an `int`: that
+            many experts counted over the model, rounded down to whole layers (on a CPU-only run
+            they compute through torch on the CPU); `"none"`: every routed expert on the CPU engine.
         max_gpu_memory_gb (`float`, *optional*):
             Accelerator memory (GB) `gpu_experts="auto"` may plan with; defaults to what is free.
         torch_threads (`int`, *optional*):

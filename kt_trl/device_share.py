@@ -8,8 +8,8 @@ host, so the accelerator computes them while the engine computes the other route
 add. The engine sees the device's experts as the skip id E.
 
 The engine still holds every expert: the share is a copy of some of them (BF16, the values the
-engine computes with), so choosing other experts (`rebalance`: `KTSFTTrainer` calls it after the
-first optimizer step, from the routes counted so far) needs no repacking. The share's backward recomputes its forward (cheap on
+engine computes with), so choosing other experts (`rebalance`, after the first optimizer step, from
+the routes counted so far) needs no repacking. The share's backward recomputes its forward (cheap on
 the accelerator) and differentiates it with autograd; the gradients of its LoRA slices are added
 into the engine's full-size ones, so the expert-LoRA parameters keep PEFT's fused layout whatever
 the split.
@@ -22,10 +22,7 @@ import logging
 import os
 
 import torch
-from torch import nn
-from transformers import TrainerCallback
 
-from .progress import progress_bar
 from .reference import gated_activation
 
 logger = logging.getLogger(__name__)
@@ -108,9 +105,9 @@ class DeviceShare:
         self._lora_key = None
         return len(new)
 
-    def reload(self, engine) -> None:
-        """Copy every held expert again from `engine` (the layer's, after its weights changed: a merged adapter)."""
-        held, self.engine, self.experts = self.experts, engine, torch.empty(0, dtype=torch.long)
+    def reload(self) -> None:
+        """Copy every held expert again (after the engine's weights changed, e.g. a merged adapter)."""
+        held, self.experts = self.experts, torch.empty(0, dtype=torch.long)
         self.load(held.tolist())
 
     def engine_ids(self, ids: torch.Tensor) -> torch.Tensor:
@@ -122,15 +119,14 @@ class DeviceShare:
         flat = ids.flatten()
         self.counts.scatter_add_(0, flat, torch.ones_like(flat))
 
-    def rebalance(self) -> tuple[int, int, int, int]:
-        """Hold the most-routed experts of the counts so far. Returns ``(experts copied, counted routes
-        to the held experts before, after, all counted routes)``."""
+    def rebalance(self) -> tuple[int, float]:
+        """Hold the most-routed experts of the counts so far. Returns ``(experts copied, share of the
+        counted routes the device now takes)``."""
         counts = self.counts[:-1].cpu()
-        before = int(counts[self.experts].sum())
         top = torch.topk(counts, self.size, sorted=False).indices
         copied = self.load(top.tolist()) if set(top.tolist()) != set(self.experts.tolist()) else 0
-        return copied, before, int(counts[self.experts].sum()), int(counts.sum())
-
+        total = int(counts.sum())
+        return copied, float(counts[self.experts].sum()) / total if total else 0.0
 
     def lora_slices(self, factors, *, refresh: bool):
         """The share's rows of ``[A_gu, B_gu, A_d, B_d]`` (None where absent) on the device, FP32.
@@ -193,33 +189,3 @@ def _lora_term(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, offsets: torch
     """``(x A_e^T) B_e^T`` per group, in BF16 (as PEFT's device path adds its delta to BF16 weights)."""
     low = _grouped_mm(x, a.to(torch.bfloat16).transpose(1, 2), offsets)
     return _grouped_mm(low, b.to(torch.bfloat16).transpose(1, 2), offsets)
-
-
-def rebalance(model: nn.Module) -> None:
-    """Give every device share of a prepared model the experts routed most so far, and log what moved.
-
-    `KTSFTTrainer` calls it after the first optimizer step (`RebalanceCallback`). Between steps only:
-    a forward waiting for its backward would be computed with one split and differentiated with another.
-    """
-    runners = [m._kt_runner for m in model.modules() if getattr(getattr(m, "_kt_runner", None), "share", None) is not None]
-    if not runners:
-        return
-    if any(len(r.pending) for r in runners):
-        raise RuntimeError("rebalance: some expert forwards still wait for their backward; call it between steps.")
-    totals = [0, 0, 0, 0]
-    with progress_bar(total=len(runners), desc="Moving the most-routed experts to the device", unit="layer") as bar:
-        for runner in runners:
-            totals = [t + n for t, n in zip(totals, runner.share.rebalance())]
-            bar.update()
-    copied, before, after, routes = totals
-    logger.info("kt_trl: the device shares now hold each layer's most-routed experts (%d copied): they take %.1f%% of "
-                "the routes counted so far, %.1f%% before.", copied, 100 * after / max(routes, 1),
-                100 * before / max(routes, 1))
-
-
-class RebalanceCallback(TrainerCallback):
-    """Calls `rebalance` once, after the first optimizer step (its routes counted)."""
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step == 1 and model is not None:
-            rebalance(model)

@@ -136,8 +136,6 @@ def _add_delta_to_engine(wrapper: nn.Module, adapter: str, *, sign: float, check
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
             target[e] = merged.to(target.dtype)
             engine.load_expert(e, gate_up[e], down[e])
-    if runner.share is not None:  # its copies follow the engine's weights
-        runner.share.reload(engine)
 
 
 def _check_wrappers(block: MoEBlock) -> dict[str, nn.Module]:

@@ -45,8 +45,8 @@ class GPUBudget:
             activations, margin).
         per_layer: One layer's routed experts with their LoRA state, in transformers' path.
         layers: How many layers' experts fit that way.
-        per_expert: One expert as a share of a CPU-routed layer: its BF16 copy and LoRA rows, and its
-            part of the shares' working memory during a call (which grows with the routes they take).
+        per_expert: One expert as a share of a CPU-routed layer (its BF16 copy and LoRA rows).
+        share_activations: The shares' working memory during one call.
         experts: How many experts fit as shares.
     """
 
@@ -55,6 +55,7 @@ class GPUBudget:
     per_layer: int
     layers: int
     per_expert: int = 0
+    share_activations: int = 0
     experts: int = 0
 
 
@@ -89,8 +90,7 @@ def _share_expert_bytes(block: MoEBlock) -> int:
 
 
 def _share_activation_bytes(model: nn.Module, tokens: int) -> int:
-    # A share's sorted copies of its routes (x, gate|up, h, out, weighted) in its backward, with their
-    # gradients, were it to hold every expert of a layer
+    # The share's sorted copies of every route (x, gate|up, h, out, weighted) in its backward, with gradients
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     hidden, top_k = config.hidden_size, getattr(config, "num_experts_per_tok", 8)
     inter = getattr(config, "moe_intermediate_size", None) or getattr(config, "intermediate_size", hidden)
@@ -125,11 +125,10 @@ def gpu_budget(model: nn.Module, blocks: list[MoEBlock], config: KTConfig, *, to
                 + activation_bytes(model, tokens, checkpointed=checkpointed) + int(MARGIN_FRACTION * capacity) + MARGIN_BYTES)
     if not blocks:
         return GPUBudget(capacity, reserved, 1, 0)
-    per_layer = max(_expert_layer_bytes(blocks[0]), 1)
-    experts = blocks[0].experts.gate_up_proj.shape[0]
-    per_expert = _share_expert_bytes(blocks[0]) + _share_activation_bytes(model, tokens) // (experts * len(blocks))
-    room = max(0, capacity - reserved)
-    return GPUBudget(capacity, reserved, per_layer, room // per_layer, per_expert, room // max(per_expert, 1))
+    per_layer, per_expert = max(_expert_layer_bytes(blocks[0]), 1), max(_share_expert_bytes(blocks[0]), 1)
+    share_activations = _share_activation_bytes(model, tokens)
+    return GPUBudget(capacity, reserved, per_layer, max(0, (capacity - reserved) // per_layer), per_expert,
+                     share_activations, max(0, (capacity - reserved - share_activations) // per_expert))
 
 
 def placement(model: nn.Module, blocks: list[MoEBlock], config: KTConfig, *, tokens: int | None,

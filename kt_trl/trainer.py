@@ -12,7 +12,6 @@ from .config import KTConfig
 from . import distributed
 from .containers import unwrap_model
 from .cpu_threads import torch_threads
-from .device_share import RebalanceCallback
 from .loading import load_model, model_init_kwargs
 from .lora import requested_expert_lora
 from .prepare import prepare_model
@@ -81,7 +80,6 @@ class KTSFTTrainer(SFTTrainer):
                 args = copy.copy(args)
                 args.model_init_kwargs = None
         super().__init__(model, args, train_dataset=train_dataset, **kwargs)
-        self.add_callback(RebalanceCallback())  # device shares: the most-routed experts after step 1
         # Trainer skips placement for DeepSpeed, FSDP, model parallel and *_full_eval; prepare anyway.
         self._prepare_model(self.model)
 

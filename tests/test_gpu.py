@@ -66,23 +66,20 @@ def _cpu_features():
     return " ".join(runtime_info().get("cpu_features", []))
 
 
-@pytest.mark.parametrize("gpu_experts, gpu_layers, share", [("auto", (0, 1), 0), (8, (), 4)])
-def test_gpu_resident_experts_train_like_plain_peft(gpu_experts, gpu_layers, share, tmp_path, tokenizer, dataset):
-    """Experts kept on the GPU (all of them where they fit, or a share of each layer's) train like plain PEFT there."""
+@pytest.mark.parametrize("gpu_experts, gpu_layers", [("auto", (0, 1)), (8, (0,))])
+def test_gpu_resident_experts_train_like_plain_peft(gpu_experts, gpu_layers, tmp_path, tokenizer, dataset):
+    """Experts kept on the GPU (all of them where they fit, or a layer) train like plain PEFT there."""
     model = tiny_model("qwen3_moe")
-    # r 8: the shares' LoRA runs as grouped GEMMs (CUDA's need rows of 16-byte multiples)
-    peft_config = LoraConfig(r=8, lora_alpha=16, target_modules=["o_proj"], target_parameters=expert_targets("qwen3_moe"))
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"], target_parameters=expert_targets("qwen3_moe"))
     plain = SFTTrainer(copy.deepcopy(model), gpu_args(tmp_path / "plain"), train_dataset=dataset,
                        processing_class=copy.deepcopy(tokenizer), peft_config=copy.deepcopy(peft_config))
     plain.train()
     kt = KTSFTTrainer(copy.deepcopy(model), gpu_args(tmp_path / "kt"), dataset, processing_class=copy.deepcopy(tokenizer),
                       peft_config=copy.deepcopy(peft_config), kt_config=KTConfig(gpu_experts=gpu_experts))
-    assert (kt.kt_report.gpu_layers, kt.kt_report.experts_shared_per_layer) == (gpu_layers, share)
+    assert kt.kt_report.gpu_layers == gpu_layers
     kt.train()
     on_gpu = [n for n, p in kt.model.named_parameters() if ".experts." in n and p.device.type == "cuda"]
-    assert all(any(f"layers.{i}." in n for i in gpu_layers) for n in on_gpu) and bool(on_gpu) == bool(gpu_layers)
-    if share:
-        _assert_placement(kt.model)
-        shares = [m._kt_runner.share for m in kt.model.modules() if getattr(m, "_kt_runner", None) is not None]
-        assert len(shares) == 2 and all(s.gate_up.is_cuda and s.size == share for s in shares)
+    assert on_gpu and all(any(f"layers.{i}." in n for i in gpu_layers) for n in on_gpu)
+    if len(gpu_layers) < 2:
+        _assert_placement(kt.model, gpu_layers)
     torch.testing.assert_close(torch.tensor(step_losses(kt)), torch.tensor(step_losses(plain)), rtol=2e-2, atol=0.0)

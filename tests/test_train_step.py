@@ -61,13 +61,10 @@ def test_built_model_never_holds_dense_experts(train_step):
     assert all(p.device.type == "cpu" and p.dtype == torch.bfloat16 for p in model.parameters())
 
 
-@pytest.mark.parametrize("gpu_experts", [8, 16])
-def test_experts_on_the_device_train_like_plain_peft(train_step, gpu_experts):
-    # 2 layers of 8 experts: 8 = a share of 4 in each engine layer; 16 = both layers dense
-    records = train_step.main([*TINY[:-2], "--gpu-experts", str(gpu_experts), "--reference"])
+def test_layers_kept_dense_train_like_plain_peft(train_step):
+    records = train_step.main([*TINY[:-2], "--gpu-experts", "8", "--reference"])  # one layer of 8 experts
     summary = next(r for r in records if r["kind"] == "summary")
-    assert (summary["gpu_layers"], summary["experts_shared_per_layer"]) == (([], 4) if gpu_experts == 8 else ([0, 1], 0))
-    calls = [2, 2, 2] if gpu_experts == 8 else [0, 0, 0]
-    assert all(r["expert_calls"] == calls for r in records if r["kind"] == "step")
+    assert summary["gpu_layers"] == [0]
+    assert all(r["expert_calls"] == [1, 1, 1] for r in records if r["kind"] == "step")  # layer 1 only
     parity = next(r for r in records if r["kind"] == "parity")
     assert parity["max_loss_rel_diff"] < 5e-3

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
@@ -61,14 +60,14 @@ def test_peft_state_dict_keeps_placeholders():
     assert placeholder.stride() == (0, 0, 0)  # no unpacked copy made
 
 
-def lora_pair(family="qwen3_moe", kt_config=None):
+def lora_pair(family="qwen3_moe"):
     """(plain, kt) PeftModels with the same random non-zero LoRA on attention and experts."""
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"], target_parameters=expert_targets(family),
                         init_lora_weights=False)
     torch.manual_seed(3)
     plain = get_peft_model(tiny_model(family), config)
     kt = copy.deepcopy(plain)
-    prepare_model(kt, kt_config)
+    prepare_model(kt)
     return plain, kt
 
 
@@ -87,13 +86,8 @@ def test_unload_saves_the_base_experts(tmp_path):
         torch.testing.assert_close(reloaded[name], value, rtol=0, atol=0)
 
 
-# gpu_experts=8: half of each layer's experts also on the training device, whose copies must follow the merge
-SHARES = pytest.mark.parametrize("kt_config", [None, KTConfig(gpu_experts=8)], ids=["engine", "device share"])
-
-
-@SHARES
-def test_merge_and_unload_saves_the_merged_experts(tmp_path, kt_config):
-    plain, kt = lora_pair(kt_config=kt_config)
+def test_merge_and_unload_saves_the_merged_experts(tmp_path):
+    plain, kt = lora_pair()
     unmerged = logits(kt)
     torch.testing.assert_close(logits(plain), unmerged, rtol=0.02, atol=0.02)
     merged_plain = plain.merge_and_unload()
@@ -110,9 +104,8 @@ def test_merge_and_unload_saves_the_merged_experts(tmp_path, kt_config):
     torch.testing.assert_close(logits(reloaded), logits(merged_plain), rtol=0.02, atol=0.02)
 
 
-@SHARES
-def test_merge_adapter_and_unmerge_keep_the_outputs(kt_config):
-    _, kt = lora_pair(kt_config=kt_config)
+def test_merge_adapter_and_unmerge_keep_the_outputs():
+    _, kt = lora_pair()
     before = logits(kt)
     kt.merge_adapter()
     torch.testing.assert_close(logits(kt), before, rtol=0.02, atol=0.02)
