@@ -61,7 +61,6 @@ class EngineRunner:
         self.staging = staging if staging is not None else HostStaging()
         self._layer = weakref.ref(layer) if layer is not None else (lambda: None)
         self.configure(self.config, budgets=budgets)
-        self.share = None  # a DeviceShare: experts also on the training device (kt_trl.device_share)
         self.forward_calls = 0
         self.backward_calls = 0
         self.reused_forwards = 0

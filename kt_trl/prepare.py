@@ -21,8 +21,7 @@ from .experts import KT_IMPLEMENTATION, EngineRunner, register_experts_implement
 from .host_copy import host_engines
 from .layouts import EXPERT_PARAMETERS, ExpertLayout, check_experts_module, engine_dims, match_layout
 from .lora import bind_expert_lora, requested_expert_lora
-from .device_share import DeviceShare
-from .placement import expert_lora_params, placement
+from .placement import expert_lora_params, gpu_layers
 from .progress import progress_bar
 from .report import RoutingReport, adapter_groups
 from .staging import HostStaging
@@ -87,13 +86,10 @@ def prepare_model(
             f"{layout.family}: no decoder layer has a '{layout.block_attr}.experts' module; nothing to route."
         )
     if previous is None:
-        device = torch.device(device) if device is not None else _parameter_device(base)
-        placed = placement(base, blocks, config, tokens=tokens_per_batch, checkpointed=gradient_checkpointing,
-                           device=device)
-        _route_blocks(base, [b for b in blocks if b.index not in placed.layers], layout, config,
-                      on_device=[b for b in blocks if b.index in placed.layers])
-        if placed.share:
-            _add_device_shares([b for b in blocks if b.index not in placed.layers], placed.share, device)
+        on_device = gpu_layers(base, blocks, config, tokens=tokens_per_batch, checkpointed=gradient_checkpointing,
+                               device=device if device is not None else _parameter_device(base))
+        _route_blocks(base, [b for b in blocks if b.index not in on_device], layout, config,
+                      on_device=[b for b in blocks if b.index in on_device])
     on_device = [b for b in blocks if getattr(b.experts, "_kt_on_device", False)]
     blocks = [b for b in blocks if not getattr(b.experts, "_kt_on_device", False)]
     if layout.no_expert_lora and any(block.wrappers for block in blocks):
@@ -141,16 +137,6 @@ def _route_blocks(base: nn.Module, blocks: list[MoEBlock], layout: ExpertLayout,
                                                 staging=staging, budgets=budgets)
         keep_on_cpu(block.experts)  # also once PEFT's unload() puts it back in the model
         attach_state_hooks(block.experts, layout)
-
-
-def _add_device_shares(blocks: list[MoEBlock], count: int, device: torch.device) -> None:
-    """Give each CPU-routed block a `DeviceShare` of `count` experts on `device` (the first ids until
-    the first optimizer step counts which are routed most)."""
-    with progress_bar(total=len(blocks), desc=f"Copying {count} experts per layer to {device}", unit="layer") as bar:
-        for block in blocks:
-            runner = block.experts._kt_runner
-            runner.share = DeviceShare(runner.engine, range(count), device)
-            bar.update()
 
 
 def _packed_engines(blocks: list[MoEBlock], layout: ExpertLayout, format: str) -> list:
@@ -293,7 +279,6 @@ def _build_report(model, base, blocks, layout, config, *, on_device: list[MoEBlo
     from ._native import runtime_info
 
     info = runtime_info()
-    shares = [b.experts._kt_runner.share for b in blocks if b.experts._kt_runner.share is not None]
     on_cpu = {id(p) for b in blocks for p in expert_lora_params(b)}
     expert_lora = tuple((name, p.numel()) for name, p in model.named_parameters() if p.requires_grad and id(p) in on_cpu)
     params = list(model.parameters())
@@ -313,7 +298,5 @@ def _build_report(model, base, blocks, layout, config, *, on_device: list[MoEBlo
         total_parameters=sum(p.numel() for p in params),
         reuse_checkpointed_activations=config.reuse_checkpointed_activations,
         gpu_layers=tuple(b.index for b in on_device),
-        gpu_expert_bytes=nbytes(*(p for b in on_device for p in b.experts.parameters(recurse=False)))
-        + sum(s.nbytes for s in shares),
-        experts_shared_per_layer=max((s.size for s in shares), default=0),
+        gpu_expert_bytes=nbytes(*(p for b in on_device for p in b.experts.parameters(recurse=False))),
     )

@@ -31,10 +31,7 @@ class RoutingReport:
         reuse_checkpointed_activations: Whether gradient checkpointing reuses the first expert forward.
         gpu_layers: Decoder-layer indices whose experts stay in transformers' path on the training
             device (`KTConfig.gpu_experts`).
-        gpu_expert_bytes: Bytes of the expert weights on the training device (those layers' and the
-            shares').
-        experts_shared_per_layer: Experts of each CPU-routed layer also kept on the training device,
-            which compute their routes there (`kt_trl.device_share`); 0: none.
+        gpu_expert_bytes: Their expert weights' bytes.
         expert_format: How the engine stores the routed experts (`kt_trl.formats`; layers that differ
             are joined with "/").
     """
@@ -54,7 +51,6 @@ class RoutingReport:
     gpu_layers: tuple[int, ...] = ()
     gpu_expert_bytes: int = 0
     expert_format: str = "bf16"
-    experts_shared_per_layer: int = 0
 
     @property
     def expert_lora_parameters(self) -> int:
@@ -76,10 +72,6 @@ class RoutingReport:
         experts = sorted(set(self.experts_per_layer))
         on_device = (f"; {len(self.gpu_layers)} layer(s) keep theirs on the training device "
                      f"({self.gpu_expert_bytes / 2**20:.1f} MiB)" if self.gpu_layers else "")
-        if self.experts_shared_per_layer:
-            on_device = (f"; {self.experts_shared_per_layer} experts of each also on the training device, computing "
-                         f"their routes there ({self.gpu_expert_bytes / 2**20:.1f} MiB; the most-routed from the "
-                         "first optimizer step on)")
         return "\n".join(
             (
                 f"kt_trl: {self.family}: routed experts of {layers} layer(s) "

@@ -137,19 +137,15 @@ class HostStaging:
         self.stats = StagingStats()
         self.in_flight = InFlightCopies(max_in_flight=max_in_flight)
 
-    def to_host(self, *tensors: torch.Tensor, meanwhile=None) -> tuple[torch.Tensor, ...]:
+    def to_host(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Contiguous CPU versions of `tensors` (same dtypes); caller-owned.
 
         CUDA tensors are copied into new pinned tensors with non-blocking copies on the current
-        stream; the host then waits on one event recorded after the copies. `meanwhile()`, if given,
-        runs after the copies are queued and before that wait: device work it queues runs after
-        the copies, while the host goes on.
+        stream; the host then waits on one event recorded after the copies.
         """
         tensors = tuple(t.contiguous() for t in tensors)
         on_device = [t for t in tensors if t.is_cuda]
         if not on_device:
-            if meanwhile is not None:
-                meanwhile()
             return tensors
         stream = torch.cuda.current_stream(on_device[0].device)
         start, done = _timing_event(), _timing_event()
@@ -162,8 +158,6 @@ class HostStaging:
                 t = host
             out.append(t)
         done.record(stream)
-        if meanwhile is not None:
-            meanwhile()
         begin = time.perf_counter()
         done.synchronize()
         stats = self.stats

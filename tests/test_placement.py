@@ -1,5 +1,4 @@
-"""Experts kept on the training device (`KTConfig.gpu_experts`): whole layers in transformers' path, or
-a share of every CPU-routed layer; the split, and training."""
+"""Layers whose experts stay in transformers' path (`KTConfig.gpu_experts`): the split, and training."""
 
 from __future__ import annotations
 
@@ -22,39 +21,29 @@ def lora_model(family="qwen3_moe"):
     return get_peft_model(tiny_model(family), config)
 
 
-@pytest.mark.parametrize("gpu_experts, on_device, share", [("none", (), 0), ("auto", (), 0), (8, (), 4), (13, (), 6),
-                                                            (16, (0, 1), 0)])
-def test_the_split_follows_gpu_experts(gpu_experts, on_device, share, caplog):
+@pytest.mark.parametrize("gpu_experts, on_device", [("none", ()), ("auto", ()), (8, (0,)), (12, (0,)), (16, (0, 1))])
+def test_the_split_follows_gpu_experts(gpu_experts, on_device, caplog):
     model = lora_model()  # 2 MoE layers of 8 experts; no CUDA here, so "auto" keeps none
     with caplog.at_level(logging.WARNING, logger="kt_trl.placement"):
         report = prepare_model(model, KTConfig(gpu_experts=gpu_experts))
-    assert report.gpu_layers == on_device and report.experts_shared_per_layer == share
+    assert report.gpu_layers == on_device
     assert report.layers_routed == tuple(i for i in (0, 1) if i not in on_device)
-    assert ("keeps 6 experts in each" in caplog.text) == (gpu_experts == 13)
+    assert ("whole layers" in caplog.text) == (gpu_experts == 12)
     layers = model.get_base_model().model.layers
     for i in on_device:  # transformers' own tensors, PEFT's own forward: nothing packed
         experts = layers[i].mlp.experts.base_layer.base_layer
         assert experts.gate_up_proj.stride()[0] > 0 and not hasattr(experts, "_kt_runner")
         assert not getattr(layers[i].mlp.experts, "_kt_routed", False)
-    for i in report.layers_routed:  # the engine holds every expert; the share copies some
-        runner = layers[i].mlp.experts.base_layer.base_layer._kt_runner
-        assert runner.engine.num_experts == 8
-        assert (runner.share is None) == (share == 0)
-        if share:
-            assert runner.share.experts.tolist() == list(range(share))
-            torch.testing.assert_close(runner.share.gate_up[1], runner.engine.unpack_expert(1)[0], rtol=0, atol=0)
     assert report.expert_lora_parameters == sum(n for name, n in report.expert_lora)
     assert all(f"layers.{i}." not in name for name, _ in report.expert_lora for i in on_device)
-    assert ("also on the training device" in report.summary()) == bool(share)
     assert prepare_model(model) is report  # idempotent with device layers too
 
 
 @pytest.mark.parametrize("gpu_experts", [8, 16])
-def test_training_with_experts_on_the_device_matches_plain_sft(gpu_experts, tmp_path, tokenizer, dataset):
+def test_training_with_device_layers_matches_plain_sft(gpu_experts, tmp_path, tokenizer, dataset):
     trainers = train_pair("qwen3_moe", tmp_path, tokenizer, dataset, expert_lora("qwen3_moe"),
                           kt_config=KTConfig(gpu_experts=gpu_experts))
-    report = trainers["kt"][0].kt_report
-    assert (report.gpu_layers, report.experts_shared_per_layer) == (((), 4) if gpu_experts == 8 else ((0, 1), 0))
+    assert trainers["kt"][0].kt_report.gpu_layers == ((0,) if gpu_experts == 8 else (0, 1))
     assert_parity(trainers)
 
 
