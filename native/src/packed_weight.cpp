@@ -35,12 +35,6 @@ void decode_rows(uint16_t *dst, const PackedWeight &w, int64_t p, int64_t q0, in
     }
 }
 
-// Prefetch [p, p + bytes) into L2, one request per cache line.
-void prefetch_run(const void *p, int64_t bytes) {
-    const char *c = static_cast<const char *>(p);
-    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 2);
-}
-
 bool usable_scale(float s) {
     const float a = std::fabs(s);
     return s == 0.0f || (a >= 0x1p-100f && a <= 0x1p100f);   // also false for NaN and infinities
@@ -101,29 +95,21 @@ void pack_transposed_block(uint16_t *dst, const PackedWeight &w, int64_t k0, int
     // past the last source panel are zero.
     const int64_t stored = std::clamp<int64_t>(l.Kp - k0, 0, kn);   // K values of the range inside the panels
     for (int64_t kb = stored; kb < kn; kb += 16) std::memset(dst + (kb / 16) * Rp * 16, 0, sizeof(uint16_t) * n_panels * 256);
-    // Source panel by source panel: the range is one contiguous run of each (stored * 32 bytes for
-    // BF16, half for codes), read in order, the next panel's run prefetched meanwhile. Reading the
-    // block row of every panel in turn instead means as many interleaved streams as panels, more
-    // than the hardware prefetchers follow.
-    const int64_t run_bytes = stored * 32 / (l.bf16() ? 1 : 2);
-    if (l.bf16()) {
-        for (int64_t np = 0; np < n_panels; ++np) {
-            const uint16_t *src = w.panels() + np * l.Kp * 16 + (k0 / 2) * 32;
-            if (np + 1 < n_panels) prefetch_run(src + l.Kp * 16, run_bytes);
-            for (int64_t kb = 0; kb < stored; kb += 16) K.transpose_block(dst + (kb / 16) * Rp * 16 + np * 256, src + kb * 16);
-        }
+    if (l.bf16()) {   // blocks straight from the panels, output panel by output panel (each written contiguously)
+        for (int64_t kb = 0; kb < stored; kb += 16)
+            for (int64_t np = 0; np < n_panels; ++np)
+                K.transpose_block(dst + (kb / 16) * Rp * 16 + np * 256,
+                                  w.panels() + np * l.Kp * 16 + ((k0 + kb) / 2) * 32);
     } else {   // one decode per source panel and run of up to kDecodeRun K values, into a buffer in L1
         constexpr int64_t kDecodeRun = 256;
         alignas(64) uint16_t decoded[kDecodeRun * 16];
-        for (int64_t np = 0; np < n_panels; ++np) {
-            if (np + 1 < n_panels) prefetch_run(w.data + ((np + 1) * l.Kp + k0) * 16, run_bytes);
+        for (int64_t np = 0; np < n_panels; ++np)
             for (int64_t kb = 0; kb < stored; kb += kDecodeRun) {
                 const int64_t run = std::min(kDecodeRun, stored - kb);
                 decode_rows(decoded, w, np, (k0 + kb) / 2, run / 2, K);
                 for (int64_t b = 0; b < run / 16; ++b)   // its 16 x 16 blocks (512 bytes each)
                     K.transpose_block(dst + (kb / 16 + b) * Rp * 16 + np * 256, decoded + b * 256);
             }
-        }
     }
     if (Rp > n_panels * 16)
         for (int64_t kb = 0; kb < kn; kb += 16)
