@@ -43,20 +43,10 @@ struct BackwardScratch {
     float *db_gu;    // [E, 2I, r_gu] dB_gu per expert
 };
 
-// bc[e][o][q] = B_e[o][q], in blocks of 16 o. With experts fastest in B (se == 1, PEFT's layout)
-// row o of B holds every (q, e) of that row in r * E floats: read in place, in L1.
+// bc[e][o][q] = B_e[o][q], in blocks of 16 o as in transpose_lora_b (moe_forward.cpp).
 void copy_lora_b(float *bc, const LoraView &l, int64_t E, int64_t out) {
     ThreadPool::run((out + 15) / 16, [&](int64_t i, int) {
         const int64_t o0 = i * 16, o1 = std::min(out, o0 + 16);
-        if (l.se == 1) {
-            for (int64_t o = o0; o < o1; ++o)
-                for (int64_t e = 0; e < E; ++e) {
-                    const float *src = l.B + o * l.so + e;
-                    float *dst = bc + (e * out + o) * l.r;
-                    for (int64_t q = 0; q < l.r; ++q) dst[q] = src[q * l.sq];
-                }
-            return;
-        }
         for (int64_t e = 0; e < E; ++e)
             for (int64_t o = o0; o < o1; ++o)
                 for (int64_t q = 0; q < l.r; ++q) bc[(e * out + o) * l.r + q] = l.b(e, o, q);
@@ -65,23 +55,11 @@ void copy_lora_b(float *bc, const LoraView &l, int64_t E, int64_t out) {
 
 // dB (strided, e.g. PEFT's [out, r*E] with e fastest) = db [E, out, r]. Parallel over blocks
 // of 16 rows o: PEFT puts neighbouring experts in one cache line, so splitting by expert would
-// make threads write the same lines. With e fastest in dB (se == 1), each row o is written in
-// order from a per-thread tile [E][r] of its values (db's rows of one o are out * r floats apart:
-// read straight, a multiple of 4 KiB for the usual sizes, all in one L1 set).
+// make threads write the same lines. Within a block, e runs outermost: each expert's 16 x r
+// values are one contiguous read, and the block's destination rows (16 x r x E) stay in L2.
 void store_lora_b(float *dB, const float *db, const LoraView &l, int64_t E, int64_t out) {
-    ThreadPool::run((out + 15) / 16, [&](int64_t i, int w) {
+    ThreadPool::run((out + 15) / 16, [&](int64_t i, int) {
         const int64_t o0 = i * 16, o1 = std::min(out, o0 + 16);
-        if (l.se == 1) {
-            float *tile = workspace().threads[w].rows_c.get<float>(E * l.r);
-            for (int64_t o = o0; o < o1; ++o) {
-                for (int64_t e = 0; e < E; ++e) std::memcpy(tile + e * l.r, db + (e * out + o) * l.r, sizeof(float) * l.r);
-                for (int64_t q = 0; q < l.r; ++q) {
-                    float *dst = dB + o * l.so + q * l.sq;
-                    for (int64_t e = 0; e < E; ++e) dst[e] = tile[e * l.r + q];
-                }
-            }
-            return;
-        }
         for (int64_t e = 0; e < E; ++e)
             for (int64_t o = o0; o < o1; ++o)
                 for (int64_t q = 0; q < l.r; ++q) dB[e * l.se + o * l.so + q * l.sq] = db[(e * out + o) * l.r + q];

@@ -42,34 +42,16 @@ struct ForwardScratch {
     float *bt_d;    // [E, r_d, N_d]    B_d transposed, N_d = round_up(H, 16)
 };
 
-// Bt[e][q][o] = B_e[o][q], columns out..N-1 zero. Parallel over blocks of 16 o. With experts
-// fastest in B (PEFT's [out, r*E]: se == 1) the block's E values of one (o, q) are contiguous: they
-// are copied row by row into a per-thread tile [16][E] first, and each (e, q) gathers its 16 values
-// from there. Read straight from B, the 16 values sit r * E floats apart, which for the usual sizes
-// is a multiple of 4 KiB: every one in the same L1 set.
+// Bt[e][q][o] = B_e[o][q], columns out..N-1 zero. Parallel over blocks of 16 o: the block's
+// rows of B (PEFT: [out, r*E]) stay in L2 while each (e, q) writes 16 contiguous floats.
 void transpose_lora_b(float *bt, const LoraView &l, int64_t E, int64_t out, int64_t N) {
-    ThreadPool::run(N / 16, [&](int64_t i, int w) {
+    ThreadPool::run(N / 16, [&](int64_t i, int) {
         const int64_t o0 = i * 16;
-        if (l.se != 1) {
-            for (int64_t e = 0; e < E; ++e)
-                for (int64_t q = 0; q < l.r; ++q) {
-                    float *dst = bt + (e * l.r + q) * N + o0;
-                    for (int64_t o = 0; o < 16; ++o) dst[o] = o0 + o < out ? l.b(e, o0 + o, q) : 0.0f;
-                }
-            return;
-        }
-        const int64_t ld = E + 16;   // padded: the tile's rows do not share L1 sets either
-        float *tile = workspace().threads[w].rows_c.get<float>(16 * ld);
-        for (int64_t q = 0; q < l.r; ++q) {
-            for (int64_t o = 0; o < 16; ++o) {
-                if (o0 + o < out) std::memcpy(tile + o * ld, l.B + (o0 + o) * l.so + q * l.sq, sizeof(float) * E);
-                else std::fill_n(tile + o * ld, E, 0.0f);
-            }
-            for (int64_t e = 0; e < E; ++e) {
+        for (int64_t e = 0; e < E; ++e)
+            for (int64_t q = 0; q < l.r; ++q) {
                 float *dst = bt + (e * l.r + q) * N + o0;
-                for (int64_t o = 0; o < 16; ++o) dst[o] = tile[o * ld + e];
+                for (int64_t o = 0; o < 16; ++o) dst[o] = o0 + o < out ? l.b(e, o0 + o, q) : 0.0f;
             }
-        }
     });
 }
 
