@@ -86,12 +86,4 @@ std::mutex &runtime_lock() {
     return *mu;
 }
 
-namespace {
-thread_local GemmNextSlice t_next_slice;
-}  // namespace
-
-void gemm_prefetch_next(const uint16_t *Wnext, int64_t Kp_next) { t_next_slice = GemmNextSlice{Wnext, Kp_next}; }
-
-GemmNextSlice gemm_next_slice() { return t_next_slice; }
-
 }  // namespace kt

@@ -34,12 +34,8 @@ inline int64_t col_block(int64_t Kp) {
 // C [rows, cols] (ldc) = A [rows, Kp] (lda) . W^T, W = `cols / 16` packed panels of stride ldw, K-sliced.
 inline void gemm_rows(const Kernels &K, float *C, int64_t ldc, const uint16_t *A, int64_t lda, const uint16_t *W,
                       int64_t ldw, int64_t rows, int64_t cols, int64_t Kp) {
-    for (int64_t k0 = 0; k0 < Kp; k0 += kKSlice) {
-        const int64_t next = k0 + kKSlice;
-        gemm_prefetch_next(next < Kp ? W + next * 16 : nullptr, std::min(kKSlice, Kp - next));
+    for (int64_t k0 = 0; k0 < Kp; k0 += kKSlice)
         K.gemm_bf16(C, ldc, A + k0, lda, W + k0 * 16, ldw, rows, cols, std::min(kKSlice, Kp - k0), k0 > 0);
-    }
-    gemm_prefetch_next(nullptr, 0);
 }
 
 // A run of sorted rows of one expert: the unit of the row-wise stages.

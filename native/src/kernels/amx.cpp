@@ -74,19 +74,9 @@ alignas(64) constexpr TileConfigs kConfigs = make_configs();
         else _tile_zero(tile);                    \
     } while (0)
 
-using NextSlice = GemmNextSlice;
-
-// Prefetch into L2 the 32 K values at k of the next slice of panel P (16 lines), if it has them.
-inline void prefetch_step(const uint16_t *P, int64_t k, int64_t Kp_next) {
-    if (P == nullptr || k >= Kp_next) return;
-    const char *c = reinterpret_cast<const char *>(P + k * 16);
-    for (int j = 0; j < 16; ++j) _mm_prefetch(c + j * 64, _MM_HINT_T1);
-}
-
-// Rows [0, 32) x columns [0, 32): A rows at A and A + 16 lda, panels W0 and W1 (P0, P1: the same
-// panels' next slice, prefetched step by step, or NULL).
+// Rows [0, 32) x columns [0, 32): A rows at A and A + 16 lda, panels W0 and W1.
 void tiles_2x2(float *C, int64_t ldc, const uint16_t *A, int64_t lda, const uint16_t *W0, const uint16_t *W1,
-               int64_t Kp, bool accumulate, const uint16_t *P0, const uint16_t *P1, int64_t Kp_next) {
+               int64_t Kp, bool accumulate) {
     const int64_t sa = lda * 2, sc = ldc * 4;
     float *C1 = C + 16 * ldc;
     const uint16_t *A1 = A + 16 * lda;
@@ -103,8 +93,6 @@ void tiles_2x2(float *C, int64_t ldc, const uint16_t *A, int64_t lda, const uint
         _tile_dpbf16ps(1, 4, 7);
         _tile_dpbf16ps(2, 5, 6);
         _tile_dpbf16ps(3, 5, 7);
-        prefetch_step(P0, k, Kp_next);
-        prefetch_step(P1, k, Kp_next);
     }
     _tile_stored(0, C, sc);
     _tile_stored(1, C + 16, sc);
@@ -114,7 +102,7 @@ void tiles_2x2(float *C, int64_t ldc, const uint16_t *A, int64_t lda, const uint
 
 // Rows [0, 32) x columns [0, 16): panel W0.
 void tiles_2x1(float *C, int64_t ldc, const uint16_t *A, int64_t lda, const uint16_t *W0, int64_t Kp,
-               bool accumulate, const uint16_t *P0, int64_t Kp_next) {
+               bool accumulate) {
     const int64_t sa = lda * 2, sc = ldc * 4;
     float *C1 = C + 16 * ldc;
     const uint16_t *A1 = A + 16 * lda;
@@ -126,7 +114,6 @@ void tiles_2x1(float *C, int64_t ldc, const uint16_t *A, int64_t lda, const uint
         _tile_loadd(5, A1 + k, sa);
         _tile_dpbf16ps(0, 4, 6);
         _tile_dpbf16ps(2, 5, 6);
-        prefetch_step(P0, k, Kp_next);
     }
     _tile_stored(0, C, sc);
     _tile_stored(2, C1, sc);
@@ -164,19 +151,17 @@ void tiles_1x1(float *C, int64_t ldc, const uint16_t *A, int64_t lda, const uint
 
 #undef KT_C_INIT
 
-// One band of rows: 32 rows (two_a) or the rows of the active configuration (one A tile). `next`:
-// this band prefetches the next K slice of the panels (see gemm_prefetch_next).
+// One band of rows: 32 rows (two_a) or the rows of the active configuration (one A tile).
 void row_band(float *C, int64_t ldc, const uint16_t *A, int64_t lda, const uint16_t *Wp, int64_t pstride,
-              int64_t N, int64_t Kp, bool accumulate, bool two_a, const NextSlice &next) {
+              int64_t N, int64_t Kp, bool accumulate, bool two_a) {
     int64_t p = 0;
     for (; (p + 2) * 16 <= N; p += 2) {
         const uint16_t *W0 = Wp + p * pstride;
-        const uint16_t *P0 = next.W ? next.W + p * pstride : nullptr;
-        if (two_a) tiles_2x2(C + p * 16, ldc, A, lda, W0, W0 + pstride, Kp, accumulate, P0, P0 ? P0 + pstride : nullptr, next.Kp);
+        if (two_a) tiles_2x2(C + p * 16, ldc, A, lda, W0, W0 + pstride, Kp, accumulate);
         else tiles_1x2(C + p * 16, ldc, A, lda, W0, W0 + pstride, Kp, accumulate);
     }
     if (p * 16 < N) {   // one panel left
-        if (two_a) tiles_2x1(C + p * 16, ldc, A, lda, Wp + p * pstride, Kp, accumulate, next.W ? next.W + p * pstride : nullptr, next.Kp);
+        if (two_a) tiles_2x1(C + p * 16, ldc, A, lda, Wp + p * pstride, Kp, accumulate);
         else tiles_1x1(C + p * 16, ldc, A, lda, Wp + p * pstride, Kp, accumulate);
     }
 }
@@ -187,21 +172,15 @@ void gemm_bf16(float *C, int64_t ldc, const uint16_t *A, int64_t lda, const uint
     // compiler may still hold back (e.g. after inlining into a caller) happen first.
     __asm__ volatile("" ::: "memory");
     _tile_loadconfig(&kConfigs.with_rows[16]);
-    // The last band of 32 rows prefetches the next slice when there is an earlier one (which read
-    // this slice from DRAM): its compute, from cache, then overlaps those reads.
-    const int64_t full = M / 32 * 32;
-    const NextSlice none{}, next = gemm_next_slice();
     int64_t m = 0;
-    for (; m + 32 <= M; m += 32)
-        row_band(C + m * ldc, ldc, A + m * lda, lda, Wp, ldw, N, Kp, accumulate, true,
-                 m + 32 == full && m > 0 ? next : none);
+    for (; m + 32 <= M; m += 32) row_band(C + m * ldc, ldc, A + m * lda, lda, Wp, ldw, N, Kp, accumulate, true);
     if (m + 16 <= M) {
-        row_band(C + m * ldc, ldc, A + m * lda, lda, Wp, ldw, N, Kp, accumulate, false, none);
+        row_band(C + m * ldc, ldc, A + m * lda, lda, Wp, ldw, N, Kp, accumulate, false);
         m += 16;
     }
     if (m < M) {   // 1..15 rows left: C and A tiles of exactly that many rows
         _tile_loadconfig(&kConfigs.with_rows[M - m]);
-        row_band(C + m * ldc, ldc, A + m * lda, lda, Wp, ldw, N, Kp, accumulate, false, none);
+        row_band(C + m * ldc, ldc, A + m * lda, lda, Wp, ldw, N, Kp, accumulate, false);
     }
     _tile_release();
 }

@@ -75,17 +75,6 @@ extern const Kernels kernels_avx2;
 extern const Kernels kernels_avx512;
 extern const Kernels kernels_amx;
 
-// The next K slice of the panels the following gemm_bf16 call on this thread reads (its start in
-// the same panels, or NULL, and its length): the AMX path prefetches it into L2 during that call's
-// last row band, so that the next slice's DRAM reads overlap this one's compute.
-// Defined in dispatch.cpp (generic flags: callable on every CPU).
-struct GemmNextSlice {
-    const uint16_t *W = nullptr;
-    int64_t Kp = 0;
-};
-void gemm_prefetch_next(const uint16_t *Wnext, int64_t Kp_next);
-GemmNextSlice gemm_next_slice();
-
 // Per-thread setup a path needs before its first kernel call on a thread (AMX tile config).
 // Returns false when the thread cannot use the path.
 bool amx_thread_init();
