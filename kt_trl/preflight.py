@@ -9,7 +9,9 @@ each MoE layer keeps from the first forward for its backward, per micro-batch of
 T = per_device_train_batch_size × max_length tokens: the routing ids, the output `[T, H]`, the
 `[T·k, 2I]` BF16 gate/up pre-activations and the LoRA intermediates `[T·k, r]` FP32 per projection
 (`kt_trl.checkpointing`), in GPU memory first up to `KTConfig.max_kept_activations_gpu_gb` when
-there is a GPU. The GPU holds everything else: the non-expert weights in the model's dtype, their
+there is a GPU. The layers `KTConfig.gpu_experts` keeps in transformers' path on the training device
+(`kt_trl.placement`, the same choice `prepare_model` makes) are counted there instead: their
+experts in the model's dtype and their expert LoRA state. The GPU holds everything else: the non-expert weights in the model's dtype, their
 LoRA (FP32, gradient, AdamW) and activations, estimated roughly (each layer's checkpointed input,
 one layer's working set of about a dozen `[T, H]` tensors, FP32 logits and their gradient). Without
 a GPU all of that is host memory too.
@@ -34,6 +36,7 @@ from .engine import ExpertEngine
 from .formats import FP8_BLOCK_K
 from .layouts import EXPERT_PARAMETERS, engine_dims, match_layout
 from .lora import requested_expert_lora
+from .placement import gpu_layers
 
 __all__ = ["Plan", "plan"]
 
@@ -60,6 +63,8 @@ class Plan:
         gpu: `(what, bytes)` per line of GPU memory (empty without a GPU: then everything is in `host`).
         host_available: `psutil.virtual_memory().available`.
         gpu_available: Free memory of the current CUDA device (`None` without one).
+        gpu_layers: MoE layers whose experts `KTConfig.gpu_experts` keeps in transformers' path on
+            the training device (`kt_trl.placement`): counted there, not in the packed experts.
     """
 
     model: str
@@ -71,6 +76,7 @@ class Plan:
     gpu: tuple[tuple[str, int], ...]
     host_available: int
     gpu_available: int | None
+    gpu_layers: int = 0
 
     @property
     def host_bytes(self) -> int:
@@ -92,8 +98,9 @@ class Plan:
     def __str__(self) -> str:
         layers, E, H, I, k = self.shape
         tokens = f", T = {self.tokens:,} tokens per micro-batch" if self.tokens else ""
+        split = f"; {self.gpu_layers} of them keep their experts on the training device" if self.gpu_layers else ""
         lines = [f"kt_trl plan: {self.model} ({self.family}), {layers} MoE layers x E {E}, H {H}, I {I}, "
-                 f"top-{k}{tokens}"]
+                 f"top-{k}{tokens}{split}"]
         for title, rows, available, fits in (("host", self.host, self.host_available, self.host_fits),
                                              ("GPU", self.gpu, self.gpu_available, self.gpu_fits)):
             if available is None:
@@ -177,7 +184,8 @@ def plan(name_or_path_or_config, args=None, kt_config: KTConfig | None = None, *
     """
     config = _config_of(name_or_path_or_config)
     kt_config = kt_config or KTConfig()
-    meta, layout, experts = _meta_model(config)
+    meta, layout, blocks = _meta_model(config)
+    experts = [block.experts for block in blocks]
     layers, E, H, I = len(experts), *engine_dims(layout, experts[0])
     top_k = _top_k(config)
     tokens = _tokens(args)
@@ -187,16 +195,23 @@ def plan(name_or_path_or_config, args=None, kt_config: KTConfig | None = None, *
     other = sum(p.numel() for p in meta.parameters() if id(p) not in expert_ids)
     r = int(getattr(peft_config, "r", 0) or 0) if peft_config is not None else 0
     lora_factors = _expert_lora_factors(peft_config, E, H, I) if r else 0   # r·E·(in + out) per layer, / r
-    kept = _kept_bytes(args, kt_config, tokens, top_k, H, I, r if lora_factors else 0, layers)
+    # the layers the trainer will keep in transformers' path on the training device, as prepare_model chooses them
+    on_device = len(gpu_layers(meta, blocks, kt_config, tokens=tokens or None,
+                               checkpointed=getattr(args, "gradient_checkpointing", None),
+                               device="cuda" if cuda else "cpu"))
+    engine_layers = layers - on_device
+    kept = _kept_bytes(args, kt_config, tokens, top_k, H, I, r if lora_factors else 0, engine_layers)
     kept_gpu = min(kept, _gpu_kept_budget(kt_config)) if cuda else 0
     host_limit = kt_config.kept_activations_limit_bytes
     kept_host = kept - kept_gpu if host_limit is None else min(kept - kept_gpu, host_limit)
     format, block_k = _planned_format(kt_config, config, layout)
-    host = [(f"{_PACKED} {format.upper()}", layers * ExpertEngine.weight_bytes(E, H, I, format, block_k)),
-            (f"expert LoRA r{r} (+ grad, AdamW; FP32)", 16 * r * layers * lora_factors),
+    host = [(f"{_PACKED} {format.upper()}", engine_layers * ExpertEngine.weight_bytes(E, H, I, format, block_k)),
+            (f"expert LoRA r{r} (+ grad, AdamW; FP32)", 16 * r * engine_layers * lora_factors),
             ("kept activations (checkpointing)", kept_host)]
     rest = [(f"other weights ({weight_bytes} bytes each)", other * weight_bytes),
             (f"other LoRA r{r} (+ grad, AdamW; FP32)", 16 * _gpu_lora_params(peft_config, meta, r)),
+            (f"routed experts of {on_device} layer(s) in transformers' path", on_device * E * 3 * H * I * weight_bytes),
+            (f"their expert LoRA r{r} (+ grad, AdamW; FP32)", 16 * r * on_device * lora_factors),
             ("activations (rough)", _activation_bytes(args, tokens, config, H) + kept_gpu)]
     name = str(name_or_path_or_config) if isinstance(name_or_path_or_config, (str, os.PathLike)) else config.model_type
     return Plan(
@@ -204,6 +219,7 @@ def plan(name_or_path_or_config, args=None, kt_config: KTConfig | None = None, *
         host=tuple((w, int(n)) for w, n in host + ([] if cuda else rest) if n),
         gpu=tuple((w, int(n)) for w, n in rest if n) if cuda else (),
         host_available=int(_host_available()), gpu_available=int(torch.cuda.mem_get_info()[0]) if cuda else None,
+        gpu_layers=on_device,
     )
 
 
@@ -218,7 +234,7 @@ def _config_of(source):
     return source
 
 
-def _meta_model(config) -> tuple[nn.Module, object, list[nn.Module]]:
+def _meta_model(config) -> tuple[nn.Module, object, list]:
     """The model on the meta device (an FP8 config without its quantization: shapes are the same)."""
     import copy
 
@@ -230,10 +246,10 @@ def _meta_model(config) -> tuple[nn.Module, object, list[nn.Module]]:
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(config)
     layout = match_layout(meta)   # refuses dense and unknown families, listing the supported ones
-    experts = [block.experts for block in find_moe_blocks(find_decoder_layers(meta), layout)]
-    if not experts:
+    blocks = find_moe_blocks(find_decoder_layers(meta), layout)
+    if not blocks:
         raise ValueError(f"{layout.family}: the config makes no layer a MoE layer; nothing for the CPU engine.")
-    return meta, layout, experts
+    return meta, layout, blocks
 
 
 def _top_k(config) -> int:

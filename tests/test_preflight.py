@@ -48,6 +48,22 @@ def test_counts_match_the_prepared_model(family, tmp_path):
     assert lines["other weights (4 bytes each)"] == 4 * other
 
 
+@pytest.mark.parametrize("gpu_experts, on_device", [(8, 1), (16, 2), ("none", 0)])
+def test_layers_kept_on_the_device_leave_the_engine(gpu_experts, on_device, tmp_path):
+    kt_config = KTConfig(gpu_experts=gpu_experts)
+    p = plan(tiny_config("qwen3_moe"), sft_args(tmp_path), kt_config, peft_config=lora("qwen3_moe"))
+    model = get_peft_model(tiny_model("qwen3_moe"), lora("qwen3_moe"))
+    report = prepare_model(model, kt_config)
+    assert p.gpu_layers == len(report.gpu_layers) == on_device
+    lines = rows(p)  # no GPU here: the device's share is host memory too
+    assert lines.get(PACKED, 0) == report.packed_bytes
+    assert lines.get("expert LoRA r4 (+ grad, AdamW; FP32)", 0) == 16 * report.expert_lora_parameters
+    assert lines.get(f"routed experts of {on_device} layer(s) in transformers' path", 0) == report.gpu_expert_bytes
+    kept_lora = sum(q.numel() for n, q in model.named_parameters() if ".experts." in n and "lora_" in n)
+    assert lines.get("their expert LoRA r4 (+ grad, AdamW; FP32)", 0) == 16 * (kept_lora - report.expert_lora_parameters)
+    assert ("keep their experts on the training device" in str(p)) == bool(on_device)
+
+
 @pytest.mark.parametrize("format", ["fp8", "int8"])
 def test_8bit_expert_bytes_match_the_prepared_model(format, tmp_path):
     kt_config = KTConfig(expert_format=format)
