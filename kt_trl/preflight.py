@@ -9,9 +9,10 @@ each MoE layer keeps from the first forward for its backward, per micro-batch of
 T = per_device_train_batch_size × max_length tokens: the routing ids, the output `[T, H]`, the
 `[T·k, 2I]` BF16 gate/up pre-activations and the LoRA intermediates `[T·k, r]` FP32 per projection
 (`kt_trl.checkpointing`), in GPU memory first up to `KTConfig.max_kept_activations_gpu_gb` when
-there is a GPU. The layers `KTConfig.gpu_experts` keeps in transformers' path on the training device
-(`kt_trl.placement`, the same choice `prepare_model` makes) are counted there instead: their
-experts in the model's dtype and their expert LoRA state. The GPU holds everything else: the non-expert weights in the model's dtype, their
+there is a GPU. For a model prepared from memory (`plan(..., streamed=False)`), the layers
+`KTConfig.gpu_experts` keeps in transformers' path on the training device (`kt_trl.placement`, the
+choice `prepare_model` makes) are counted there instead: their experts in the model's dtype and
+their expert LoRA state. The GPU holds everything else: the non-expert weights in the model's dtype, their
 LoRA (FP32, gradient, AdamW) and activations, estimated roughly (each layer's checkpointed input,
 one layer's working set of about a dozen `[T, H]` tensors, FP32 logits and their gradient). Without
 a GPU all of that is host memory too.
@@ -64,7 +65,8 @@ class Plan:
         host_available: `psutil.virtual_memory().available`.
         gpu_available: Free memory of the current CUDA device (`None` without one).
         gpu_layers: MoE layers whose experts `KTConfig.gpu_experts` keeps in transformers' path on
-            the training device (`kt_trl.placement`): counted there, not in the packed experts.
+            the training device (`kt_trl.placement`; a model prepared from memory only): counted
+            there, not in the packed experts.
     """
 
     model: str
@@ -148,7 +150,7 @@ class Plan:
 
 
 def plan(name_or_path_or_config, args=None, kt_config: KTConfig | None = None, *, peft_config=None,
-         dtype: torch.dtype | str | None = None) -> Plan:
+         dtype: torch.dtype | str | None = None, streamed: bool = True) -> Plan:
     """Host and GPU memory a training run of a MoE model will take, from its config alone.
 
     Nothing is loaded: the model is built on the meta device from the config for its shapes.
@@ -167,6 +169,11 @@ def plan(name_or_path_or_config, args=None, kt_config: KTConfig | None = None, *
         dtype (`torch.dtype` or `str`, *optional*):
             The non-expert weights' dtype; defaults to `args.model_init_kwargs["dtype"]` (trl's
             default float32) with `args`, else the config's dtype.
+        streamed (`bool`, *optional*, defaults to `True`):
+            The experts are streamed into the engine (`kt_trl.load_model`, `KTSFTTrainer` given a
+            name): all of them are host memory. `False`: the model is loaded into memory first
+            (`from_pretrained`) and prepared from there, where `KTConfig.gpu_experts` may keep whole
+            layers on the GPU (`kt_trl.placement`); those are counted there.
 
     Returns:
         `Plan`: printable as a short table; `check()` raises when host memory cannot fit.
@@ -195,10 +202,11 @@ def plan(name_or_path_or_config, args=None, kt_config: KTConfig | None = None, *
     other = sum(p.numel() for p in meta.parameters() if id(p) not in expert_ids)
     r = int(getattr(peft_config, "r", 0) or 0) if peft_config is not None else 0
     lora_factors = _expert_lora_factors(peft_config, E, H, I) if r else 0   # r·E·(in + out) per layer, / r
-    # the layers the trainer will keep in transformers' path on the training device, as prepare_model chooses them
-    on_device = len(gpu_layers(meta, blocks, kt_config, tokens=tokens or None,
-                               checkpointed=getattr(args, "gradient_checkpointing", None),
-                               device="cuda" if cuda else "cpu"))
+    # the layers prepare_model keeps in transformers' path on the training device (none of a streamed model:
+    # its experts are in engines before it is prepared)
+    on_device = 0 if streamed else len(gpu_layers(meta, blocks, kt_config, tokens=tokens or None,
+                                                  checkpointed=getattr(args, "gradient_checkpointing", None),
+                                                  device="cuda" if cuda else "cpu"))
     engine_layers = layers - on_device
     kept = _kept_bytes(args, kt_config, tokens, top_k, H, I, r if lora_factors else 0, engine_layers)
     kept_gpu = min(kept, _gpu_kept_budget(kt_config)) if cuda else 0

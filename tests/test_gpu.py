@@ -83,3 +83,20 @@ def test_gpu_resident_experts_train_like_plain_peft(gpu_experts, gpu_layers, tmp
     if len(gpu_layers) < 2:
         _assert_placement(kt.model, gpu_layers)
     torch.testing.assert_close(torch.tensor(step_losses(kt)), torch.tensor(step_losses(plain)), rtol=2e-2, atol=0.0)
+
+
+def test_plan_counts_the_layers_kept_on_the_gpu(tmp_path):
+    """The preflight plan makes prepare_model's choice of GPU layers: here every layer fits."""
+    from peft import get_peft_model
+
+    from kt_trl import plan
+    from kt_trl.prepare import prepare_model
+    from tests.helpers import tiny_config
+
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"], target_parameters=expert_targets("qwen3_moe"))
+    p = plan(tiny_config("qwen3_moe"), gpu_args(tmp_path), peft_config=peft_config, streamed=False)
+    report = prepare_model(get_peft_model(tiny_model("qwen3_moe"), copy.deepcopy(peft_config)), device=torch.device("cuda"))
+    assert p.gpu_layers == len(report.gpu_layers) == 2
+    gpu = dict(p.gpu)
+    assert gpu["routed experts of 2 layer(s) in transformers' path"] == report.gpu_expert_bytes
+    assert not any(what.startswith("routed experts, packed") for what, _ in p.host)
