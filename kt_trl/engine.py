@@ -223,11 +223,14 @@ class ExpertEngine:
         ops.experts_load_bias(self._handle, expert, *biases, self.hidden_size, self.intermediate_size)
         self._biases[expert] = tuple(b.clone() for b in biases)   # kept for as_bf16 (E x (2I + H) floats)
 
-    def unpack(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The packed weights back in the HF layout: ``gate_up [E, 2I, H]``, ``down [E, H, I]`` (bf16; for an
+    def unpack_expert(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One expert's packed weights in the HF layout: ``gate_up [2I, H]``, ``down [H, I]`` (bf16; for an
         8-bit engine the dequantized values it computes with)."""
-        parts = [ops.experts_unpack(self._handle, e, self.hidden_size, self.intermediate_size)
-                 for e in range(self.num_experts)]
+        return ops.experts_unpack(self._handle, expert, self.hidden_size, self.intermediate_size)
+
+    def unpack(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every expert as `unpack_expert` gives it: ``gate_up [E, 2I, H]``, ``down [E, H, I]``."""
+        parts = [self.unpack_expert(e) for e in range(self.num_experts)]
         return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
 
     def as_bf16(self) -> "ExpertEngine":
@@ -235,7 +238,7 @@ class ExpertEngine:
         weights, activation and biases, built expert by expert. For writing into the weights (merging
         an adapter), which 8-bit codes cannot hold and shared pages must not take."""
         E, H, I = self.dims
-        experts = (ops.experts_unpack(self._handle, e, H, I) + self._biases.get(e, ()) for e in range(E))
+        experts = (self.unpack_expert(e) + self._biases.get(e, ()) for e in range(E))
         return ExpertEngine.from_experts(E, H, I, experts, **self._activation)
 
     def forward(self, x, top_k_index, top_k_weights, *, lora_gate_up: ExpertLoRA | None = None,
