@@ -1,7 +1,7 @@
 """Loading a real-size MoE checkpoint: plain `from_pretrained` + `prepare_model` against `kt_trl.load_model`.
 
     python benchmarks/load.py [--layers 2] [--dir DIR] [--keep] [--reuse] [--json FILE]
-        [--hidden 2048] [--experts 128] [--intermediate 768] [--vocab 151936]
+        [--hidden 2048] [--experts 128] [--intermediate 768] [--vocab 151936] [--gpu-experts none]
 
 Writes a Qwen3-30B-A3B-shaped BF16 checkpoint of `--layers` decoder layers (H 2048, E 128, I 768,
 top-8; one shard per layer plus one for the embeddings, per-expert keys as transformers saves them)
@@ -16,6 +16,11 @@ to `--dir` (a temporary directory by default, removed afterwards unless `--keep`
   and the experts' ratio to the disk bandwidth (non-expert tensors stay views of the mapped files
   both ways, read when first used, so the expert bytes are what a load reads);
 - `summary`: the goals (peak ≤ packed + one layer + 1.5 GB; expert throughput ≥ 0.8 × disk).
+
+`--gpu-experts` (default `none`: every expert in the engine) is `KTConfig.gpu_experts` for both ways:
+with `auto` or a number, the layers kept on the GPU are read there by `load_model` and stay dense in
+host memory after `from_pretrained` + `prepare_model` (the trainer moves them later); `gpu_layers`
+says how many.
 
 Every record is a JSON line on stdout.
 """
@@ -144,12 +149,13 @@ def vm_hwm_bytes() -> int:
         return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM"))
 
 
-def child(way: str, directory: str) -> None:
+def child(way: str, directory: str, gpu_experts: str) -> None:
     """One load in this (fresh) process; prints one JSON line."""
     import transformers
 
     from kt_trl import KTConfig, load_model
     from kt_trl.engine import ExpertEngine
+    from kt_trl.placement import training_device
     from kt_trl.prepare import prepare_model
 
     transformers.logging.set_verbosity_error()
@@ -158,22 +164,27 @@ def child(way: str, directory: str) -> None:
     ExpertEngine(torch.zeros(1, 32, 32), torch.zeros(1, 32, 16))
     with torch.device("meta"):
         transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(directory))
+    config = KTConfig(freeze_experts=True, gpu_experts=int(gpu_experts) if gpu_experts.isdigit() else gpu_experts)
+    if torch.cuda.is_available():   # the CUDA context's host memory is no expert
+        torch.cuda.mem_get_info()
     before = vm_hwm_bytes()
     start = time.perf_counter()
     if way == "plain":
         model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16)
-        report = prepare_model(model, KTConfig(freeze_experts=True))
     else:
-        model = load_model(directory, dtype=torch.bfloat16)
-        report = prepare_model(model, KTConfig(freeze_experts=True))
+        model = load_model(directory, dtype=torch.bfloat16, kt_config=config)
+    report = prepare_model(model, config, device=training_device())
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     print(json.dumps({"seconds": seconds, "peak_delta_bytes": vm_hwm_bytes() - before,
-                      "packed_bytes": report.packed_bytes}))
+                      "packed_bytes": report.packed_bytes, "gpu_layers": len(report.gpu_layers)}))
 
 
-def run_child(way: str, directory: str) -> dict:
+def run_child(way: str, directory: str, gpu_experts: str) -> dict:
     drop_page_cache(directory)
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", way, "--dir", directory],
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", way, "--dir", directory,
+                          "--gpu-experts", gpu_experts],
                          capture_output=True, text=True, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -184,7 +195,7 @@ def measure(opts, directory: str, records: list) -> None:
           "intermediate": opts.intermediate, "vocab": opts.vocab, **sizes}, records)
     disks = [disk_bandwidth(directory)]
     emit(disks[0], records)
-    results = {way: run_child(way, directory) for way in ("plain", "kt")}
+    results = {way: run_child(way, directory, opts.gpu_experts) for way in ("plain", "kt")}
     disks.append(disk_bandwidth(directory))  # the disk's speed drifts: the mean of before and after
     emit(disks[1], records)
     disk_gb_per_s = sum(d["read_gb_per_s"] for d in disks) / len(disks)
@@ -209,7 +220,7 @@ def load_record(way: str, result: dict, sizes: dict, disk_gb_per_s: float) -> di
     expert_gb_per_s = sizes["expert_bytes"] / seconds / 1e9
     return {"kind": "load", "way": "from_pretrained + prepare_model" if way == "plain" else "load_model",
             "seconds": round(seconds, 3), "peak_delta_gb": round(result["peak_delta_bytes"] / 1e9, 3),
-            "packed_gb": round(result["packed_bytes"] / 1e9, 3),
+            "packed_gb": round(result["packed_bytes"] / 1e9, 3), "gpu_layers": result["gpu_layers"],
             "peak_over_packed_gb": round((result["peak_delta_bytes"] - result["packed_bytes"]) / 1e9, 3),
             "checkpoint_gb": round(sizes["checkpoint_bytes"] / 1e9, 3),
             "gb_per_s": round(sizes["checkpoint_bytes"] / seconds / 1e9, 3),
@@ -225,6 +236,7 @@ def parse(argv=None):
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint directory")
     ap.add_argument("--reuse", action="store_true", help="load the checkpoint --dir holds from an earlier --keep run")
     ap.add_argument("--json", default=None, help="also write all records to this file")
+    ap.add_argument("--gpu-experts", default="none", help="KTConfig.gpu_experts for both ways: none, auto or a number")
     ap.add_argument("--child", choices=("plain", "kt"), default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -232,7 +244,7 @@ def parse(argv=None):
 def main(argv=None) -> list[dict]:
     opts = parse(argv)
     if opts.child:
-        child(opts.child, opts.dir)
+        child(opts.child, opts.dir, opts.gpu_experts)
         return []
     directory = opts.dir or tempfile.mkdtemp(prefix="kt_trl_load_")
     os.makedirs(directory, exist_ok=True)

@@ -276,14 +276,15 @@ class Shards:
                 raise OSError(f"{path}: the file ends inside {key}; the shard is truncated, fetch it again.")
             done += count
 
-    def read(self, key: str, index: int | None = None) -> torch.Tensor:
-        """A new tensor of `key` (its `[index]` when given), an FP8 one dequantized to FP32."""
+    def read(self, key: str, index: int | None = None, *, dequantize: bool = True) -> torch.Tensor:
+        """A new tensor of `key` (its `[index]` when given), an FP8 one dequantized to FP32 (with
+        `dequantize`; else its codes as stored)."""
         entry = self.entry(key)
         if entry.dtype not in DTYPES:
             raise ValueError(f"{key} is stored as {entry.dtype}; kt_trl reads floating-point expert weights only.")
         out = torch.empty(entry.shape if index is None else entry.shape[1:], dtype=DTYPES[entry.dtype])
         self.read_into(key, out, index)
-        if self.quantized(key):
+        if dequantize and self.quantized(key):
             out = dequantize_fp8(out, self.read(f"{key}_scale_inv", index), self.fp8_block)
         return out
 

@@ -4,7 +4,9 @@ Several layers at a time (packing is CPU work on fresh memory), each layer's exp
 one with `os.preadv` into two reused buffers (the next read runs while the engine packs the current
 expert) into an `ExpertEngine`, handed over with `weights.install_engine`; a shard's page cache is
 dropped once its last expert is read. FP8 codes go in as stored (`checkpoint_formats`); several
-ranks of a host share one copy (`host_copy`).
+ranks of a host share one copy (`host_copy`). The layers `KTConfig.gpu_experts` keeps on the training
+device are read expert by expert into their fused parameters there instead (`stream_to_device`), FP8
+dequantized on the device: no host copy of them exists.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import torch
 from torch import nn
 
 from .checkpoint_formats import fp8_buffers, read_fp8_codes
-from .checkpoint_keys import DTYPES, LayerSources, Shards
+from .checkpoint_keys import DTYPES, LayerSources, Shards, dequantize_fp8
 from .host_copy import host_engines
 from .layouts import EXPERT_PARAMETERS, engine_dims, engine_expert
+from .placement import LOADED_ON_DEVICE
 from .progress import progress_bar
 
 
@@ -48,6 +51,51 @@ def stream_experts(model: nn.Module, layers: list[LayerSources], shards: Shards,
         install_engine(experts, engine)
         experts.register_state_dict_post_hook(_unpack_installed_engine)
     return sum(int(engine.packed_bytes) for engine in engines)
+
+
+def stream_to_device(model: nn.Module, layers: list[LayerSources], shards: Shards, dtype: torch.dtype,
+                     device: torch.device, *, later: list[LayerSources]) -> int:
+    """Fill the layers' fused expert parameters on `device` expert by expert, in `dtype` (the values
+    `from_pretrained` would hold: FP8 dequantized in FP32, then rounded), and mark them for
+    `kt_trl.placement`. A shard's page cache is dropped once no layer here or in `later` reads it.
+    Returns the bytes placed."""
+    modules = [model.get_submodule(layer.module) for layer in layers]
+    for experts, layer in zip(modules, layers):
+        _check_placeholders(experts, layer)
+    readers: dict = {}
+    for layer in layers + later:
+        for path in {shards.files[key] for key in layer.keys}:
+            readers[path] = readers.get(path, 0) + 1
+    placed = 0
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kt_trl_read") as reader, \
+            progress_bar(total=len(layers), desc=f"Reading experts onto {device}", unit="layer") as bar:
+        for experts, layer in zip(modules, layers):
+            params = {name: torch.empty(getattr(experts, name).shape, dtype=dtype, device=device)
+                      for name in EXPERT_PARAMETERS}
+            count = params[EXPERT_PARAMETERS[0]].shape[0]
+
+            def read(e: int, layer=layer):   # as stored, with the scales of FP8 codes
+                return [[(source, shards.read(source.key, source.index, dequantize=False),
+                          shards.read(f"{source.key}_scale_inv", source.index) if shards.quantized(source.key) else None)
+                         for source in sources[e]] for sources in layer.sources]
+
+            for e, stored in enumerate(_read_ahead(reader, read, count)):
+                for name, per_source in zip(EXPERT_PARAMETERS, stored):
+                    for source, values, scale in per_source:
+                        values = values.to(device)
+                        if scale is not None:
+                            values = dequantize_fp8(values, scale.to(device), shards.fp8_block)
+                        params[name][e].index_copy_(0, source.rows.to(device), values.to(dtype))
+            for name, tensor in params.items():
+                setattr(experts, name, nn.Parameter(tensor, requires_grad=getattr(experts, name).requires_grad))
+                placed += tensor.numel() * tensor.element_size()
+            setattr(experts, LOADED_ON_DEVICE, True)
+            for path in {shards.files[key] for key in layer.keys}:
+                readers[path] -= 1
+                if not readers[path]:
+                    shards.release(path)
+            bar.update()
+    return placed
 
 
 def _stream_layers(modules, layers: list[LayerSources], shards: Shards, layout, dtype, engine_format, memories):

@@ -13,7 +13,9 @@
 3. `del model._weight_conversions`: that load recorded only the renamings it used, with which
    `save_pretrained` would write fused experts; without it transformers falls back to the
    family's mapping and saves per-expert keys again;
-4. the experts are streamed layer by layer into engines (`expert_streaming`).
+4. the experts are streamed layer by layer into engines (`expert_streaming`), except those of the
+   layers `KTConfig.gpu_experts` keeps on the training device (the plan's choice, `placement`): those
+   are read straight into their fused parameters there.
 
 FP8 checkpoints (DeepSeek-V3 / Kimi-K2: `float8_e4m3fn` weights, one FP32 `weight_scale_inv` per
 block): non-expert weights are dequantized tensor by tensor as they are read, to the model's dtype
@@ -36,8 +38,9 @@ from .checkpoint_formats import streamed_format
 from .checkpoint_keys import LayerSources, Shards, checkpoint_files, fp8_block_size, layer_sources, unplaced_expert_keys
 from .config import KTConfig
 from .containers import find_decoder_layers, find_moe_blocks
-from .expert_streaming import stream_experts
+from .expert_streaming import stream_experts, stream_to_device
 from .layouts import ExpertLayout, match_layout
+from .placement import training_device
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +69,9 @@ def load_model(name_or_path: str | os.PathLike, *, kt_config: KTConfig | None = 
     copy of the experts: each layer's experts are read from the safetensors shards one expert at
     a time into an `ExpertEngine` (installed with `kt_trl.weights.install_engine`), everything else
     loads through transformers as usual. `KTSFTTrainer` / `prepare_model` then route the model.
-    `kt_trl.plan(...).check()` runs first, before any weight is read, and its table is logged.
+    `kt_trl.plan(...).check()` runs first, before any weight is read, and its table is logged; the
+    layers it keeps on the training device (`KTConfig.gpu_experts`, e.g. as many as fit a GPU) are
+    read into their fused parameters there instead, FP8 dequantized on the device.
 
     Args:
         name_or_path (`str` or `os.PathLike`):
@@ -75,10 +80,12 @@ def load_model(name_or_path: str | os.PathLike, *, kt_config: KTConfig | None = 
             tokenizer files are downloaded with `huggingface_hub.snapshot_download`). FP8
             checkpoints in DeepSeek's block layout are dequantized as read (experts held in BF16).
         kt_config (`KTConfig`, *optional*):
-            Engine settings (ISA and threads are applied before packing) and the kept-activation
+            Engine settings (ISA and threads are applied before packing), `gpu_experts` /
+            `max_gpu_memory_gb` (which layers stay on the training device) and the kept-activation
             budget the plan counts.
         args (`trl.SFTConfig`, *optional*):
-            Training settings the plan counts (batch size, `max_length`, gradient checkpointing).
+            Training settings the plan counts (batch size, `max_length`, gradient checkpointing) and
+            the training device (`args.device`; without args, this process's CUDA device if any).
         peft_config (`peft.LoraConfig`, *optional*):
             The LoRA the plan counts (its rank, and whether it reaches the experts).
         **from_pretrained_kwargs:
@@ -87,7 +94,8 @@ def load_model(name_or_path: str | os.PathLike, *, kt_config: KTConfig | None = 
             `quantization_config`, `state_dict`, `gguf_file`, `key_mapping`, `variant` are refused.
 
     Returns:
-        `PreTrainedModel`: on the CPU, in eval mode like `from_pretrained`'s, its experts in engines.
+        `PreTrainedModel`: on the CPU, in eval mode like `from_pretrained`'s, its experts in engines,
+        but for the planned GPU layers' experts, already on the training device.
 
     Example:
 
@@ -122,7 +130,8 @@ def load_model(name_or_path: str | os.PathLike, *, kt_config: KTConfig | None = 
     directory = _local_directory(name_or_path, hub, weights=True)
     start = time.perf_counter()
     model = _load(directory, config, dtype, model_kwargs, hub.get("trust_remote_code", False),
-                  kt_config.expert_format if kt_config is not None else "auto")
+                  kt_config.expert_format if kt_config is not None else "auto",
+                  on_device=(preflight.gpu_layers, training_device(args)))
     model.config._name_or_path = str(name_or_path)  # what trl reads to find the tokenizer, PEFT to name the base
     logger.info("kt_trl: loaded %s in %.1f s", name_or_path, time.perf_counter() - start)
     return model
@@ -166,8 +175,10 @@ def _local_directory(name_or_path, hub: dict, *, weights: bool) -> Path:
     return Path(snapshot_download(str(name_or_path), allow_patterns=patterns, **download)) / subfolder
 
 
-def _load(directory: Path, config, dtype, model_kwargs: dict, trust_remote_code: bool, expert_format: str) -> nn.Module:
-    """The model with non-expert weights loaded by transformers and experts streamed into engines."""
+def _load(directory: Path, config, dtype, model_kwargs: dict, trust_remote_code: bool, expert_format: str, *,
+          on_device: tuple[tuple[int, ...], torch.device]) -> nn.Module:
+    """The model with non-expert weights loaded by transformers and experts streamed into engines, but those
+    of the decoder layers `on_device` names, read onto its device."""
     from transformers import AutoModelForCausalLM
 
     config, fp8 = _without_fp8(config)
@@ -175,10 +186,15 @@ def _load(directory: Path, config, dtype, model_kwargs: dict, trust_remote_code:
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     layout = _streamable_layout(meta)
-    layers = layer_sources(meta, find_moe_blocks(find_decoder_layers(meta), layout))
+    blocks = find_moe_blocks(find_decoder_layers(meta), layout)
+    layers = layer_sources(meta, blocks)
     shards = Shards(checkpoint_files(directory), **fp8)
     _check_keys(shards, layers)
-    engine_format = streamed_format(expert_format, shards, layout, [key for layer in layers for key in layer.keys])
+    indices, device = on_device
+    dense = [layer for block, layer in zip(blocks, layers) if block.index in indices]
+    packed_layers = [layer for block, layer in zip(blocks, layers) if block.index not in indices]
+    engine_format = streamed_format(expert_format, shards, layout, [key for layer in packed_layers for key in layer.keys]
+                                    ) if packed_layers else None
     state_dict = _lazy_state_dict(shards, layers, meta, dtype)
     model = type(meta).from_pretrained(None, config=config, state_dict=state_dict, dtype=dtype, **model_kwargs)
     del state_dict, meta
@@ -187,11 +203,17 @@ def _load(directory: Path, config, dtype, model_kwargs: dict, trust_remote_code:
     model.__dict__.pop("_weight_conversions", None)
     _load_generation_config(model, directory)
     shards.release_all()  # non-expert reads are done; expert shards reopen as needed
-    start = time.perf_counter()
-    packed = stream_experts(model, layers, shards, layout, dtype, engine_format)
-    seconds = time.perf_counter() - start
-    logger.info("kt_trl: streamed the routed experts of %d layers into the CPU engine: %.2f GB packed in %.1f s "
-                "(%.2f GB/s)", len(layers), packed / 1e9, seconds, packed / 1e9 / max(seconds, 1e-9))
+    if dense:
+        start = time.perf_counter()
+        placed = stream_to_device(model, dense, shards, dtype, device, later=packed_layers)
+        logger.info("kt_trl: read the routed experts of %d layer(s) onto %s: %.2f GB in %.1f s", len(dense), device,
+                    placed / 1e9, time.perf_counter() - start)
+    if packed_layers:
+        start = time.perf_counter()
+        packed = stream_experts(model, packed_layers, shards, layout, dtype, engine_format)
+        seconds = time.perf_counter() - start
+        logger.info("kt_trl: streamed the routed experts of %d layers into the CPU engine: %.2f GB packed in %.1f s "
+                    "(%.2f GB/s)", len(packed_layers), packed / 1e9, seconds, packed / 1e9 / max(seconds, 1e-9))
     return model
 
 

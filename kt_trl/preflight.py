@@ -9,10 +9,9 @@ each MoE layer keeps from the first forward for its backward, per micro-batch of
 T = per_device_train_batch_size × max_length tokens: the routing ids, the output `[T, H]`, the
 `[T·k, 2I]` BF16 gate/up pre-activations and the LoRA intermediates `[T·k, r]` FP32 per projection
 (`kt_trl.checkpointing`), in GPU memory first up to `KTConfig.max_kept_activations_gpu_gb` when
-there is a GPU. For a model prepared from memory (`plan(..., streamed=False)`), the layers
-`KTConfig.gpu_experts` keeps in transformers' path on the training device (`kt_trl.placement`, the
-choice `prepare_model` makes) are counted there instead: their experts in the model's dtype and
-their expert LoRA state. The GPU holds everything else: the non-expert weights in the model's dtype, their
+there is a GPU. The layers `KTConfig.gpu_experts` keeps in transformers' path on the training
+device (`kt_trl.placement`: the choice `load_model` and `prepare_model` make) are counted there
+instead: their experts in the model's dtype and their expert LoRA state. The GPU holds everything else: the non-expert weights in the model's dtype, their
 LoRA (FP32, gradient, AdamW) and activations, estimated roughly (each layer's checkpointed input,
 one layer's working set of about a dozen `[T, H]` tensors, FP32 logits and their gradient). Without
 a GPU all of that is host memory too.
@@ -37,7 +36,7 @@ from .engine import ExpertEngine
 from .formats import FP8_BLOCK_K
 from .layouts import EXPERT_PARAMETERS, engine_dims, match_layout
 from .lora import requested_expert_lora
-from .placement import gpu_layers
+from .placement import Unprepared, gpu_layers, training_device
 
 __all__ = ["Plan", "plan"]
 
@@ -64,9 +63,9 @@ class Plan:
         gpu: `(what, bytes)` per line of GPU memory (empty without a GPU: then everything is in `host`).
         host_available: `psutil.virtual_memory().available`.
         gpu_available: Free memory of the current CUDA device (`None` without one).
-        gpu_layers: MoE layers whose experts `KTConfig.gpu_experts` keeps in transformers' path on
-            the training device (`kt_trl.placement`; a model prepared from memory only): counted
-            there, not in the packed experts.
+        gpu_layers: Decoder-layer indices whose experts `KTConfig.gpu_experts` keeps in
+            transformers' path on the training device (`kt_trl.placement`): counted there, not in
+            the packed experts.
     """
 
     model: str
@@ -78,7 +77,7 @@ class Plan:
     gpu: tuple[tuple[str, int], ...]
     host_available: int
     gpu_available: int | None
-    gpu_layers: int = 0
+    gpu_layers: tuple[int, ...] = ()
 
     @property
     def host_bytes(self) -> int:
@@ -100,7 +99,8 @@ class Plan:
     def __str__(self) -> str:
         layers, E, H, I, k = self.shape
         tokens = f", T = {self.tokens:,} tokens per micro-batch" if self.tokens else ""
-        split = f"; {self.gpu_layers} of them keep their experts on the training device" if self.gpu_layers else ""
+        split = (f"; {len(self.gpu_layers)} of them keep their experts on the training device"
+                 if self.gpu_layers else "")
         lines = [f"kt_trl plan: {self.model} ({self.family}), {layers} MoE layers x E {E}, H {H}, I {I}, "
                  f"top-{k}{tokens}{split}"]
         for title, rows, available, fits in (("host", self.host, self.host_available, self.host_fits),
@@ -150,7 +150,7 @@ class Plan:
 
 
 def plan(name_or_path_or_config, args=None, kt_config: KTConfig | None = None, *, peft_config=None,
-         dtype: torch.dtype | str | None = None, streamed: bool = True) -> Plan:
+         dtype: torch.dtype | str | None = None) -> Plan:
     """Host and GPU memory a training run of a MoE model will take, from its config alone.
 
     Nothing is loaded: the model is built on the meta device from the config for its shapes.
@@ -169,11 +169,6 @@ def plan(name_or_path_or_config, args=None, kt_config: KTConfig | None = None, *
         dtype (`torch.dtype` or `str`, *optional*):
             The non-expert weights' dtype; defaults to `args.model_init_kwargs["dtype"]` (trl's
             default float32) with `args`, else the config's dtype.
-        streamed (`bool`, *optional*, defaults to `True`):
-            The experts are streamed into the engine (`kt_trl.load_model`, `KTSFTTrainer` given a
-            name): all of them are host memory. `False`: the model is loaded into memory first
-            (`from_pretrained`) and prepared from there, where `KTConfig.gpu_experts` may keep whole
-            layers on the GPU (`kt_trl.placement`); those are counted there.
 
     Returns:
         `Plan`: printable as a short table; `check()` raises when host memory cannot fit.
@@ -196,17 +191,19 @@ def plan(name_or_path_or_config, args=None, kt_config: KTConfig | None = None, *
     layers, E, H, I = len(experts), *engine_dims(layout, experts[0])
     top_k = _top_k(config)
     tokens = _tokens(args)
-    cuda = torch.cuda.is_available() and not getattr(args, "use_cpu", False)   # else all of it is host memory
+    device = training_device(args)
+    cuda = device.type == "cuda"   # else all of it is host memory
     weight_bytes = _dtype_of(dtype, args, config).itemsize
     expert_ids = {id(p) for module in experts for p in module.parameters()}
     other = sum(p.numel() for p in meta.parameters() if id(p) not in expert_ids)
     r = int(getattr(peft_config, "r", 0) or 0) if peft_config is not None else 0
     lora_factors = _expert_lora_factors(peft_config, E, H, I) if r else 0   # r·E·(in + out) per layer, / r
-    # the layers prepare_model keeps in transformers' path on the training device (none of a streamed model:
-    # its experts are in engines before it is prepared)
-    on_device = 0 if streamed else len(gpu_layers(meta, blocks, kt_config, tokens=tokens or None,
-                                                  checkpointed=getattr(args, "gradient_checkpointing", None),
-                                                  device="cuda" if cuda else "cpu"))
+    other_lora = _gpu_lora_params(peft_config, meta, r)
+    # the layers load_model / prepare_model keep in transformers' path on the training device
+    device_layers = tuple(sorted(gpu_layers(
+        meta, blocks, kt_config, tokens=tokens or None, checkpointed=getattr(args, "gradient_checkpointing", None),
+        device=device, unprepared=Unprepared(weight_bytes, other_lora, r * lora_factors))))
+    on_device = len(device_layers)
     engine_layers = layers - on_device
     kept = _kept_bytes(args, kt_config, tokens, top_k, H, I, r if lora_factors else 0, engine_layers)
     kept_gpu = min(kept, _gpu_kept_budget(kt_config)) if cuda else 0
@@ -217,7 +214,7 @@ def plan(name_or_path_or_config, args=None, kt_config: KTConfig | None = None, *
             (f"expert LoRA r{r} (+ grad, AdamW; FP32)", 16 * r * engine_layers * lora_factors),
             ("kept activations (checkpointing)", kept_host)]
     rest = [(f"other weights ({weight_bytes} bytes each)", other * weight_bytes),
-            (f"other LoRA r{r} (+ grad, AdamW; FP32)", 16 * _gpu_lora_params(peft_config, meta, r)),
+            (f"other LoRA r{r} (+ grad, AdamW; FP32)", 16 * other_lora),
             (f"routed experts of {on_device} layer(s) in transformers' path", on_device * E * 3 * H * I * weight_bytes),
             (f"their expert LoRA r{r} (+ grad, AdamW; FP32)", 16 * r * on_device * lora_factors),
             ("activations (rough)", _activation_bytes(args, tokens, config, H) + kept_gpu)]
@@ -226,8 +223,8 @@ def plan(name_or_path_or_config, args=None, kt_config: KTConfig | None = None, *
         model=name, family=layout.family, shape=(layers, E, H, I, top_k), tokens=tokens, lora_rank=r,
         host=tuple((w, int(n)) for w, n in host + ([] if cuda else rest) if n),
         gpu=tuple((w, int(n)) for w, n in rest if n) if cuda else (),
-        host_available=int(_host_available()), gpu_available=int(torch.cuda.mem_get_info()[0]) if cuda else None,
-        gpu_layers=on_device,
+        host_available=int(_host_available()), gpu_available=int(torch.cuda.mem_get_info(device)[0]) if cuda else None,
+        gpu_layers=device_layers,
     )
 
 

@@ -94,9 +94,51 @@ def test_plan_counts_the_layers_kept_on_the_gpu(tmp_path):
     from tests.helpers import tiny_config
 
     peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"], target_parameters=expert_targets("qwen3_moe"))
-    p = plan(tiny_config("qwen3_moe"), gpu_args(tmp_path), peft_config=peft_config, streamed=False)
+    p = plan(tiny_config("qwen3_moe"), gpu_args(tmp_path), peft_config=peft_config)
     report = prepare_model(get_peft_model(tiny_model("qwen3_moe"), copy.deepcopy(peft_config)), device=torch.device("cuda"))
-    assert p.gpu_layers == len(report.gpu_layers) == 2
+    assert p.gpu_layers == report.gpu_layers == (0, 1)
     gpu = dict(p.gpu)
     assert gpu["routed experts of 2 layer(s) in transformers' path"] == report.gpu_expert_bytes
     assert not any(what.startswith("routed experts, packed") for what, _ in p.host)
+
+
+@pytest.mark.parametrize("gpu_experts, gpu_layers", [("auto", (0, 1)), (8, (0,))])
+def test_a_checkpoint_loads_its_gpu_layers_onto_the_gpu(gpu_experts, gpu_layers, tmp_path, tokenizer, dataset):
+    """load_model reads the planned GPU layers there; the trainer given the directory trains like the
+    trainer given the model from_pretrained loaded."""
+    from transformers import AutoModelForCausalLM
+
+    from kt_trl import load_model
+
+    path = tmp_path / "ckpt"
+    tiny_model("qwen3_moe").save_pretrained(path, max_shard_size="40KB")
+    config = KTConfig(gpu_experts=gpu_experts)
+    loaded = load_model(path, kt_config=config, args=gpu_args(tmp_path / "load"))
+    for i in (0, 1):
+        experts = loaded.get_submodule(f"model.layers.{i}.mlp.experts")
+        assert (experts.gate_up_proj.device.type == "cuda") == (i in gpu_layers)
+        assert hasattr(experts, "_kt_engine") == (i not in gpu_layers)
+    del loaded
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"], target_parameters=expert_targets("qwen3_moe"))
+    losses = []
+    for name, model in (("dir", str(path)), ("model", AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))):
+        trainer = KTSFTTrainer(model, gpu_args(tmp_path / name), dataset, processing_class=copy.deepcopy(tokenizer),
+                               peft_config=copy.deepcopy(peft_config), kt_config=config)
+        assert trainer.kt_report.gpu_layers == gpu_layers
+        trainer.train()
+        losses.append(torch.tensor(step_losses(trainer)))
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-3, atol=0.0)
+
+
+def test_fp8_experts_are_dequantized_on_the_gpu_as_on_the_cpu(tmp_path):
+    from kt_trl import load_model
+    from tests.test_loading import write_fp8
+
+    write_fp8(tmp_path / "fp8", block=16)
+    config = KTConfig(gpu_experts=8)   # layer 1, the first of MoE layers 1, 2
+    on_gpu = load_model(tmp_path / "fp8", kt_config=config, args=gpu_args(tmp_path / "gpu"))
+    on_cpu = load_model(tmp_path / "fp8", kt_config=config, args=sft_args(tmp_path / "cpu", "deepseek_v3"))
+    for name in ("gate_up_proj", "down_proj"):
+        ours = on_gpu.get_parameter(f"model.layers.1.mlp.experts.{name}")
+        assert ours.device.type == "cuda"
+        assert torch.equal(ours.cpu(), on_cpu.get_parameter(f"model.layers.1.mlp.experts.{name}"))

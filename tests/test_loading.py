@@ -109,7 +109,8 @@ def test_save_pretrained_writes_the_checkpoint_keys_again(family, tmp_path):
         assert torch.equal(reloaded.state_dict()[key], value), key
 
 
-def test_trainer_from_directory_trains_like_from_pretrained(tmp_path, tokenizer, dataset):
+@pytest.mark.parametrize("gpu_experts, on_device", [("auto", ()), (8, (0,))])
+def test_trainer_from_directory_trains_like_from_pretrained(gpu_experts, on_device, tmp_path, tokenizer, dataset):
     from peft import LoraConfig
 
     path = write(tiny_model("qwen3_moe"), tmp_path / "ckpt", sharded=True)
@@ -117,11 +118,28 @@ def test_trainer_from_directory_trains_like_from_pretrained(tmp_path, tokenizer,
     losses = []
     for name, model in (("dir", str(path)), ("model", AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))):
         trainer = KTSFTTrainer(model, sft_args(tmp_path / name, max_steps=2), dataset,
-                               processing_class=copy.deepcopy(tokenizer), peft_config=copy.deepcopy(lora))
+                               processing_class=copy.deepcopy(tokenizer), peft_config=copy.deepcopy(lora),
+                               kt_config=KTConfig(gpu_experts=gpu_experts))
         trainer.train()
         losses.append(step_losses(trainer))
-        assert trainer.kt_report.expert_lora_parameters > 0
+        assert trainer.kt_report.expert_lora_parameters > 0 and trainer.kt_report.gpu_layers == on_device
     assert len(losses[0]) == 2 and losses[0] == losses[1]
+
+
+def test_layers_kept_on_the_device_are_read_into_their_parameters(tmp_path):
+    """gpu_experts=8 keeps layer 0 (8 experts) in transformers' path: load_model reads it there, dense."""
+    path = write(tiny_model("qwen3_moe"), tmp_path / "ckpt", sharded=True)
+    config = KTConfig(freeze_experts=True, gpu_experts=8)
+    streamed, reference = load_model(path, kt_config=config), AutoModelForCausalLM.from_pretrained(path)
+    kept, packed = (streamed.get_submodule(f"model.layers.{i}.mlp.experts") for i in (0, 1))
+    assert not hasattr(kept, "_kt_engine") and hasattr(packed, "_kt_engine")
+    for name in EXPERT_NAMES:
+        assert torch.equal(getattr(kept, name), reference.get_parameter(f"model.layers.0.mlp.experts.{name}")), name
+    assert prepare_model(streamed, config).gpu_layers == prepare_model(reference, config).gpu_layers == (0,)
+    for name, engine in engines(streamed).items():
+        for a, b in zip(engine.unpack(), engines(reference)[name].unpack()):
+            assert torch.equal(a, b), name
+    assert torch.equal(logits(streamed), logits(reference))
 
 
 def test_trainer_honours_model_init_kwargs(tmp_path, tokenizer, dataset):
@@ -271,6 +289,23 @@ def test_fp8_experts_stay_fp8_in_the_engine_and_compute_as_dequantized(tmp_path)
     for name, engine in fp8_engines.items():
         assert engine.packed_bytes < 0.6 * bf16_engines[name].packed_bytes
     assert_same_model(kept, dequantized)   # the same weights, bit for bit, and the same logits
+
+
+def test_fp8_layers_kept_on_the_device_hold_the_dequantized_weights(tmp_path):
+    stored = write_fp8(tmp_path / "fp8", block=16)
+    model = load_model(tmp_path / "fp8", kt_config=KTConfig(gpu_experts=8))   # layer 1 of MoE layers 1, 2
+    kept = model.get_submodule("model.layers.1.mlp.experts")
+    assert not hasattr(kept, "_kt_engine") and kept.gate_up_proj.dtype == torch.bfloat16
+    assert {(e.format, e.block_k) for e in installed_engines(model).values()} == {("fp8", 16)}
+
+    def dequantized(key):
+        return dequantize_fp8(stored[key], stored[f"{key}_scale_inv"], (16, 16)).to(torch.bfloat16)
+
+    for e in range(8):
+        prefix = f"model.layers.1.mlp.experts.{e}"
+        gate_up = torch.cat([dequantized(f"{prefix}.{p}_proj.weight") for p in ("gate", "up")])
+        assert torch.equal(kept.gate_up_proj[e], gate_up)
+        assert torch.equal(kept.down_proj[e], dequantized(f"{prefix}.down_proj.weight"))
 
 
 def test_fp8_and_int8_experts_train(tmp_path, tokenizer, dataset):
