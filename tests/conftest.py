@@ -48,6 +48,12 @@ def fresh_tokenizer(tokenizer):
     return copy.deepcopy(tokenizer)
 
 
+@pytest.fixture
+def cpu_only(monkeypatch):
+    """The run as on a machine without a GPU (a GPU host would place experts there; tests/test_gpu.py covers it)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
 @pytest.fixture(autouse=True)
 def _single_threaded_torch(request):
     if "native" in request.node.path.parts:  # the engine's own tests choose their threads

@@ -28,6 +28,8 @@ from kt_trl.checkpoint_keys import dequantize_fp8
 from kt_trl.prepare import prepare_model
 from tests.helpers import FAMILIES, VOCAB, expert_targets, sft_args, step_losses, tiny_config, tiny_model
 
+pytestmark = pytest.mark.usefixtures("cpu_only")  # load_model / plan on a GPU host place experts there
+
 FROZEN = KTConfig(freeze_experts=True)
 EXPERT_NAMES = ("gate_up_proj", "down_proj")
 
@@ -155,7 +157,7 @@ def test_trainer_honours_model_init_kwargs(tmp_path, tokenizer, dataset):
 
 _PEAK_SCRIPT = textwrap.dedent("""
     import json, sys, torch, transformers
-    from kt_trl import load_model
+    from kt_trl import KTConfig, load_model
     from kt_trl.engine import ExpertEngine
     def peak():
         return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
@@ -165,7 +167,7 @@ _PEAK_SCRIPT = textwrap.dedent("""
     with torch.device("meta"):
         transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(sys.argv[1]))
     before = peak()
-    model = load_model(sys.argv[1])
+    model = load_model(sys.argv[1], kt_config=KTConfig(gpu_experts="none"))   # every expert in the engine
     packed = sum(m._kt_engine.packed_bytes for m in model.modules() if hasattr(m, "_kt_engine"))
     print(json.dumps({"delta": peak() - before, "packed": packed}))
 """)

@@ -18,6 +18,8 @@ from kt_trl.prepare import prepare_model
 from kt_trl.preflight import Plan
 from tests.helpers import VOCAB, expert_targets, sft_args, tiny_config, tiny_model
 
+pytestmark = pytest.mark.usefixtures("cpu_only")  # load_model / plan on a GPU host place experts there
+
 PACKED = "routed experts, packed BF16"
 KEPT = "kept activations (checkpointing)"
 
