@@ -8,6 +8,7 @@
 // 2 B tile loads, 4 TDPBF16PS). Variants differ only in loop order and K slice:
 //   band   (the engine's): per 128-row block, per K slice, per 32-row band, per panel pair
 //   pairs  per 128-row block, per K slice, per panel pair, per band (the pair's B slice reused from L1)
+// and `_pfB` / `_pfAB`: the tiles of the step two ahead prefetched into L1 (B only / A and B).
 // Each thread computes its own items: "hot" reuses one W (L2-resident: the kernel's own ceiling),
 // "cold" cycles through 48 MiB of W per thread (read from DRAM, as at T = 2048 where an expert has
 // ~128 rows). Every variant's C is checked against a double-precision reference first.
@@ -51,7 +52,12 @@ void tiles_on() {
 uint16_t to_bf16(float f) { uint32_t u; std::memcpy(&u, &f, 4); return uint16_t((u + 0x7fff + ((u >> 16) & 1)) >> 16); }
 float from_bf16(uint16_t h) { uint32_t u = uint32_t(h) << 16; float f; std::memcpy(&f, &u, 4); return f; }
 
-// C[32 x 32] (+)= A rows . panels W0, W1 over Kp (K slice), the engine's 2x2 step.
+enum Prefetch { kNone = 0, kB = 1, kAB = 3 };
+constexpr int kAhead = 64;   // K elements ahead (two steps) that the prefetches reach
+
+// C[32 x 32] (+)= A rows . panels W0, W1 over Kp (K slice), the engine's 2x2 step; `pf`: prefetch the
+// tiles of the step kAhead further into L1 (B: 2 x 16 lines; A: 32 rows, one line each).
+template <int pf>
 inline void step_2x2(float *C, int ldc, const uint16_t *A, int lda, const uint16_t *W0, const uint16_t *W1, int Kp,
                      bool acc) {
     const int sa = lda * 2, sc = ldc * 4;
@@ -60,6 +66,13 @@ inline void step_2x2(float *C, int ldc, const uint16_t *A, int lda, const uint16
     if (acc) { _tile_loadd(0, C, sc); _tile_loadd(1, C + 16, sc); _tile_loadd(2, C1, sc); _tile_loadd(3, C1 + 16, sc); }
     else { _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3); }
     for (int k = 0; k < Kp; k += 32) {
+        if (pf & kB)
+            for (int l = 0; l < 16; ++l) {
+                _mm_prefetch(reinterpret_cast<const char *>(W0 + (k + kAhead) * 16 + l * 32), _MM_HINT_T0);
+                _mm_prefetch(reinterpret_cast<const char *>(W1 + (k + kAhead) * 16 + l * 32), _MM_HINT_T0);
+            }
+        if (pf & 2)
+            for (int r = 0; r < 32; ++r) _mm_prefetch(reinterpret_cast<const char *>(A + r * lda + k + kAhead), _MM_HINT_T0);
         _tile_loadd(4, A + k, sa);
         _tile_loadd(6, W0 + k * 16, 64);
         _tile_loadd(7, W1 + k * 16, 64);
@@ -75,7 +88,8 @@ inline void step_2x2(float *C, int ldc, const uint16_t *A, int lda, const uint16
 enum Order { kBand, kPairs };
 
 // C [M, kN] = A [M, kK] . W^T; W: kN / 16 panels of stride kK * 16; M a multiple of 32.
-void item(Order order, int ks, float *C, const uint16_t *A, const uint16_t *W, int M) {
+template <int pf>
+void item_pf(Order order, int ks, float *C, const uint16_t *A, const uint16_t *W, int M) {
     const int pst = kK * 16;
     for (int m0 = 0; m0 < M; m0 += kRowBlock) {
         const int mr = std::min(kRowBlock, M - m0);
@@ -83,16 +97,22 @@ void item(Order order, int ks, float *C, const uint16_t *A, const uint16_t *W, i
             if (order == kBand) {
                 for (int b = m0; b < m0 + mr; b += 32)
                     for (int p = 0; p < kN / 16; p += 2)
-                        step_2x2(C + b * kN + p * 16, kN, A + b * kK + k0, kK, W + p * pst + k0 * 16,
+                        step_2x2<pf>(C + b * kN + p * 16, kN, A + b * kK + k0, kK, W + p * pst + k0 * 16,
                                  W + (p + 1) * pst + k0 * 16, ks, k0 > 0);
             } else {
                 for (int p = 0; p < kN / 16; p += 2)
                     for (int b = m0; b < m0 + mr; b += 32)
-                        step_2x2(C + b * kN + p * 16, kN, A + b * kK + k0, kK, W + p * pst + k0 * 16,
+                        step_2x2<pf>(C + b * kN + p * 16, kN, A + b * kK + k0, kK, W + p * pst + k0 * 16,
                                  W + (p + 1) * pst + k0 * 16, ks, k0 > 0);
             }
         }
     }
+}
+
+void item(Order order, int ks, Prefetch pf, float *C, const uint16_t *A, const uint16_t *W, int M) {
+    if (pf == kB) item_pf<kB>(order, ks, C, A, W, M);
+    else if (pf == kAB) item_pf<kAB>(order, ks, C, A, W, M);
+    else item_pf<kNone>(order, ks, C, A, W, M);
 }
 
 // W[n][k] into panels: element (k, n) of panel n / 16 at (k / 2) * 32 + (n % 16) * 2 + k % 2.
@@ -105,9 +125,12 @@ struct Case {
     const char *name;
     Order order;
     int ks;
+    Prefetch pf;
 };
-const Case kCases[] = {{"band_k512", kBand, 512}, {"band_k256", kBand, 256}, {"band_k1024", kBand, 1024},
-                       {"pairs_k512", kPairs, 512}, {"pairs_k256", kPairs, 256}, {"pairs_k2048", kPairs, 2048}};
+const Case kCases[] = {{"band_k512", kBand, 512, kNone},          {"pairs_k2048", kPairs, 2048, kNone},
+                       {"band_k512_pfB", kBand, 512, kB},         {"band_k512_pfAB", kBand, 512, kAB},
+                       {"pairs_k2048_pfAB", kPairs, 2048, kAB},   {"band_k256", kBand, 256, kNone},
+                       {"pairs_k512", kPairs, 512, kNone}};
 
 // 64-byte aligned storage, as the engine's buffers are (tile rows never split cache lines).
 template <typename T>
@@ -149,7 +172,7 @@ bool check(int M) {
     for (const Case &c : kCases) {
         Buffer<float> out;
         out.assign(size_t(M) * kN, -1.0f);
-        item(c.order, c.ks, out.data(), a.data(), packed.data(), M);
+        item(c.order, c.ks, c.pf, out.data(), a.data(), packed.data(), M);
         double err = 0, norm = 0;
             for (size_t i = 0; i < ref.size(); ++i) { err += (out.p[i] - ref[i]) * (out.p[i] - ref[i]); norm += ref[i] * ref[i]; }
         const double rel = std::sqrt(err / norm);
@@ -183,7 +206,7 @@ void run(const Case &c, int M, bool cold, int threads, double seconds) {
             d.a.assign(size_t(M) * kK, to_bf16(0.01f));
             d.w.assign(wsize * pool, to_bf16(0.02f));
             d.c.assign(size_t(M) * kN, 0.0f);
-            item(c.order, c.ks, d.c.data(), d.a.data(), d.w.data(), M);   // warm-up
+            item(c.order, c.ks, c.pf, d.c.data(), d.a.data(), d.w.data(), M);   // warm-up
             ready.fetch_add(1);
             while (ready.load() < threads) {}
             long n = 0;
@@ -191,7 +214,7 @@ void run(const Case &c, int M, bool cold, int threads, double seconds) {
             double t1 = t0;
             while (t1 - t0 < seconds) {
                 for (int i = 0; i < 8; ++i, ++n)
-                    item(c.order, c.ks, d.c.data(), d.a.data(), d.w.data() + (n % pool) * wsize, M);
+                    item(c.order, c.ks, c.pf, d.c.data(), d.a.data(), d.w.data() + (n % pool) * wsize, M);
                 t1 = now();
             }
             items[t] = n;
@@ -219,7 +242,7 @@ int main(int argc, char **argv) {
     const double seconds = argc > 2 ? std::atof(argv[2]) : 0.5;
     if (!check(128)) return 1;
     std::printf("{\"check\": \"all\", \"ok\": true}\n");
-    for (int round = 0; round < 2; ++round)   // interleaved: every case twice
+    for (int round = 0; round < 3; ++round)   // interleaved: every case three times
         for (int M : {128, 512})
             for (bool cold : {false, true})
                 for (int tcount : {1, threads})
