@@ -19,7 +19,7 @@ TRAIN = """
 import json, os, re, sys
 import torch
 from peft import LoraConfig
-from kt_trl import KTSFTTrainer, distributed
+from kt_trl import KTConfig, KTSFTTrainer, distributed
 from kt_trl.demo import build_tokenizer, load_instructions
 from tests.helpers import expert_targets, sft_args, step_losses, tiny_model
 
@@ -36,6 +36,7 @@ trainer = KTSFTTrainer(
                                       save_steps=2), dataset,
     processing_class=build_tokenizer(dataset),
     peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"], target_parameters=expert_targets("qwen3_moe")),
+    kt_config=KTConfig(gpu_experts=int(os.environ.get("GPU_EXPERTS", "0")) or "auto"),
 )
 def shared_expert_memory():  # (Rss, Pss) bytes of the mappings of the host's packed experts (unlinked files)
     rss = pss = 0
@@ -55,7 +56,7 @@ rank = int(os.environ.get("RANK", "0"))
 rss, pss = shared_expert_memory()
 packed = trainer.kt_report.packed_bytes
 torch.save({n: p.detach().cpu() for n, p in trainer.model.named_parameters() if p.requires_grad}, f"{out}/params{rank}.pt")
-json.dump({"losses": step_losses(trainer), "affinity": sorted(os.sched_getaffinity(0)),
+json.dump({"losses": step_losses(trainer), "gpu_layers": trainer.kt_report.gpu_layers, "affinity": sorted(os.sched_getaffinity(0)),
            "threads": trainer.kt_report.threads, "shared_rss": rss, "shared_pss": pss, "packed": packed,
            "shm_files": [f for f in os.listdir("/dev/shm") if f.startswith("kt_trl-")]},
           open(f"{out}/rank{rank}.json", "w"))
@@ -63,7 +64,7 @@ json.dump({"losses": step_losses(trainer), "affinity": sorted(os.sched_getaffini
 
 
 def _launch(out: Path, *, ranks: int, batch: int, reduce: bool = True, steps: int = 3, resume: bool = False,
-            shm_full: bool = False, model_path: Path | None = None) -> None:
+            shm_full: bool = False, model_path: Path | None = None, gpu_experts: int = 0) -> None:
     out.mkdir(exist_ok=resume)
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     # CPU ranks: with a GPU visible, accelerate's barrier passes device_ids=[local rank] and torch then asks for
@@ -73,6 +74,8 @@ def _launch(out: Path, *, ranks: int, batch: int, reduce: bool = True, steps: in
         env["SHM_FULL"] = "1"
     if model_path is not None:   # streamed by load_model instead of packed from a model in memory
         env["MODEL_PATH"] = str(model_path)
+    if gpu_experts:   # that many experts' layers in transformers' path on the training device (here the CPU)
+        env["GPU_EXPERTS"] = str(gpu_experts)
     script = out / "train.py"
     script.write_text(TRAIN)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
@@ -99,6 +102,8 @@ def runs(tmp_path_factory):
     _launch(root / "private", ranks=2, batch=2, shm_full=True)
     tiny_model("qwen3_moe").save_pretrained(root / "checkpoint")
     _launch(root / "streamed", ranks=2, batch=2, model_path=root / "checkpoint")
+    _launch(root / "split", ranks=2, batch=2, gpu_experts=8)   # layer 0 in transformers' path, layer 1 packed
+    _launch(root / "streamed_split", ranks=2, batch=2, model_path=root / "checkpoint", gpu_experts=8)
     return root
 
 
@@ -135,7 +140,7 @@ def test_each_rank_runs_on_its_share_of_the_cores(runs):
     assert not set(ranks[0]["affinity"]) & set(ranks[1]["affinity"])
 
 
-@pytest.mark.parametrize("run", ["two", "streamed"], ids=["packed", "streamed"])
+@pytest.mark.parametrize("run", ["two", "streamed", "streamed_split"], ids=["packed", "streamed", "streamed-split"])
 def test_the_host_holds_one_copy_of_the_experts(runs, run):
     ranks = [json.loads((runs / run / f"rank{r}.json").read_text()) for r in (0, 1)]
     packed = ranks[0]["packed"]
@@ -171,3 +176,16 @@ def test_a_streamed_checkpoint_trains_like_the_model_it_was_saved_from(runs):
     for rank in (0, 1):
         streamed = json.loads((runs / "streamed" / f"rank{rank}.json").read_text())
         assert streamed["losses"] == json.loads((runs / "two" / f"rank{rank}.json").read_text())["losses"]
+
+
+def test_a_split_streamed_checkpoint_trains_like_the_split_model(runs):
+    """Layer 0 read into transformers' path by load_model, layer 1 streamed into the host's one engine."""
+    for rank in (0, 1):
+        split = json.loads((runs / "split" / f"rank{rank}.json").read_text())
+        streamed = json.loads((runs / "streamed_split" / f"rank{rank}.json").read_text())
+        assert split["gpu_layers"] == streamed["gpu_layers"] == [0]
+        assert streamed["losses"] == split["losses"] and len(split["losses"]) == 3
+    first, second = _params(runs / "streamed_split", 0), _params(runs / "streamed_split", 1)
+    assert any("layers.0.mlp.experts" in name for name in first)   # the kept layer's LoRA, reduced by DDP
+    for name, value in first.items():
+        torch.testing.assert_close(second[name], value, rtol=0, atol=0, msg=name)
