@@ -11,8 +11,8 @@ T = per_device_train_batch_size × max_length tokens: the routing ids, the outpu
 (`kt_trl.checkpointing`), in GPU memory first up to `KTConfig.max_kept_activations_gpu_gb` when
 there is a GPU. The layers `KTConfig.gpu_experts` keeps in transformers' path on the training
 device (`kt_trl.placement`: the choice `load_model` and `prepare_model` make) are counted there
-instead: their experts in the model's dtype and their expert LoRA state. The GPU holds everything else: the non-expert weights in the model's dtype, their
-LoRA (FP32, gradient, AdamW) and activations, estimated roughly (each layer's checkpointed input,
+instead: their experts in the model's dtype and their expert LoRA state. The GPU holds everything
+else: the non-expert weights in the model's dtype, their LoRA (FP32, gradient, AdamW) and activations, estimated roughly (each layer's checkpointed input,
 one layer's working set of about a dozen `[T, H]` tensors, FP32 logits and their gradient). Without
 a GPU all of that is host memory too.
 """
