@@ -347,10 +347,12 @@ def fp8_block_size(quantization) -> tuple[int, int] | None:
     settings = quantization if isinstance(quantization, dict) else quantization.to_dict()
     method = settings.get("quant_method")
     if method != "fp8":
+        how = ("from_pretrained(..., quantization_config=Mxfp4Config(dequantize=True), dtype=torch.bfloat16)"
+               if method == "mxfp4" else "from_pretrained (dequantized to BF16 where transformers can)")
         raise ValueError(
             f"This checkpoint is quantized with {method!r}; load_model reads BF16 / FP16 / FP32 checkpoints and FP8 "
-            "ones in DeepSeek's block layout. Load it with AutoModelForCausalLM.from_pretrained (dequantized to "
-            "BF16 where transformers can) and pass the model to KTSFTTrainer."
+            f"ones in DeepSeek's block layout. Load it with AutoModelForCausalLM.{how} and pass the model to "
+            "KTSFTTrainer."
         )
     block = settings.get("weight_block_size")
     return None if block is None else (int(block[0]), int(block[1]))

@@ -20,7 +20,7 @@ from torch import nn
 from .checkpoint_formats import fp8_buffers, read_fp8_codes
 from .checkpoint_keys import DTYPES, LayerSources, Shards, dequantize_fp8
 from .host_copy import host_engines
-from .layouts import EXPERT_PARAMETERS, engine_dims, engine_expert
+from .layouts import EXPERT_PARAMETERS, engine_activation, engine_bias, engine_dims, engine_expert, hf_experts
 from .placement import LOADED_ON_DEVICE
 from .progress import progress_bar
 
@@ -39,16 +39,19 @@ def stream_experts(model: nn.Module, layers: list[LayerSources], shards: Shards,
     format, block_k = engine_format
     sizes = [(*engine_dims(layout, experts), format, block_k) for experts in modules]
 
-    def attach(i: int, memory):   # the experts another rank of this host streamed
+    def attach(i: int, memory):   # the experts another rank of this host streamed; the biases are this rank's
         from .engine import ExpertEngine
 
-        return ExpertEngine.from_experts(*sizes[i][:3], None, format=format, block_k=block_k, memory=memory,
-                                         filled=True)
+        biases = ([(None, None, *engine_bias(layout, modules[i], e)) for e in range(sizes[i][0])] if layout.bias
+                  else None)
+        return ExpertEngine.from_experts(*sizes[i][:3], biases, format=format, block_k=block_k, memory=memory,
+                                         filled=True, **engine_activation(layout, modules[i]))
 
     engines = host_engines(sizes, lambda memories: _stream_layers(modules, layers, shards, layout, dtype,
                                                                   engine_format, memories), attach)
     for experts, engine in zip(modules, engines):
-        install_engine(experts, engine)
+        install_engine(experts, engine, layout)
+        experts._kt_streamed_layout = layout
         experts.register_state_dict_post_hook(_unpack_installed_engine)
     return sum(int(engine.packed_bytes) for engine in engines)
 
@@ -134,7 +137,7 @@ def _unpack_installed_engine(module: nn.Module, state_dict, prefix: str, local_m
     engine = getattr(module, "_kt_engine", None)
     if engine is None or prefix.startswith("base_model.model."):  # prepared, or a PEFT state dict (adapters only)
         return
-    for name, tensor in zip(EXPERT_PARAMETERS, engine.unpack()):   # the [E, 2I, H] layout: no conversion
+    for name, tensor in zip(EXPERT_PARAMETERS, hf_experts(module._kt_streamed_layout, *engine.unpack())):
         state_dict[prefix + name] = tensor.to(state_dict[prefix + name].dtype)
 
 
@@ -150,7 +153,8 @@ def _check_placeholders(experts: nn.Module, layer: LayerSources) -> None:
 def _layer_engine(experts: nn.Module, layer: LayerSources, shards: Shards, layout, dtype,
                   engine_format: tuple[str, int | None], memory=None):
     """The layer's engine, filled expert by expert from two reused buffers (one read, one packed): FP8
-    codes as stored, or weights in `dtype` (quantized by the engine for an 8-bit format)."""
+    codes as stored, or weights in `dtype` (quantized by the engine for an 8-bit format). Biases (gpt-oss)
+    come from the module, which transformers loaded with the other weights."""
     from .engine import ExpertEngine
 
     E, H, I = engine_dims(layout, experts)
@@ -171,11 +175,12 @@ def _layer_engine(experts: nn.Module, layer: LayerSources, shards: Shards, layou
             buffers = ring[e % 2]
             for sources, out in zip(layer.sources, buffers):
                 _read_matrix(shards, sources[e], out, dtype)
-            return engine_expert(layout, *buffers)
+            weights = engine_expert(layout, *buffers)
+            return weights + engine_bias(layout, experts, e) if layout.bias else weights
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kt_trl_read") as reader:
         return ExpertEngine.from_experts(E, H, I, _read_ahead(reader, read, E), format=format, block_k=block_k,
-                                         memory=memory)
+                                         memory=memory, **engine_activation(layout, experts))
 
 
 def _read_ahead(pool: ThreadPoolExecutor, read, count: int):

@@ -268,6 +268,13 @@ def engine_dims(layout: ExpertLayout, experts: nn.Module) -> tuple[int, int, int
     return (E, a, b // 2) if layout.transposed else (E, b, a // 2)
 
 
+def engine_activation(layout: ExpertLayout, experts: nn.Module) -> dict:
+    """The family's activation as `ExpertEngine.from_experts` keywords (none for SiLU)."""
+    if layout.act == "clamped_swiglu":
+        return {"activation": "clamped_swiglu", "alpha": float(experts.alpha), "limit": float(experts.limit)}
+    return {}
+
+
 def hf_expert(layout: ExpertLayout, gate_up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One expert from the engine's layout back to the family's: the inverse of `engine_expert`."""
     if layout.interleaved:
@@ -275,3 +282,11 @@ def hf_expert(layout: ExpertLayout, gate_up: torch.Tensor, down: torch.Tensor) -
     if layout.transposed:
         gate_up, down = gate_up.t(), down.t()
     return gate_up.contiguous(), down.contiguous()
+
+
+def hf_experts(layout: ExpertLayout, gate_up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """All experts `[E, 2I, H]` / `[E, H, I]` (the engine's `unpack()`) in the family's fused layout."""
+    if not (layout.transposed or layout.interleaved):
+        return gate_up, down
+    experts = [hf_expert(layout, gate_up[e], down[e]) for e in range(gate_up.shape[0])]
+    return torch.stack([g for g, _ in experts]), torch.stack([d for _, d in experts])

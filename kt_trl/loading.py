@@ -185,7 +185,7 @@ def _load(directory: Path, config, dtype, model_kwargs: dict, trust_remote_code:
     dtype = _resolved_dtype(dtype, config, directory)
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-    layout = _streamable_layout(meta)
+    layout = match_layout(meta)  # refuses dense and unknown families, listing the supported ones
     blocks = find_moe_blocks(find_decoder_layers(meta), layout)
     layers = layer_sources(meta, blocks)
     shards = Shards(checkpoint_files(directory), **fp8)
@@ -243,17 +243,6 @@ def _resolved_dtype(dtype, config, directory: Path) -> torch.dtype:
     if configured is not None:
         return getattr(torch, configured) if isinstance(configured, str) else configured
     return Shards(checkpoint_files(directory)).float_dtype() or torch.get_default_dtype()
-
-
-def _streamable_layout(meta: nn.Module) -> ExpertLayout:
-    layout = match_layout(meta)  # refuses dense and unknown families, listing the supported ones
-    if layout.transposed or layout.bias or layout.act != "silu":
-        raise ValueError(
-            f"{layout.family}: load_model cannot stream its {layout.gate_up} biased experts into engines yet "
-            "(install_engine takes the [E, 2I, H] layout). Load it with AutoModelForCausalLM.from_pretrained(..., "
-            "dtype=torch.bfloat16) and pass the model to KTSFTTrainer, which packs its experts."
-        )
-    return layout
 
 
 def _check_keys(shards: Shards, layers: list[LayerSources]) -> None:

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from .engine import ExpertEngine
-from .layouts import EXPERT_PARAMETERS, ExpertLayout, engine_bias, engine_dims, engine_expert, engine_experts, hf_expert
+from .layouts import (EXPERT_PARAMETERS, ExpertLayout, engine_activation, engine_bias, engine_dims, engine_expert,
+                      engine_experts, hf_experts)
 
 
 def pack_experts(experts: nn.Module, layout: ExpertLayout, format: str = "bf16", *, memory=None,
@@ -36,9 +37,7 @@ def pack_experts(experts: nn.Module, layout: ExpertLayout, format: str = "bf16",
     and stored in `format` (`kt_trl.formats`: 8-bit ones are quantized from the module's weights);
     `memory` / `filled` as for `ExpertEngine.from_experts` (filled: only the biases are read)."""
     E, H, I = engine_dims(layout, experts)
-    options = {"format": format, "memory": memory, "filled": filled}
-    if layout.act == "clamped_swiglu":
-        options.update(activation="clamped_swiglu", alpha=float(experts.alpha), limit=float(experts.limit))
+    options = {"format": format, "memory": memory, "filled": filled, **engine_activation(layout, experts)}
     with torch.no_grad():
         weights = engine_experts(layout, experts) if not filled or layout.bias else None   # filled: biases only
         return ExpertEngine.from_experts(E, H, I, weights, **options)
@@ -68,7 +67,7 @@ def keep_on_cpu(module: nn.Module) -> None:
         module._kt_stays_on_cpu = True
 
 
-def install_engine(experts: nn.Module, engine: ExpertEngine) -> None:
+def install_engine(experts: nn.Module, engine: ExpertEngine, layout: ExpertLayout | None = None) -> None:
     """Give a fused experts module a prebuilt `ExpertEngine` and release its Hugging Face weights.
 
     For expert weights that never exist as one HF tensor: a model built on the meta device whose
@@ -83,6 +82,9 @@ def install_engine(experts: nn.Module, engine: ExpertEngine) -> None:
             or on the meta device), not yet wrapped by PEFT nor prepared.
         engine (`ExpertEngine`):
             The layer's experts, packed, with the same `(E, H, I)`.
+        layout (`ExpertLayout`, *optional*):
+            The family's layout (`kt_trl.layouts.match_layout`) when its parameters are not
+            `[E, 2I, H]` / `[E, H, I]` (gpt-oss: transposed).
 
     Example:
 
@@ -107,12 +109,16 @@ def install_engine(experts: nn.Module, engine: ExpertEngine) -> None:
     gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
     if not (isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor) and gate_up.dim() == down.dim() == 3):
         raise ValueError(f"{type(experts).__name__} has no 3-D gate_up_proj / down_proj parameters to replace.")
-    num_experts, two_inter, hidden = gate_up.shape
-    expected = (num_experts, hidden, two_inter // 2)
-    if tuple(down.shape) != expected or tuple(engine.dims) != expected:
+    transposed = layout is not None and layout.transposed
+    expected = engine_dims(layout, experts) if layout is not None else (gate_up.shape[0], gate_up.shape[2],
+                                                                       gate_up.shape[1] // 2)
+    E, H, I = expected
+    down_shape = (E, I, H) if transposed else (E, H, I)
+    if tuple(down.shape) != down_shape or tuple(engine.dims) != expected:
+        names = ("[E, H, 2I]", "[E, I, H]") if transposed else ("[E, 2I, H]", "[E, H, I]")
         raise ValueError(
-            f"{type(experts).__name__} has gate_up_proj {list(gate_up.shape)} [E, 2I, H] and down_proj "
-            f"{list(down.shape)} [E, H, I], but the engine holds (E, H, I) = {tuple(engine.dims)}; build it with "
+            f"{type(experts).__name__} has gate_up_proj {list(gate_up.shape)} {names[0]} and down_proj "
+            f"{list(down.shape)} {names[1]}, but the engine holds (E, H, I) = {tuple(engine.dims)}; build it with "
             f"ExpertEngine.from_experts({', '.join(map(str, expected))}, ...)."
         )
     release_expert_weights(experts)
@@ -134,11 +140,7 @@ PEFT_PREFIX = "base_model.model."
 def _state_dict_hook(module: nn.Module, state_dict, prefix: str, local_metadata) -> None:
     if prefix.startswith(PEFT_PREFIX):
         return
-    gate_up, down = module._kt_runner.engine.unpack()
-    layout = module._kt_layout
-    if layout.transposed or layout.interleaved:   # back to the family's layout, expert by expert
-        experts = [hf_expert(layout, gate_up[e], down[e]) for e in range(gate_up.shape[0])]
-        gate_up, down = torch.stack([g for g, _ in experts]), torch.stack([d for _, d in experts])
+    gate_up, down = hf_experts(module._kt_layout, *module._kt_runner.engine.unpack())
     for name, tensor in zip(EXPERT_PARAMETERS, (gate_up, down)):
         key = prefix + name
         if key in state_dict:

@@ -31,11 +31,13 @@ if os.environ.get("SHM_FULL"):  # a /dev/shm without room: reserving the shared 
         raise OSError(28, "No space left on device")
     os.posix_fallocate = no_room
 dataset = load_instructions()
+family = os.environ.get("FAMILY", "qwen3_moe")
+experts = [] if family == "gpt_oss" else expert_targets(family)   # gpt-oss: no expert LoRA yet
 trainer = KTSFTTrainer(
-    os.environ.get("MODEL_PATH") or tiny_model("qwen3_moe"), sft_args(out, max_steps=steps, per_device_train_batch_size=batch, save_strategy="steps",
-                                      save_steps=2), dataset,
+    os.environ.get("MODEL_PATH") or tiny_model(family), sft_args(out, family, max_steps=steps, per_device_train_batch_size=batch,
+                                                               save_strategy="steps", save_steps=2), dataset,
     processing_class=build_tokenizer(dataset),
-    peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"], target_parameters=expert_targets("qwen3_moe")),
+    peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"], target_parameters=experts or None),
     kt_config=KTConfig(gpu_experts=int(os.environ.get("GPU_EXPERTS", "0")) or "auto"),
 )
 def shared_expert_memory():  # (Rss, Pss) bytes of the mappings of the host's packed experts (unlinked files)
@@ -64,7 +66,8 @@ json.dump({"losses": step_losses(trainer), "gpu_layers": trainer.kt_report.gpu_l
 
 
 def _launch(out: Path, *, ranks: int, batch: int, reduce: bool = True, steps: int = 3, resume: bool = False,
-            shm_full: bool = False, model_path: Path | None = None, gpu_experts: int = 0) -> None:
+            shm_full: bool = False, model_path: Path | None = None, gpu_experts: int = 0,
+            family: str = "qwen3_moe") -> None:
     out.mkdir(exist_ok=resume)
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     # CPU ranks: with a GPU visible, accelerate's barrier passes device_ids=[local rank] and torch then asks for
@@ -74,6 +77,7 @@ def _launch(out: Path, *, ranks: int, batch: int, reduce: bool = True, steps: in
         env["SHM_FULL"] = "1"
     if model_path is not None:   # streamed by load_model instead of packed from a model in memory
         env["MODEL_PATH"] = str(model_path)
+    env["FAMILY"] = family
     if gpu_experts:   # that many experts' layers in transformers' path on the training device (here the CPU)
         env["GPU_EXPERTS"] = str(gpu_experts)
     script = out / "train.py"
@@ -104,6 +108,9 @@ def runs(tmp_path_factory):
     _launch(root / "streamed", ranks=2, batch=2, model_path=root / "checkpoint")
     _launch(root / "split", ranks=2, batch=2, gpu_experts=8)   # layer 0 in transformers' path, layer 1 packed
     _launch(root / "streamed_split", ranks=2, batch=2, model_path=root / "checkpoint", gpu_experts=8)
+    _launch(root / "gpt_oss", ranks=2, batch=2, family="gpt_oss")   # biased experts: each rank keeps the biases
+    tiny_model("gpt_oss").save_pretrained(root / "gpt_oss_checkpoint")
+    _launch(root / "streamed_gpt_oss", ranks=2, batch=2, model_path=root / "gpt_oss_checkpoint", family="gpt_oss")
     return root
 
 
@@ -140,7 +147,8 @@ def test_each_rank_runs_on_its_share_of_the_cores(runs):
     assert not set(ranks[0]["affinity"]) & set(ranks[1]["affinity"])
 
 
-@pytest.mark.parametrize("run", ["two", "streamed", "streamed_split"], ids=["packed", "streamed", "streamed-split"])
+@pytest.mark.parametrize("run", ["two", "streamed", "streamed_split", "streamed_gpt_oss"],
+                         ids=["packed", "streamed", "streamed-split", "streamed-gpt-oss"])
 def test_the_host_holds_one_copy_of_the_experts(runs, run):
     ranks = [json.loads((runs / run / f"rank{r}.json").read_text()) for r in (0, 1)]
     packed = ranks[0]["packed"]
@@ -189,3 +197,11 @@ def test_a_split_streamed_checkpoint_trains_like_the_split_model(runs):
     assert any("layers.0.mlp.experts" in name for name in first)   # the kept layer's LoRA, reduced by DDP
     for name, value in first.items():
         torch.testing.assert_close(second[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_a_streamed_gpt_oss_checkpoint_trains_like_the_model_it_was_saved_from(runs):
+    """The second rank maps the first rank's packed experts and adds the biases itself."""
+    for rank in (0, 1):
+        streamed = json.loads((runs / "streamed_gpt_oss" / f"rank{rank}.json").read_text())
+        packed = json.loads((runs / "gpt_oss" / f"rank{rank}.json").read_text())
+        assert streamed["losses"] == packed["losses"] and len(packed["losses"]) == 3

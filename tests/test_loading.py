@@ -79,7 +79,7 @@ def assert_same_model(streamed, reference):
 
 
 @pytest.mark.parametrize("sharded", [True, False], ids=["sharded", "one-file"])
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", [*sorted(FAMILIES), "gpt_oss"])   # gpt-oss: fused, transposed, biased on disk
 def test_streamed_model_equals_from_pretrained(family, sharded, tmp_path):
     path = write(tiny_model(family), tmp_path / "ckpt", sharded=sharded)
     streamed = load_model(path)
@@ -98,7 +98,7 @@ def test_dtype_is_honoured(tmp_path):
     assert_same_model(streamed, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "granitemoe"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "granitemoe", "gpt_oss"])
 def test_save_pretrained_writes_the_checkpoint_keys_again(family, tmp_path):
     original = tiny_model(family)
     path = write(original, tmp_path / "ckpt", sharded=False)
@@ -142,6 +142,21 @@ def test_layers_kept_on_the_device_are_read_into_their_parameters(tmp_path):
         for a, b in zip(engine.unpack(), engines(reference)[name].unpack()):
             assert torch.equal(a, b), name
     assert torch.equal(logits(streamed), logits(reference))
+
+
+def test_a_gpt_oss_directory_trains_like_from_pretrained(tmp_path, tokenizer, dataset):
+    from peft import LoraConfig
+
+    path = write(tiny_model("gpt_oss"), tmp_path / "ckpt", sharded=True)
+    losses = []
+    for name, model in (("dir", str(path)), ("model", AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))):
+        trainer = KTSFTTrainer(model, sft_args(tmp_path / name, "gpt_oss", max_steps=2), dataset,
+                               processing_class=copy.deepcopy(tokenizer),
+                               peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"]))
+        trainer.train()
+        losses.append(step_losses(trainer))
+        assert trainer.kt_report.layers_routed == (0, 1)
+    assert len(losses[0]) == 2 and losses[0] == losses[1]
 
 
 def test_trainer_honours_model_init_kwargs(tmp_path, tokenizer, dataset):
@@ -376,9 +391,15 @@ def test_families_the_loader_refuses(tmp_path):
     transformers.AutoModelForCausalLM.from_config(dense).save_pretrained(tmp_path / "dense")
     with pytest.raises(ValueError, match="no routed experts"):
         load_model(tmp_path / "dense")
-    tiny_model("gpt_oss").save_pretrained(tmp_path / "gpt_oss")
-    with pytest.raises(ValueError, match="gpt-oss: load_model cannot stream.*KTSFTTrainer"):
-        load_model(tmp_path / "gpt_oss")
+
+
+def test_mxfp4_checkpoints_are_refused_with_the_way_to_load_them(tmp_path):
+    tiny_model("gpt_oss").save_pretrained(tmp_path / "mxfp4")
+    config = json.loads((tmp_path / "mxfp4" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
+    (tmp_path / "mxfp4" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"'mxfp4'.*Mxfp4Config\(dequantize=True\)"):
+        load_model(tmp_path / "mxfp4")
 
 
 def test_refused_arguments_and_formats(tmp_path):
