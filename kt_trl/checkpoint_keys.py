@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .containers import MoEBlock
+from . import mxfp4 as mxfp4_format
 from .layouts import EXPERT_PARAMETERS
 
 
@@ -193,7 +194,7 @@ def unplaced_expert_keys(checkpoint_keys, layers: list[LayerSources]) -> list[st
 # Reading the shards.
 
 DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-          "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+          "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "U8": torch.uint8}
 _FLOATS = ("BF16", "F16", "F32", "F64")
 
 
@@ -218,7 +219,7 @@ def _read_header(path: Path) -> dict[str, _Entry]:
 
 
 class Shards:
-    """The checkpoint's safetensors files; FP8 weights dequantized as read.
+    """The checkpoint's safetensors files; FP8 and MXFP4 weights dequantized as read.
 
     Experts are read with `os.preadv` into buffers the caller reuses, not through `safe_open`:
     safetensors maps the file and its tensors are views of the mapping, so every page an expert
@@ -230,16 +231,27 @@ class Shards:
         files: Checkpoint key -> file (`checkpoint_files`).
         fp8: Whether the config says FP8 (`quantization_config`), weights beside a `weight_scale_inv`.
         fp8_block: `(rows, cols)` of one scale's block (`None`: one scale per tensor).
+        mxfp4: Whether the config says MXFP4 (gpt-oss): each `<name>_blocks` / `<name>_scales` pair is
+            read as the tensor `<name>` (`kt_trl.mxfp4`), FP32.
     """
 
-    def __init__(self, files: dict[str, Path], *, fp8: bool = False, fp8_block: tuple[int, int] | None = None):
-        self.files, self.fp8, self.fp8_block = files, fp8, fp8_block
+    def __init__(self, files: dict[str, Path], *, fp8: bool = False, fp8_block: tuple[int, int] | None = None,
+                 mxfp4: bool = False):
+        self.files, self.fp8, self.fp8_block = dict(files), fp8, fp8_block
+        self.mxfp4 = {key[:-len(mxfp4_format.BLOCKS)] for key in files
+                      if mxfp4 and key.endswith(mxfp4_format.BLOCKS)
+                      and key[:-len(mxfp4_format.BLOCKS)] + mxfp4_format.SCALES in files}
+        for key in self.mxfp4:
+            self.files[key] = files[key + mxfp4_format.BLOCKS]
         self._headers: dict[Path, dict[str, _Entry]] = {}
         self._fds: dict[Path, int] = {}
         self._handles: dict[Path, object] = {}
         self._lock = threading.Lock()  # the loader reads several layers at once
 
     def entry(self, key: str) -> _Entry:
+        if key in self.mxfp4:   # the parameter's shape: [E, G * 32, R] of blocks [E, R, G, 16]
+            *prefix, rows, groups, _ = self.entry(key + mxfp4_format.BLOCKS).shape
+            return _Entry("MXFP4", (*prefix, groups * 32, rows), 0, 0)
         path = self.files[key]
         if path not in self._headers:
             self._headers[path] = _read_header(path)  # two threads may both read it: the same result
@@ -249,7 +261,9 @@ class Shards:
         return self._headers[path][key]
 
     def is_scale(self, key: str) -> bool:
-        """An FP8 scale, consumed with its weight."""
+        """An FP8 scale or an MXFP4 part, consumed with its weight."""
+        if self.mxfp4 and key.endswith((mxfp4_format.BLOCKS, mxfp4_format.SCALES)):
+            return key.rsplit("_", 1)[0] in self.mxfp4
         return self.fp8 and key.endswith(("_scale_inv", ".activation_scale"))
 
     def quantized(self, key: str) -> bool:
@@ -278,9 +292,12 @@ class Shards:
 
     def read(self, key: str, index: int | None = None, *, dequantize: bool = True) -> torch.Tensor:
         """A new tensor of `key` (its `[index]` when given), an FP8 one dequantized to FP32 (with
-        `dequantize`; else its codes as stored)."""
+        `dequantize`; else its codes as stored); an MXFP4 one dequantized to FP32 either way."""
+        if key in self.mxfp4:
+            return mxfp4_format.dequantize(self.read(key + mxfp4_format.BLOCKS, index),
+                                           self.read(key + mxfp4_format.SCALES, index))
         entry = self.entry(key)
-        if entry.dtype not in DTYPES:
+        if entry.dtype not in DTYPES or (entry.dtype == "U8" and not self.is_scale(key)):   # U8: MXFP4 parts only
             raise ValueError(f"{key} is stored as {entry.dtype}; kt_trl reads floating-point expert weights only.")
         out = torch.empty(entry.shape if index is None else entry.shape[1:], dtype=DTYPES[entry.dtype])
         self.read_into(key, out, index)
@@ -347,12 +364,10 @@ def fp8_block_size(quantization) -> tuple[int, int] | None:
     settings = quantization if isinstance(quantization, dict) else quantization.to_dict()
     method = settings.get("quant_method")
     if method != "fp8":
-        how = ("from_pretrained(..., quantization_config=Mxfp4Config(dequantize=True), dtype=torch.bfloat16)"
-               if method == "mxfp4" else "from_pretrained (dequantized to BF16 where transformers can)")
         raise ValueError(
-            f"This checkpoint is quantized with {method!r}; load_model reads BF16 / FP16 / FP32 checkpoints and FP8 "
-            f"ones in DeepSeek's block layout. Load it with AutoModelForCausalLM.{how} and pass the model to "
-            "KTSFTTrainer."
+            f"This checkpoint is quantized with {method!r}; load_model reads BF16 / FP16 / FP32 checkpoints, FP8 "
+            "ones in DeepSeek's block layout and gpt-oss's MXFP4. Load it with AutoModelForCausalLM.from_pretrained "
+            "(dequantized to BF16 where transformers can) and pass the model to KTSFTTrainer."
         )
     block = settings.get("weight_block_size")
     return None if block is None else (int(block[0]), int(block[1]))

@@ -20,7 +20,8 @@
 FP8 checkpoints (DeepSeek-V3 / Kimi-K2: `float8_e4m3fn` weights, one FP32 `weight_scale_inv` per
 block): non-expert weights are dequantized tensor by tensor as they are read, to the model's dtype
 (the product transformers' own dequantization computes); experts keep their codes and scales in the
-engine, or are dequantized for another `KTConfig.expert_format` (`checkpoint_formats`).
+engine, or are dequantized for another `KTConfig.expert_format` (`checkpoint_formats`). gpt-oss's
+MXFP4 experts are dequantized expert by expert as read (`kt_trl.mxfp4`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from .config import KTConfig
 from .containers import find_decoder_layers, find_moe_blocks
 from .expert_streaming import stream_experts, stream_to_device
 from .layouts import ExpertLayout, match_layout
+from .mxfp4 import is_mxfp4
 from .placement import training_device
 
 logger = logging.getLogger(__name__)
@@ -51,7 +53,7 @@ HUB_KWARGS = ("revision", "cache_dir", "token", "force_download", "local_files_o
 MODEL_KWARGS = ("attn_implementation", "experts_implementation", "use_kernels", "kernel_config")
 REFUSED_KWARGS = {
     "device_map": "the routed experts stay in the CPU engine and the Trainer (or `.to(device)`) places the rest",
-    "quantization_config": "load_model reads BF16 / FP16 / FP32 and FP8 checkpoints and quantizes nothing on load",
+    "quantization_config": "load_model reads BF16 / FP16 / FP32, FP8 and MXFP4 checkpoints as they are stored",
     "state_dict": "load_model builds the state dict itself", "gguf_file": "load_model reads safetensors only",
     "key_mapping": "experts are found by transformers' own conversion mapping",
     "variant": "load_model reads model.safetensors[.index.json]", "tp_plan": "tensor parallelism is not supported",
@@ -78,7 +80,8 @@ def load_model(name_or_path: str | os.PathLike, *, kt_config: KTConfig | None = 
             A local checkpoint directory (`model.safetensors` or a sharded
             `model.safetensors.index.json`) or a Hugging Face Hub id (configs, safetensors and
             tokenizer files are downloaded with `huggingface_hub.snapshot_download`). FP8
-            checkpoints in DeepSeek's block layout are dequantized as read (experts held in BF16).
+            checkpoints in DeepSeek's block layout keep their experts' codes in the engine
+            (`KTConfig.expert_format="auto"`); gpt-oss's MXFP4 ones are dequantized as read.
         kt_config (`KTConfig`, *optional*):
             Engine settings (ISA and threads are applied before packing), `gpu_experts` /
             `max_gpu_memory_gb` (which layers stay on the training device) and the kept-activation
@@ -218,15 +221,16 @@ def _load(directory: Path, config, dtype, model_kwargs: dict, trust_remote_code:
 
 
 def _without_fp8(config) -> tuple[object, dict]:
-    """The config without its FP8 `quantization_config` (weights are dequantized as read, and the model
-    is a BF16 one from then on, saved as such), and the `Shards` settings of its FP8."""
+    """The config without its FP8 or MXFP4 `quantization_config` (weights are dequantized as read, and the
+    model is a BF16 one from then on, saved as such), and the `Shards` settings of its format."""
     quantization = getattr(config, "quantization_config", None)
     if quantization is None:
         return config, {}
-    block = fp8_block_size(quantization)  # refuses anything but FP8
+    settings = {"mxfp4": True} if is_mxfp4(quantization) else {
+        "fp8": True, "fp8_block": fp8_block_size(quantization)}  # refuses anything else
     config = copy.deepcopy(config)
     delattr(config, "quantization_config")
-    return config, {"fp8": True, "fp8_block": block}
+    return config, settings
 
 
 def _resolved_dtype(dtype, config, directory: Path) -> torch.dtype:

@@ -36,6 +36,7 @@ from .engine import ExpertEngine
 from .formats import FP8_BLOCK_K
 from .layouts import EXPERT_PARAMETERS, engine_dims, match_layout
 from .lora import requested_expert_lora
+from .mxfp4 import is_mxfp4
 from .placement import Unprepared, gpu_layers, training_device
 
 __all__ = ["Plan", "plan"]
@@ -281,8 +282,9 @@ def _dtype_of(dtype, args, config) -> torch.dtype:
 def _planned_format(kt_config: KTConfig, config, layout) -> tuple[str, int]:
     """`(format, block_k)` the engine will store the experts in (`kt_trl.checkpoint_formats` for "auto")."""
     quantization = getattr(config, "quantization_config", None)
-    block = fp8_block_size(quantization) if quantization is not None else None
-    fp8_checkpoint = quantization is not None and fp8_codes_fit(block, layout)
+    fp8 = quantization is not None and not is_mxfp4(quantization)   # MXFP4 is dequantized as read
+    block = fp8_block_size(quantization) if fp8 else None
+    fp8_checkpoint = fp8 and fp8_codes_fit(block, layout)
     format = kt_config.expert_format
     if format == "auto":
         format = "fp8" if fp8_checkpoint else "bf16"

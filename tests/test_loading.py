@@ -393,13 +393,60 @@ def test_families_the_loader_refuses(tmp_path):
         load_model(tmp_path / "dense")
 
 
-def test_mxfp4_checkpoints_are_refused_with_the_way_to_load_them(tmp_path):
-    tiny_model("gpt_oss").save_pretrained(tmp_path / "mxfp4")
-    config = json.loads((tmp_path / "mxfp4" / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
-    (tmp_path / "mxfp4" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"'mxfp4'.*Mxfp4Config\(dequantize=True\)"):
-        load_model(tmp_path / "mxfp4")
+# gpt-oss's MXFP4 checkpoints.
+
+FP4 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[E, R, C]` -> OpenAI's `blocks [E, R, C/32, 16]` (two E2M1 codes a byte, low nibble first) and
+    `scales [E, R, C/32]` (exponent + 127), the nearest code for each value."""
+    E, R, C = weight.shape
+    groups = weight.float().reshape(E, R, C // 32, 32)
+    exponent = torch.ceil(torch.log2(groups.abs().amax(-1).clamp(min=2.0 ** -100) / 6.0))
+    codes = ((groups / torch.exp2(exponent)[..., None])[..., None] - FP4).abs().argmin(-1).to(torch.uint8)
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).contiguous(), (exponent + 127).to(torch.uint8).contiguous()
+
+
+def write_mxfp4(path):
+    """A tiny gpt-oss with its experts in MXFP4, laid out as the published checkpoints are."""
+    tiny_model("gpt_oss", intermediate_size=32).to(torch.bfloat16).save_pretrained(path)
+    stored = {}
+    for key, value in load_file(str(path / "model.safetensors")).items():
+        if key.endswith(("experts.gate_up_proj", "experts.down_proj")):   # the parameter is [E, C, R]
+            stored[f"{key}_blocks"], stored[f"{key}_scales"] = quantize_mxfp4(value.transpose(1, 2))
+        else:
+            stored[key] = value
+    save_file(stored, str(path / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def test_mxfp4_experts_equal_transformers_dequantization(tmp_path):
+    from transformers import Mxfp4Config
+
+    write_mxfp4(tmp_path / "mxfp4")
+    streamed = load_model(tmp_path / "mxfp4", dtype=torch.bfloat16)
+    assert getattr(streamed.config, "quantization_config", None) is None
+    assert {engine.format for engine in installed_engines(streamed).values()} == {"bf16"}
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "mxfp4", dtype=torch.bfloat16,
+                                                     quantization_config=Mxfp4Config(dequantize=True))
+    state = streamed.state_dict()   # the engines' experts, unpacked, in gpt-oss's layout
+    for key, value in reference.state_dict().items():
+        assert torch.equal(state[key], value), key
+    assert_same_model(streamed, reference)
+
+
+def test_mxfp4_layers_kept_on_the_device_hold_the_dequantized_weights(tmp_path):
+    write_mxfp4(tmp_path / "mxfp4")
+    split = load_model(tmp_path / "mxfp4", dtype=torch.bfloat16, kt_config=KTConfig(gpu_experts=8))
+    packed = load_model(tmp_path / "mxfp4", dtype=torch.bfloat16)
+    kept = split.get_submodule("model.layers.0.mlp.experts")
+    assert not hasattr(kept, "_kt_engine") and hasattr(split.get_submodule("model.layers.1.mlp.experts"), "_kt_engine")
+    for name in EXPERT_NAMES:
+        assert torch.equal(getattr(kept, name), packed.state_dict()[f"model.layers.0.mlp.experts.{name}"]), name
 
 
 def test_refused_arguments_and_formats(tmp_path):
