@@ -2,6 +2,8 @@
 //   amx  <threads> <seconds>  register-resident TDPBF16PS loop (no memory traffic): AMX BF16 peak;
 //                             then the engine's 2x2 tile step with its four tile loads from an
 //                             L1-resident 32 KiB block: the ceiling a GEMM that loads its operands can reach
+//   bf16dot <threads> <seconds>  register-resident VDPBF16PS loop (12 independent 512-bit accumulators):
+//                             the AVX512-BF16 peak the avx512 path's gemm_bf16 is measured against
 //   read <threads> <GiB>      AVX-512 streaming reads of a buffer much larger than the caches: DRAM bandwidth
 // Prints one JSON line. Built by benchmarks/moe_layer.py with g++ at run time (x86-64 with AMX / AVX-512).
 #include <immintrin.h>
@@ -75,6 +77,25 @@ static double amx_l1_thread(double seconds) {
     return steps * 4 * 16.0 * 16 * 32 * 2 / dt;
 }
 
+__attribute__((target("avx512f,avx512bf16"))) static double bf16dot_thread(double seconds) {
+    __m512 acc[12];
+    for (auto &a : acc) a = _mm512_setzero_ps();
+    const __m512bh w = (__m512bh)_mm512_set1_epi32(0x3f803f80), x = (__m512bh)_mm512_set1_epi32(0x3c003c00);
+    long ops = 0;
+    const double t0 = now();
+    while (now() - t0 < seconds) {
+        for (int i = 0; i < 100000; ++i) {
+#pragma GCC unroll 12
+            for (int j = 0; j < 12; ++j) acc[j] = _mm512_dpbf16_ps(acc[j], w, x);   // kept in registers
+        }
+        ops += 1200000;
+    }
+    const double dt = now() - t0;
+    float sink = 0;
+    for (auto &a : acc) sink += _mm512_reduce_add_ps(a);
+    return ops * 64.0 / dt + (sink == 12345.0f);   // FLOP/s: 16 lanes x 2 products x 2
+}
+
 static double read_thread(const float *p, size_t n, int reps) {
     __m512 acc = _mm512_setzero_ps();
     for (int r = 0; r < reps; ++r)
@@ -88,7 +109,7 @@ static double read_thread(const float *p, size_t n, int reps) {
 }
 
 int main(int argc, char **argv) {
-    if (argc < 4) { std::fprintf(stderr, "usage: ceilings amx|read threads value\n"); return 2; }
+    if (argc < 4) { std::fprintf(stderr, "usage: ceilings amx|bf16dot|read threads value\n"); return 2; }
     const int threads = std::atoi(argv[2]);
     std::vector<std::thread> pool;
     if (!std::strcmp(argv[1], "amx")) {
@@ -105,6 +126,15 @@ int main(int argc, char **argv) {
         double total_l1 = 0; for (double f : l1) total_l1 += f;
         std::printf("{\"amx_peak_tflops\": %.3f, \"amx_peak_tflops_1thread\": %.3f, \"amx_l1_tflops\": %.3f, "
                     "\"threads\": %d}\n", total / 1e12, flops[0] / 1e12, total_l1 / 1e12, threads);
+    } else if (!std::strcmp(argv[1], "bf16dot")) {
+        if (!__builtin_cpu_supports("avx512bf16")) { std::printf("{\"error\": \"no AVX512-BF16\"}\n"); return 1; }
+        const double seconds = std::atof(argv[3]);
+        std::vector<double> flops(threads);
+        for (int t = 0; t < threads; ++t) pool.emplace_back([&, t] { flops[t] = bf16dot_thread(seconds); });
+        for (auto &th : pool) th.join();
+        double total = 0; for (double f : flops) total += f;
+        std::printf("{\"avx512_bf16_peak_tflops\": %.3f, \"avx512_bf16_peak_tflops_1thread\": %.3f}\n", total / 1e12,
+                    flops[0] / 1e12);
     } else {
         const size_t bytes = static_cast<size_t>(std::atof(argv[3]) * (1 << 30));
         const size_t per = bytes / threads / 256 * 256;

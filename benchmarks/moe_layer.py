@@ -63,7 +63,7 @@ def best_ms(fn, iters: int, after_warmup=None) -> tuple[float, float]:
 
 
 def machine_ceilings(threads: int) -> dict:
-    """AMX tile peak (register-resident, and with its tile loads from L1), DRAM read bandwidth
+    """AMX tile peak (register-resident, and with its tile loads from L1), the AVX512-BF16 peak, DRAM read bandwidth
     (native microbenchmarks) and torch's BF16 GEMM."""
     out: dict = {}
     exe = Path(tempfile.gettempdir()) / "kt_trl_ceilings"
@@ -71,7 +71,7 @@ def machine_ceilings(threads: int) -> dict:
     if cxx:
         flags = ["-O2", "-std=c++17", "-pthread", "-mamx-tile", "-mamx-bf16", "-mavx512f"]
         subprocess.run([cxx, *flags, str(HERE / "ceilings.cpp"), "-o", str(exe)], check=True)
-        for mode, arg in (("amx", "0.5"), ("read", "4")):
+        for mode, arg in (("amx", "0.5"), ("bf16dot", "0.5"), ("read", "4")):
             run = subprocess.run([str(exe), mode, str(threads), arg], capture_output=True, text=True)
             if run.returncode == 0:
                 out.update(json.loads(run.stdout))
@@ -219,16 +219,18 @@ def stage_costs(E: int, H: int, I: int, k: int, r: int, T: int, active: int) -> 
     }
 
 
-def roofline(ms: float, nbytes: int, flops: int, dram_gbs: float | None, amx_tflops: float | None) -> dict:
-    """One stage: its rates and, for the ceilings given, fractions of them; `floor_ms` is the time at
-    the nearer ceiling (ms x the larger fraction), `headroom` how many times faster it could run."""
+def roofline(ms: float, nbytes: int, flops: int, dram_gbs: float | None, compute_tflops: float | None,
+             compute: str = "amx") -> dict:
+    """One stage: its rates and, for the ceilings given (DRAM, and the `compute` path's peak: "amx" or
+    "avx512"), fractions of them; `floor_ms` is the time at the nearer ceiling (ms x the larger
+    fraction), `headroom` how many times faster it could run."""
     out = {"ms": round(ms, 3), "bytes": nbytes, "flops": flops,
            "achieved_GBps": round(nbytes / ms / 1e6, 2), "achieved_TFLOPS": round(flops / ms / 1e9, 4)}
     frac = {}
     if dram_gbs:
         frac["dram"] = nbytes / ms / 1e6 / dram_gbs
-    if amx_tflops:
-        frac["amx"] = flops / ms / 1e9 / amx_tflops
+    if compute_tflops:
+        frac[compute] = flops / ms / 1e9 / compute_tflops
     out.update({f"frac_{name}": round(f, 4) for name, f in frac.items()})
     if frac and max(frac.values()) > 0:
         bound = max(frac, key=frac.get)
@@ -236,18 +238,25 @@ def roofline(ms: float, nbytes: int, flops: int, dram_gbs: float | None, amx_tfl
     return out
 
 
+COMPUTE_KEY = {"amx": "_peak_tflops", "avx512": "_bf16_peak_tflops"}
+
+
 def stage_roofline(name: str, T: int, shape: tuple, r: int, warm_ms: dict, ceil: dict) -> dict:
     """The `stage_roofline` record of one (shape, T) from the warm per-step stage ms."""
     E, H, I, k = shape
     active = active_experts(T, E, k)
     dram_key = next((key for key in ("dram_read_gbs", "dram_read_gbs_torch") if key in ceil), None)
-    dram, amx = ceil.get(dram_key), ceil.get("amx_peak_tflops")
+    dram = ceil.get(dram_key)
+    # the compute ceiling: AMX's tile peak where the host has AMX, else the AVX512-BF16 peak
+    compute = next((c for c in ("amx", "avx512") if ceil.get(f"{c}{COMPUTE_KEY[c]}")), None)
+    peak = ceil.get(f"{compute}{COMPUTE_KEY[compute]}") if compute else None
     rec = {"kind": "stage_roofline", "shape": name, "T": T, "routes": T * k, "active_experts": active,
-           "dram_ceiling": dram_key, "dram_gbs": dram, "amx_peak_tflops": amx}
+           "dram_ceiling": dram_key, "dram_gbs": dram, "compute_ceiling": compute, "compute_peak_tflops": peak,
+           "amx_peak_tflops": ceil.get("amx_peak_tflops")}
     costs = stage_costs(E, H, I, k, r, T, active)
     for stage, ms in warm_ms.items():
         if stage in costs:
-            rec[stage] = roofline(ms, *costs[stage], dram, amx)
+            rec[stage] = roofline(ms, *costs[stage], dram, peak, compute or "amx")
     rec["unmodelled"] = sorted(set(warm_ms) - set(costs))   # stages added to the engine since this model
     return rec
 
@@ -265,9 +274,9 @@ def worst_stage_line(rec: dict) -> str:
         return (f"{head} slowest stage {n} {v['ms']:.2f} ms, {v['achieved_GBps']:.1f} GB/s, "
                 f"{v['achieved_TFLOPS']:.3f} TFLOPS (no ceilings, no floors); stages {total:.1f} ms")
     n, v = max(floored.items(), key=lambda item: item[1]["ms"] - item[1]["floor_ms"])
-    fracs = ", ".join(f"{v[f'frac_{c}']:.2f} of {c.upper()}" for c in ("dram", "amx") if f"frac_{c}" in v)
+    fracs = ", ".join(f"{v[f'frac_{c}']:.2f} of {c.upper()}" for c in ("dram", "amx", "avx512") if f"frac_{c}" in v)
     floor = sum(s["floor_ms"] for s in floored.values())
-    missing = [c for c, key in (("DRAM", "dram_gbs"), ("AMX", "amx_peak_tflops")) if rec[key] is None]
+    missing = [c for c, key in (("DRAM", "dram_gbs"), ("compute", "compute_peak_tflops")) if rec.get(key) is None]
     return (f"{head} worst stage {n} {v['ms']:.2f} ms, {fracs} (floor {v['floor_ms']:.2f} ms, "
             f"{v['bound'].upper()}-bound, headroom {v['headroom']:.1f}x); stages {total:.1f} ms vs floor {floor:.1f} ms"
             + "".join(f"; no {c} ceiling" for c in missing))
@@ -357,6 +366,9 @@ def main() -> None:
                 rec["step_over_dram_floor"] = round((f_ms + b_ms) / floor_ms, 2)
             if "amx_peak_tflops" in ceil:
                 rec["fraction_amx_peak"] = round(2 * flops / ((f_ms + b_ms) * 1e9) / ceil["amx_peak_tflops"], 3)
+            if "avx512_bf16_peak_tflops" in ceil:   # what the avx512 path can reach
+                rec["fraction_avx512_bf16_peak"] = round(
+                    2 * flops / ((f_ms + b_ms) * 1e9) / ceil["avx512_bf16_peak_tflops"], 3)
             if "amx_l1_tflops" in ceil:
                 rec["fraction_amx_l1"] = round(2 * flops / ((f_ms + b_ms) * 1e9) / ceil["amx_l1_tflops"], 3)
             if "torch_bf16_gemm_tflops" in ceil:
