@@ -11,6 +11,7 @@ dequantized on the device: no host copy of them exists.
 
 from __future__ import annotations
 
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -51,9 +52,27 @@ def stream_experts(model: nn.Module, layers: list[LayerSources], shards: Shards,
                                                                   engine_format, memories), attach)
     for experts, engine in zip(modules, engines):
         install_engine(experts, engine, layout)
-        experts._kt_streamed_layout = layout
-        experts.register_state_dict_post_hook(_unpack_installed_engine)
+        experts.register_state_dict_post_hook(functools.partial(_unpack_installed_engine, layout))
     return sum(int(engine.packed_bytes) for engine in engines)
+
+
+class _ShardReaders:
+    """Which layers still read each shard: `done(layer)` drops a shard's page cache after its last one."""
+
+    def __init__(self, shards: Shards, layers: list[LayerSources]):
+        self.shards, self.count = shards, {}
+        for layer in layers:
+            for path in self.paths(layer):
+                self.count[path] = self.count.get(path, 0) + 1
+
+    def paths(self, layer: LayerSources) -> set:
+        return {self.shards.files[key] for key in layer.keys}
+
+    def done(self, layer: LayerSources) -> None:
+        for path in self.paths(layer):
+            self.count[path] -= 1
+            if not self.count[path]:
+                self.shards.release(path)
 
 
 def stream_to_device(model: nn.Module, layers: list[LayerSources], shards: Shards, dtype: torch.dtype,
@@ -65,10 +84,7 @@ def stream_to_device(model: nn.Module, layers: list[LayerSources], shards: Shard
     modules = [model.get_submodule(layer.module) for layer in layers]
     for experts, layer in zip(modules, layers):
         _check_placeholders(experts, layer)
-    readers: dict = {}
-    for layer in layers + later:
-        for path in {shards.files[key] for key in layer.keys}:
-            readers[path] = readers.get(path, 0) + 1
+    readers = _ShardReaders(shards, layers + later)
     placed = 0
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kt_trl_read") as reader, \
             progress_bar(total=len(layers), desc=f"Reading experts onto {device}", unit="layer") as bar:
@@ -93,10 +109,7 @@ def stream_to_device(model: nn.Module, layers: list[LayerSources], shards: Shard
                 setattr(experts, name, nn.Parameter(tensor, requires_grad=getattr(experts, name).requires_grad))
                 placed += tensor.numel() * tensor.element_size()
             setattr(experts, LOADED_ON_DEVICE, True)
-            for path in {shards.files[key] for key in layer.keys}:
-                readers[path] -= 1
-                if not readers[path]:
-                    shards.release(path)
+            readers.done(layer)
             bar.update()
     return placed
 
@@ -104,8 +117,7 @@ def stream_to_device(model: nn.Module, layers: list[LayerSources], shards: Shard
 def _stream_layers(modules, layers: list[LayerSources], shards: Shards, layout, dtype, engine_format, memories):
     """The layers' engines (into `memories` where given), several layers at once; each shard's page cache is
     dropped once every layer reading from it is done."""
-    paths = [{shards.files[key] for key in layer.keys} for layer in layers]
-    readers = {path: sum(path in used for used in paths) for path in set().union(*paths)}
+    readers = _ShardReaders(shards, layers)
     engines = []
     # Packing is CPU work on fresh memory, whose page faults cost more than the packing itself on some hosts
     # (VMs): several layers at once spread both over the cores (each layer's engine is its own memory), one
@@ -116,19 +128,16 @@ def _stream_layers(modules, layers: list[LayerSources], shards: Shards, layout, 
         futures = [pool.submit(_layer_engine, experts, layer, shards, layout, dtype, engine_format, memory)
                    for experts, layer, memory in zip(modules, layers, memories)]
         with progress_bar(total=len(layers), desc="Streaming experts into the CPU engine", unit="layer") as bar:
-            for used, future in zip(paths, futures):
+            for layer, future in zip(layers, futures):
                 engines.append(future.result())
-                for path in used:
-                    readers[path] -= 1
-                    if not readers[path]:
-                        shards.release(path)
+                readers.done(layer)
                 bar.update()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     return engines
 
 
-def _unpack_installed_engine(module: nn.Module, state_dict, prefix: str, local_metadata) -> None:
+def _unpack_installed_engine(layout, module: nn.Module, state_dict, prefix: str, local_metadata) -> None:
     """`state_dict()` of a loaded model not prepared yet: the installed engine's experts, not the placeholders.
 
     install_engine leaves the placeholders in `state_dict()` until `prepare_model` attaches its hooks (and takes
@@ -137,7 +146,7 @@ def _unpack_installed_engine(module: nn.Module, state_dict, prefix: str, local_m
     engine = getattr(module, "_kt_engine", None)
     if engine is None or prefix.startswith("base_model.model."):  # prepared, or a PEFT state dict (adapters only)
         return
-    for name, tensor in zip(EXPERT_PARAMETERS, hf_experts(module._kt_streamed_layout, *engine.unpack())):
+    for name, tensor in zip(EXPERT_PARAMETERS, hf_experts(layout, *engine.unpack())):
         state_dict[prefix + name] = tensor.to(state_dict[prefix + name].dtype)
 
 
