@@ -4,6 +4,8 @@ tests, PEFT model pairs, batches and the gradient tolerance."""
 from __future__ import annotations
 
 import copy
+import importlib.util
+from pathlib import Path
 
 import torch
 import transformers
@@ -127,3 +129,12 @@ def batch(seed: int = 0, shape=(2, 24)):
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, shape, generator=generator)
     return {"input_ids": ids, "labels": ids}
+
+
+def benchmark_module(name: str):
+    """`benchmarks/<name>.py` imported as a module (the benchmarks are scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def moe_layer():
-    spec = importlib.util.spec_from_file_location("moe_layer", ROOT / "benchmarks" / "moe_layer.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("moe_layer")
 
 
 STAGES = {"fwd_gate_up": 1000.0, "fwd_combine": 2.0}

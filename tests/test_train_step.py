@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
+
+from tests.helpers import benchmark_module
 
 TINY = ["--layers", "2", "--hidden", "64", "--experts", "8", "--intermediate", "32", "--vocab", "512", "--seq", "64",
         "--batch", "2", "--steps", "2", "--gpu-experts", "none"]
@@ -14,11 +14,7 @@ TINY = ["--layers", "2", "--hidden", "64", "--experts", "8", "--intermediate", "
 
 @pytest.fixture(scope="module")
 def train_step():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "train_step.py"
-    spec = importlib.util.spec_from_file_location("train_step", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("train_step")
 
 
 def test_tiny_run_reports_every_step_and_matches_plain_peft(train_step, tmp_path):
