@@ -26,6 +26,7 @@
 #include "driver.h"
 #include "error.h"
 #include "kernels/bf16.h"
+#include "lora_b.h"
 
 namespace kt {
 namespace {
@@ -37,34 +38,12 @@ struct BackwardScratch {
     float *ty;       // [Nr, r_d]  dY B_d
     float *tg;       // [Nr, r_gu] dGU B_gu
     float *dx;       // [T*k, H]  FP32 per-route input gradients
-    float *bc_d;     // [E, H, r_d]   B_d contiguous
-    float *bc_gu;    // [E, 2I, r_gu] B_gu contiguous
-    float *db_d;     // [E, H, r_d]   dB_d per expert, before store_lora_b
-    float *db_gu;    // [E, 2I, r_gu] dB_gu per expert
+    float *bt_d;     // [E, r_d, N_d]   B_d in the engine's layout (lora_b.h), N_d = round_up(H, 16)
+    float *bt_gu;    // [E, r_gu, N_gu] B_gu, N_gu = round_up(2I, 16)
+    float *db_d;     // [E, r_d, H]     dB_d per expert, before lora_db_from_engine
+    float *db_gu;    // [E, r_gu, 2I]   dB_gu per expert
+    int64_t n_d, n_gu;
 };
-
-// bc[e][o][q] = B_e[o][q], in blocks of 16 o as in transpose_lora_b (moe_forward.cpp).
-void copy_lora_b(float *bc, const LoraView &l, int64_t E, int64_t out) {
-    ThreadPool::run((out + 15) / 16, [&](int64_t i, int) {
-        const int64_t o0 = i * 16, o1 = std::min(out, o0 + 16);
-        for (int64_t e = 0; e < E; ++e)
-            for (int64_t o = o0; o < o1; ++o)
-                for (int64_t q = 0; q < l.r; ++q) bc[(e * out + o) * l.r + q] = l.b(e, o, q);
-    });
-}
-
-// dB (strided, e.g. PEFT's [out, r*E] with e fastest) = db [E, out, r]. Parallel over blocks
-// of 16 rows o: PEFT puts neighbouring experts in one cache line, so splitting by expert would
-// make threads write the same lines. Within a block, e runs outermost: each expert's 16 x r
-// values are one contiguous read, and the block's destination rows (16 x r x E) stay in L2.
-void store_lora_b(float *dB, const float *db, const LoraView &l, int64_t E, int64_t out) {
-    ThreadPool::run((out + 15) / 16, [&](int64_t i, int) {
-        const int64_t o0 = i * 16, o1 = std::min(out, o0 + 16);
-        for (int64_t e = 0; e < E; ++e)
-            for (int64_t o = o0; o < o1; ++o)
-                for (int64_t q = 0; q < l.r; ++q) dB[e * l.se + o * l.so + q * l.sq] = db[(e * out + o) * l.r + q];
-    });
-}
 
 void gather_stage(const kt_experts &ex, const BackwardScratch &s, const uint16_t *dy, const RoutePlan &plan,
                   const std::vector<RowChunk> &chunks, const LoraView &lora_dn) {
@@ -79,7 +58,7 @@ void gather_stage(const kt_experts &ex, const BackwardScratch &s, const uint16_t
         if (lora_dn.r == 0) return;
         float *df = workspace().threads[w].rows_a.get<float>(c.rows * ex.H);
         for (int64_t r = 0; r < c.rows; ++r) K.bf16_to_f32(df + r * ex.H, s.dys + (c.row0 + r) * ex.ldx, ex.H);
-        K.sgemm_nn(s.ty + c.row0 * lora_dn.r, lora_dn.r, df, ex.H, s.bc_d + c.expert * ex.H * lora_dn.r, lora_dn.r,
+        K.sgemm_nt(s.ty + c.row0 * lora_dn.r, lora_dn.r, df, ex.H, s.bt_d + c.expert * lora_dn.r * s.n_d, s.n_d,
                    c.rows, lora_dn.r, ex.H, 1.0f, false);
     });
 }
@@ -144,7 +123,7 @@ void gather_saved(float *dst, const float *saved, int64_t r, const RoutePlan &pl
         std::memcpy(dst + i * r, saved + plan.route[c.row0 + i] * r, sizeof(float) * r);
 }
 
-// Down-projection LoRA gradients of one chunk: dB_d += s (w dY)^T LH, dA_d += s (w TY)^T h.
+// Down-projection LoRA gradients of one chunk: dB_d^T += s LH^T (w dY), dA_d += s (w TY)^T h.
 void lora_down_grads(const kt_experts &ex, const BackwardScratch &s, const RoutePlan &plan, const RowChunk &c,
                      const ActInputs &in, const LoraView &lora_dn, const float *hf, ThreadScratch &ts, float *dBtmp) {
     const Kernels &K = *runtime().kernels;
@@ -166,7 +145,7 @@ void lora_down_grads(const kt_experts &ex, const BackwardScratch &s, const Route
         K.bf16_to_f32(wdy + i * ex.H, s.dys + (c.row0 + i) * ex.ldx, ex.H);
         for (int64_t h = 0; h < ex.H; ++h) wdy[i * ex.H + h] *= wt;
     }
-    K.sgemm_tn(dBtmp, lora_dn.r, wdy, ex.H, lr, lora_dn.r, ex.H, lora_dn.r, c.rows, lora_dn.scale, true);
+    K.sgemm_tn(dBtmp, ex.H, lr, lora_dn.r, wdy, ex.H, lora_dn.r, ex.H, c.rows, lora_dn.scale, true);
 }
 
 // dGU of one chunk as FP32 [rows, 2I].
@@ -178,7 +157,7 @@ float *dgu_rows(const kt_experts &ex, const BackwardScratch &s, const RowChunk &
     return dguf;
 }
 
-// Gate_up LoRA gradients of one chunk: dB_gu += s dGU^T LX (dguf = dGU as FP32), dA_gu += s TG^T x.
+// Gate_up LoRA gradients of one chunk: dB_gu^T += s LX^T dGU (dguf = dGU as FP32), dA_gu += s TG^T x.
 void lora_gate_up_grads(const kt_experts &ex, const BackwardScratch &s, const RoutePlan &plan,
                         const RowChunk &c, const ActInputs &in, const LoraView &lora_gu, const float *dguf,
                         ThreadScratch &ts, float *dBtmp) {
@@ -187,7 +166,7 @@ void lora_gate_up_grads(const kt_experts &ex, const BackwardScratch &s, const Ro
     if (g.dB) {
         float *lx = ts.lora_rows.get<float>(c.rows * lora_gu.r);
         gather_saved(lx, in.saved->lora_gate_up, lora_gu.r, plan, c);
-        K.sgemm_tn(dBtmp, lora_gu.r, dguf, 2 * ex.I, lx, lora_gu.r, 2 * ex.I, lora_gu.r, c.rows, lora_gu.scale, true);
+        K.sgemm_tn(dBtmp, 2 * ex.I, lx, lora_gu.r, dguf, 2 * ex.I, lora_gu.r, 2 * ex.I, c.rows, lora_gu.scale, true);
     }
     if (g.dA) {
         float *xf = ts.rows_c.get<float>(c.rows * ex.H);
@@ -229,8 +208,8 @@ void lora_grads_rows(const kt_experts &ex, const BackwardScratch &s, const Route
 
 void store_grads(const kt_experts &ex, const BackwardScratch &s, const kt_gradients &g, const LoraGrads &want,
                  const LoraView &lora_gu, const LoraView &lora_dn) {
-    if (want.down && g.lora_down.dB) store_lora_b(g.lora_down.dB, s.db_d, lora_dn, ex.E, ex.H);
-    if (want.gate_up && g.lora_gate_up.dB) store_lora_b(g.lora_gate_up.dB, s.db_gu, lora_gu, ex.E, 2 * ex.I);
+    if (want.down && g.lora_down.dB) lora_db_from_engine(g.lora_down.dB, s.db_d, lora_dn, ex.E, ex.H);
+    if (want.gate_up && g.lora_gate_up.dB) lora_db_from_engine(g.lora_gate_up.dB, s.db_gu, lora_gu, ex.E, 2 * ex.I);
 }
 
 template <typename F>
@@ -254,8 +233,8 @@ void act_stage(const kt_experts &ex, const BackwardScratch &s, const RoutePlan &
             act_rows(ex, s, plan, c, in, hf);
             const float *dguf = lora_gu.r > 0 ? dgu_rows(ex, s, c, ts) : nullptr;
             if (lora_gu.r > 0)
-                K.sgemm_nn(s.tg + c.row0 * lora_gu.r, lora_gu.r, dguf, 2 * ex.I,
-                           s.bc_gu + c.expert * 2 * ex.I * lora_gu.r, lora_gu.r, c.rows, lora_gu.r, 2 * ex.I, 1.0f,
+                K.sgemm_nt(s.tg + c.row0 * lora_gu.r, lora_gu.r, dguf, 2 * ex.I,
+                           s.bt_gu + c.expert * lora_gu.r * s.n_gu, s.n_gu, c.rows, lora_gu.r, 2 * ex.I, 1.0f,
                            false);
             lora_grads_rows(ex, s, plan, c, in, want, lora_gu, lora_dn, hf, dguf, ts);
         });
@@ -281,14 +260,16 @@ void backward_layer(const kt_experts &ex, const kt_gradients &grads, const uint1
     s.tg = ws.lora_gate_up.get<float>(Nr * lora_gu.r + 1);
     s.ty = ws.lora_down.get<float>(Nr * lora_dn.r + 1);
     s.dx = grads.dx ? ws.routes.get<float>(plan.T * plan.k * ex.H + 1) : nullptr;
-    s.bc_d = ws.lora_b_down.get<float>(ex.E * ex.H * lora_dn.r + 1);
-    s.bc_gu = ws.lora_b_gate_up.get<float>(ex.E * 2 * ex.I * lora_gu.r + 1);
+    s.n_d = round_up(ex.H, 16);
+    s.n_gu = round_up(2 * ex.I, 16);
+    s.bt_d = ws.lora_b_down.get<float>(ex.E * lora_dn.r * s.n_d + 1);
+    s.bt_gu = ws.lora_b_gate_up.get<float>(ex.E * lora_gu.r * s.n_gu + 1);
     s.db_d = ws.lora_db_down.get<float>(ex.E * ex.H * lora_dn.r + 1);
     s.db_gu = ws.lora_db_gate_up.get<float>(ex.E * 2 * ex.I * lora_gu.r + 1);
     {
         StageTimer timer(KT_STAGE_LORA_PREP);
-        if (lora_dn.r) copy_lora_b(s.bc_d, lora_dn, ex.E, ex.H);
-        if (lora_gu.r) copy_lora_b(s.bc_gu, lora_gu, ex.E, 2 * ex.I);
+        if (lora_dn.r) lora_b_to_engine(s.bt_d, lora_dn, ex.E, ex.H, s.n_d);
+        if (lora_gu.r) lora_b_to_engine(s.bt_gu, lora_gu, ex.E, 2 * ex.I, s.n_gu);
     }
     const std::vector<RowChunk> chunks = row_chunks(plan);
     { StageTimer timer(KT_STAGE_BWD_GATHER); gather_stage(ex, s, dy, plan, chunks, lora_dn); }

@@ -19,6 +19,7 @@
 #include "driver.h"
 #include "error.h"
 #include "kernels/bf16.h"
+#include "lora_b.h"
 
 namespace kt {
 
@@ -41,19 +42,6 @@ struct ForwardScratch {
     float *bt_gu;   // [E, r_gu, N_gu]  B_gu transposed, zero-padded to N_gu = round_up(2I, 16)
     float *bt_d;    // [E, r_d, N_d]    B_d transposed, N_d = round_up(H, 16)
 };
-
-// Bt[e][q][o] = B_e[o][q], columns out..N-1 zero. Parallel over blocks of 16 o: the block's
-// rows of B (PEFT: [out, r*E]) stay in L2 while each (e, q) writes 16 contiguous floats.
-void transpose_lora_b(float *bt, const LoraView &l, int64_t E, int64_t out, int64_t N) {
-    ThreadPool::run(N / 16, [&](int64_t i, int) {
-        const int64_t o0 = i * 16;
-        for (int64_t e = 0; e < E; ++e)
-            for (int64_t q = 0; q < l.r; ++q) {
-                float *dst = bt + (e * l.r + q) * N + o0;
-                for (int64_t o = 0; o < 16; ++o) dst[o] = o0 + o < out ? l.b(e, o0 + o, q) : 0.0f;
-            }
-    });
-}
 
 void gather_stage(const kt_experts &ex, const ForwardScratch &s, const uint16_t *x, const RoutePlan &plan,
                   const std::vector<RowChunk> &chunks, const LoraView &lora_gu) {
@@ -199,8 +187,8 @@ void forward_layer(const kt_experts &ex, uint16_t *y, const kt_saved_activations
     s.bt_d = ws.lora_b_down.get<float>(ex.E * lora_dn.r * N_d + 1);
     {
         StageTimer timer(KT_STAGE_LORA_PREP);
-        if (lora_gu.r) transpose_lora_b(s.bt_gu, lora_gu, ex.E, 2 * ex.I, N_gu);
-        if (lora_dn.r) transpose_lora_b(s.bt_d, lora_dn, ex.E, ex.H, N_d);
+        if (lora_gu.r) lora_b_to_engine(s.bt_gu, lora_gu, ex.E, 2 * ex.I, N_gu);
+        if (lora_dn.r) lora_b_to_engine(s.bt_d, lora_dn, ex.E, ex.H, N_d);
     }
     const std::vector<RowChunk> chunks = row_chunks(plan);
     { StageTimer timer(KT_STAGE_FWD_GATHER); gather_stage(ex, s, x, plan, chunks, lora_gu); }

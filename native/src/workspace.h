@@ -51,10 +51,10 @@ struct Workspace {
     Buffer lora_gate_up;     // FP32 [Nr, r_gu]: forward x A_gu^T; backward dGU B_gu
     Buffer lora_down;        // FP32 [Nr, r_d]: forward h A_d^T; backward dY B_d
     Buffer routes;           // FP32 [T*k, H]: forward expert outputs, backward dX, one row per route
-    Buffer lora_b_gate_up;   // FP32: forward B_gu^T [E, r_gu, round_up(2I, 16)]; backward B_gu [E, 2I, r_gu]
-    Buffer lora_b_down;      // FP32: forward B_d^T [E, r_d, round_up(H, 16)]; backward B_d [E, H, r_d]
-    Buffer lora_db_gate_up;  // FP32 [E, 2I, r_gu]: backward dB_gu per expert, before it is stored
-    Buffer lora_db_down;     // FP32 [E, H, r_d]: backward dB_d per expert
+    Buffer lora_b_gate_up;   // FP32 B_gu in the engine's layout (lora_b.h) [E, r_gu, round_up(2I, 16)]
+    Buffer lora_b_down;      // FP32 B_d [E, r_d, round_up(H, 16)]
+    Buffer lora_db_gate_up;  // FP32 [E, r_gu, 2I]: backward dB_gu per expert, before it is stored
+    Buffer lora_db_down;     // FP32 [E, r_d, H]: backward dB_d per expert
     std::vector<ThreadScratch> threads;   // one per worker
     void ensure_threads(int n) { if (static_cast<int>(threads.size()) < n) threads.resize(n); }
 };
