@@ -73,7 +73,6 @@ struct LoraView {
     const float *B = nullptr;   // strided, see kt_lora
     int64_t r = 0, se = 0, so = 0, sq = 0;
     float scale = 0.0f;
-    float b(int64_t e, int64_t o, int64_t q) const { return B[e * se + o * so + q * sq]; }
 };
 
 // Checks one kt_lora against the projection [out, in] of E experts and returns its view.

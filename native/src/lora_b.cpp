@@ -6,9 +6,9 @@
 #include "lora_b.h"
 
 #include <algorithm>
-#include <cstring>
 
 #include "thread_pool.h"
+#include "workspace.h"
 
 namespace kt {
 namespace {
@@ -16,7 +16,7 @@ namespace {
 constexpr int64_t kBlock = 16;
 
 // dst[j * dj + i * di] = src[i * si + j * sj] for i < rows, j < cols (rows, cols <= kBlock).
-inline void transpose_block(float *dst, int64_t dj, int64_t di, const float *src, int64_t si, int64_t sj,
+inline void transpose_f32_block(float *dst, int64_t dj, int64_t di, const float *src, int64_t si, int64_t sj,
                             int64_t rows, int64_t cols) {
     float buf[kBlock][kBlock];
     for (int64_t i = 0; i < rows; ++i)
@@ -30,13 +30,12 @@ void transpose(float *dst, int64_t dj, int64_t di, const float *src, int64_t si,
                int64_t cols) {
     for (int64_t i = 0; i < rows; i += kBlock)
         for (int64_t j = 0; j < cols; j += kBlock)
-            transpose_block(dst + j * dj + i * di, dj, di, src + i * si + j * sj, si, sj,
+            transpose_f32_block(dst + j * dj + i * di, dj, di, src + i * si + j * sj, si, sj,
                             std::min(kBlock, rows - i), std::min(kBlock, cols - j));
 }
 
-}  // namespace
-
-void lora_b_to_engine(float *bt, const LoraView &l, int64_t E, int64_t out, int64_t N) {
+// bt[e][q][o] = B_e[o][q] for o < out, 0 for out <= o < N.
+void convert(float *bt, const LoraView &l, int64_t E, int64_t out, int64_t N) {
     // One item: rank q, outputs [o0, o0 + 16) of every expert; it writes 64 bytes per (e, q) row.
     const int64_t blocks = (N + kBlock - 1) / kBlock;
     ThreadPool::run(l.r * blocks, [&](int64_t item, int) {
@@ -47,6 +46,21 @@ void lora_b_to_engine(float *bt, const LoraView &l, int64_t E, int64_t out, int6
         if (pad > 0)
             for (int64_t e = 0; e < E; ++e) std::fill_n(bt + (e * l.r + q) * N + o0 + n, pad, 0.0f);
     });
+}
+
+}  // namespace
+
+EngineLoraB lora_b_to_engine(const kt_experts &ex, const LoraView &lora_gu, const LoraView &lora_dn) {
+    Workspace &ws = workspace();
+    EngineLoraB b;
+    b.n_gu = round_up(2 * ex.I, 16);
+    b.n_d = round_up(ex.H, 16);
+    b.gu = ws.lora_b_gate_up.get<float>(ex.E * lora_gu.r * b.n_gu + 1);
+    b.d = ws.lora_b_down.get<float>(ex.E * lora_dn.r * b.n_d + 1);
+    StageTimer timer(KT_STAGE_LORA_PREP);
+    if (lora_gu.r) convert(b.gu, lora_gu, ex.E, 2 * ex.I, b.n_gu);
+    if (lora_dn.r) convert(b.d, lora_dn, ex.E, ex.H, b.n_d);
+    return b;
 }
 
 void lora_db_from_engine(float *dB, const float *dbt, const LoraView &l, int64_t E, int64_t out) {

@@ -10,8 +10,14 @@
 
 namespace kt {
 
-// bt[e][q][o] = B_e[o][q] for o < out, 0 for out <= o < N.
-void lora_b_to_engine(float *bt, const LoraView &l, int64_t E, int64_t out, int64_t N);
+// Both projections' B in the engine's layout, in the workspace's buffers: gu [E, r_gu, n_gu] and
+// d [E, r_d, n_d], bt[e][q][o] = B_e[o][q] for o < out and 0 up to n = round_up(out, 16).
+struct EngineLoraB {
+    float *gu = nullptr, *d = nullptr;
+    int64_t n_gu = 0, n_d = 0;
+};
+// Converts the ranks that are not 0, timed as KT_STAGE_LORA_PREP; the buffers live until the next call.
+EngineLoraB lora_b_to_engine(const kt_experts &ex, const LoraView &lora_gu, const LoraView &lora_dn);
 
 // dB_e[o][q] (strided like B) = dbt[e][q][o], dbt [E, r, out].
 void lora_db_from_engine(float *dB, const float *dbt, const LoraView &l, int64_t E, int64_t out);

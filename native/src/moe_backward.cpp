@@ -38,11 +38,9 @@ struct BackwardScratch {
     float *ty;       // [Nr, r_d]  dY B_d
     float *tg;       // [Nr, r_gu] dGU B_gu
     float *dx;       // [T*k, H]  FP32 per-route input gradients
-    float *bt_d;     // [E, r_d, N_d]   B_d in the engine's layout (lora_b.h), N_d = round_up(H, 16)
-    float *bt_gu;    // [E, r_gu, N_gu] B_gu, N_gu = round_up(2I, 16)
-    float *db_d;     // [E, r_d, H]     dB_d per expert, before lora_db_from_engine
-    float *db_gu;    // [E, r_gu, 2I]   dB_gu per expert
-    int64_t n_d, n_gu;
+    EngineLoraB bt;  // B_gu and B_d in the engine's layout (lora_b.h)
+    float *db_d;     // [E, r_d, H]   dB_d per expert, before lora_db_from_engine
+    float *db_gu;    // [E, r_gu, 2I] dB_gu per expert
 };
 
 void gather_stage(const kt_experts &ex, const BackwardScratch &s, const uint16_t *dy, const RoutePlan &plan,
@@ -58,7 +56,7 @@ void gather_stage(const kt_experts &ex, const BackwardScratch &s, const uint16_t
         if (lora_dn.r == 0) return;
         float *df = workspace().threads[w].rows_a.get<float>(c.rows * ex.H);
         for (int64_t r = 0; r < c.rows; ++r) K.bf16_to_f32(df + r * ex.H, s.dys + (c.row0 + r) * ex.ldx, ex.H);
-        K.sgemm_nt(s.ty + c.row0 * lora_dn.r, lora_dn.r, df, ex.H, s.bt_d + c.expert * lora_dn.r * s.n_d, s.n_d,
+        K.sgemm_nt(s.ty + c.row0 * lora_dn.r, lora_dn.r, df, ex.H, s.bt.d + c.expert * lora_dn.r * s.bt.n_d, s.bt.n_d,
                    c.rows, lora_dn.r, ex.H, 1.0f, false);
     });
 }
@@ -234,7 +232,7 @@ void act_stage(const kt_experts &ex, const BackwardScratch &s, const RoutePlan &
             const float *dguf = lora_gu.r > 0 ? dgu_rows(ex, s, c, ts) : nullptr;
             if (lora_gu.r > 0)
                 K.sgemm_nt(s.tg + c.row0 * lora_gu.r, lora_gu.r, dguf, 2 * ex.I,
-                           s.bt_gu + c.expert * lora_gu.r * s.n_gu, s.n_gu, c.rows, lora_gu.r, 2 * ex.I, 1.0f,
+                           s.bt.gu + c.expert * lora_gu.r * s.bt.n_gu, s.bt.n_gu, c.rows, lora_gu.r, 2 * ex.I, 1.0f,
                            false);
             lora_grads_rows(ex, s, plan, c, in, want, lora_gu, lora_dn, hf, dguf, ts);
         });
@@ -260,17 +258,9 @@ void backward_layer(const kt_experts &ex, const kt_gradients &grads, const uint1
     s.tg = ws.lora_gate_up.get<float>(Nr * lora_gu.r + 1);
     s.ty = ws.lora_down.get<float>(Nr * lora_dn.r + 1);
     s.dx = grads.dx ? ws.routes.get<float>(plan.T * plan.k * ex.H + 1) : nullptr;
-    s.n_d = round_up(ex.H, 16);
-    s.n_gu = round_up(2 * ex.I, 16);
-    s.bt_d = ws.lora_b_down.get<float>(ex.E * lora_dn.r * s.n_d + 1);
-    s.bt_gu = ws.lora_b_gate_up.get<float>(ex.E * lora_gu.r * s.n_gu + 1);
     s.db_d = ws.lora_db_down.get<float>(ex.E * ex.H * lora_dn.r + 1);
     s.db_gu = ws.lora_db_gate_up.get<float>(ex.E * 2 * ex.I * lora_gu.r + 1);
-    {
-        StageTimer timer(KT_STAGE_LORA_PREP);
-        if (lora_dn.r) lora_b_to_engine(s.bt_d, lora_dn, ex.E, ex.H, s.n_d);
-        if (lora_gu.r) lora_b_to_engine(s.bt_gu, lora_gu, ex.E, 2 * ex.I, s.n_gu);
-    }
+    s.bt = lora_b_to_engine(ex, lora_gu, lora_dn);
     const std::vector<RowChunk> chunks = row_chunks(plan);
     { StageTimer timer(KT_STAGE_BWD_GATHER); gather_stage(ex, s, dy, plan, chunks, lora_dn); }
     {

@@ -39,8 +39,7 @@ struct ForwardScratch {
     float *lx;      // [Nr, r_gu] x A_gu^T
     float *lh;      // [Nr, r_d]  h A_d^T
     float *d;       // [T*k, H]  FP32 expert outputs per route
-    float *bt_gu;   // [E, r_gu, N_gu]  B_gu transposed, zero-padded to N_gu = round_up(2I, 16)
-    float *bt_d;    // [E, r_d, N_d]    B_d transposed, N_d = round_up(H, 16)
+    EngineLoraB bt; // B_gu and B_d in the engine's layout (lora_b.h)
 };
 
 void gather_stage(const kt_experts &ex, const ForwardScratch &s, const uint16_t *x, const RoutePlan &plan,
@@ -91,7 +90,7 @@ void gate_up_stage(const kt_experts &ex, const ForwardScratch &s, const RoutePla
         float *tile = ts.tile.get<float>(kRowBlock * kMaxColBlock);
         gemm_item(K, tile, s.xs + r0 * ex.ldx, ex.ldx, bf16_panels(ex.gate_up(e), c0, cn, ts.decoded, K), ex.Hp,
                   plan.count(e),
-                  cn, s.lx + r0 * lora_gu.r, lora_gu.r, s.bt_gu + e * lora_gu.r * N + c0, N, lora_gu.scale,
+                  cn, s.lx + r0 * lora_gu.r, lora_gu.r, s.bt.gu + e * lora_gu.r * N + c0, N, lora_gu.scale,
                   [&](int64_t m, int64_t mr, float *t) {
                       const int64_t valid = std::min(cn, 2 * ex.I - c0);
                       if (ex.has_bias) add_bias(t, cn, mr, valid, ex.bias_gate_up(e) + c0);
@@ -139,7 +138,7 @@ void down_stage(const kt_experts &ex, const ForwardScratch &s, const RoutePlan &
         float *tile = ts.tile.get<float>(kRowBlock * kMaxColBlock);
         gemm_item(K, tile, s.hs + r0 * ex.ldh, ex.ldh, bf16_panels(ex.down(e), c0, cn, ts.decoded, K), ex.Ip,
                   plan.count(e),
-                  cn, s.lh + r0 * lora_dn.r, lora_dn.r, s.bt_d + e * lora_dn.r * N + c0, N, lora_dn.scale,
+                  cn, s.lh + r0 * lora_dn.r, lora_dn.r, s.bt.d + e * lora_dn.r * N + c0, N, lora_dn.scale,
                   [&](int64_t m, int64_t mr, float *t) {
                       if (ex.has_bias) add_bias(t, cn, mr, valid, ex.bias_down(e) + c0);
                       for (int64_t row = 0; row < mr; ++row)
@@ -174,7 +173,6 @@ void forward_layer(const kt_experts &ex, uint16_t *y, const kt_saved_activations
     Workspace &ws = workspace();
     ws.ensure_threads(ThreadPool::size());
     const int64_t Nr = plan.rows();
-    const int64_t N_gu = round_up(2 * ex.I, 16), N_d = round_up(ex.H, 16);
     ForwardScratch s{};
     s.xs = ws.gathered.get<uint16_t>(Nr * ex.ldx);
     s.saved_gu = saved.gate_up;
@@ -183,13 +181,7 @@ void forward_layer(const kt_experts &ex, uint16_t *y, const kt_saved_activations
     s.lx = ws.lora_gate_up.get<float>(Nr * lora_gu.r + 1);
     s.lh = ws.lora_down.get<float>(Nr * lora_dn.r + 1);
     s.d = ws.routes.get<float>(plan.T * plan.k * ex.H + 1);
-    s.bt_gu = ws.lora_b_gate_up.get<float>(ex.E * lora_gu.r * N_gu + 1);
-    s.bt_d = ws.lora_b_down.get<float>(ex.E * lora_dn.r * N_d + 1);
-    {
-        StageTimer timer(KT_STAGE_LORA_PREP);
-        if (lora_gu.r) lora_b_to_engine(s.bt_gu, lora_gu, ex.E, 2 * ex.I, N_gu);
-        if (lora_dn.r) lora_b_to_engine(s.bt_d, lora_dn, ex.E, ex.H, N_d);
-    }
+    s.bt = lora_b_to_engine(ex, lora_gu, lora_dn);
     const std::vector<RowChunk> chunks = row_chunks(plan);
     { StageTimer timer(KT_STAGE_FWD_GATHER); gather_stage(ex, s, x, plan, chunks, lora_gu); }
     { StageTimer timer(KT_STAGE_FWD_GATE_UP); gate_up_stage(ex, s, plan, lora_gu); }
