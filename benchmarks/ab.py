@@ -4,7 +4,8 @@ medians, spreads and ratios of every step and stage time.
     python benchmarks/ab.py --a DIR_A --b DIR_B [--rounds 2] [--json FILE] -- --shapes qwen3 --tokens 512 ...
 
 `DIR_A` / `DIR_B`: where each build is installed (`pip install --no-deps --target DIR <source tree>`),
-put first on `PYTHONPATH` for its runs; each build's own `benchmarks/moe_layer.py` runs when its
+put first on `PYTHONPATH` for its runs (an editable install's import hook is switched off in them,
+and each run checks that kt_trl came from its directory); each build's own `benchmarks/moe_layer.py` runs when its
 source tree is given with `--a-src` / `--b-src` (default: this one). The arguments after `--` go to
 `moe_layer.py`. Runs go A, B, A, B, ... (`--rounds` of each), so that the host's drift over minutes
 hits both alike; a gain is claimed only when the ranges of the two do not overlap.
@@ -27,11 +28,28 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
+# Runs a script with kt_trl imported from `site`. An editable install puts an import hook on
+# sys.meta_path that answers before any path entry, PYTHONPATH included: with it in place both
+# variants would run the editable tree. The hook is dropped, and the import checked, before the
+# script starts.
+_BOOT = """
+import os, runpy, sys
+site, script = sys.argv[1], sys.argv[2]
+sys.argv = [script, *sys.argv[3:]]
+sys.meta_path[:] = [f for f in sys.meta_path if not type(f).__module__.startswith("_editable")]
+import kt_trl
+if not os.path.realpath(kt_trl.__file__).startswith(os.path.realpath(site) + os.sep):
+    sys.exit(f"kt_trl was imported from {kt_trl.__file__}, not from {site}")
+runpy.run_path(script, run_name="__main__")
+"""
+
+
 def run_once(site: str, source: Path, args: list[str]) -> list[dict]:
-    """One `moe_layer.py` run with `site` first on the path; its JSON-line records."""
+    """One `moe_layer.py` run with kt_trl from `site` ("" = the installed one); its JSON-line records."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [site, os.environ.get("PYTHONPATH")])))
     script = source / "benchmarks" / "moe_layer.py"
-    run = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True,
+    command = [sys.executable, "-c", _BOOT, site, str(script)] if site else [sys.executable, str(script)]
+    run = subprocess.run([*command, *args], env=env, capture_output=True, text=True,
                          cwd=tempfile.gettempdir())  # not a source tree: the installed build is imported
     if run.returncode != 0:
         raise RuntimeError(f"{script} under {site} failed ({run.returncode}):\n{run.stderr[-2000:]}")

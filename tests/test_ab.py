@@ -30,6 +30,18 @@ def test_summary_reports_medians_ranges_and_separation(ab, monkeypatch, tmp_path
     assert len(written) == 6 * 2 + len(lines)  # two records per run, then the summary
 
 
+def test_each_variant_imports_its_own_directory(ab, tmp_path):
+    # a stand-in build that only prints one record: it must be the one imported, even where the
+    # package is installed editable (whose import hook answers before PYTHONPATH)
+    fake = tmp_path / "site" / "kt_trl"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        'import json, sys\nprint(json.dumps({"kind": "result", "shape": "stand-in", "T": 1, '
+        '"step_ms": 1.0, "fwd_ms": 0.5, "bwd_ms": 0.5}))\nsys.exit(0)\n')
+    got = ab.run_once(str(tmp_path / "site"), ab.HERE.parent, [])
+    assert [r["shape"] for r in got] == ["stand-in"]
+
+
 def test_one_real_round_of_the_same_build(ab):
     # the installed build against itself: every line is there, the ratio near 1 is not asserted (timing)
     lines = ab.main(["--a", "", "--b", "", "--rounds", "1", "--",
