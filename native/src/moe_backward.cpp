@@ -70,17 +70,32 @@ void transposed_stage(const kt_experts &ex, const RoutePlan &plan, bool is_down,
     const int64_t wN = is_down ? ex.H : 2 * ex.I;   // the packed weight is [wN, wK]
     const int64_t Rp = round_up(wN, kKAlign);
     const int64_t block = col_block(Rp);
-    const BlockItems items = block_items(plan, N, block);
+    // Experts with few rows: the product read straight from the weight's panels (kernels.h), one
+    // item over all columns, so that each panel is read front to back; the others: items of a
+    // column block, each with a transposed copy of its columns that all its rows reuse.
+    // (8-bit weights keep column blocks: each decodes its columns' rows of every panel first.)
+    const int64_t direct_rows = K.gemm_bf16_wt ? kWtMaxRows : 0;
+    const bool bf16 = ex.format() == KT_FORMAT_BF16;
+    const BlockItems items = block_items(plan, N, block, bf16 ? direct_rows : 0);
     ThreadPool::run(items.size(), [&](int64_t i, int w) {
         const int64_t e = items.expert[i], c0 = items.col0[i], cn = items.cols[i];
         const int64_t r0 = plan.offsets[e], rows = plan.count(e), valid = std::min(cn, out_n - c0);
         ThreadScratch &ts = workspace().threads[w];
-        uint16_t *panels = ts.panels.get<uint16_t>(Rp * block);
-        pack_transposed_block(panels, is_down ? ex.down(e) : ex.gate_up(e), c0, cn, K);
-        float *tile = ts.tile.get<float>(kRowBlock * kMaxColBlock);
+        const PackedWeight weight = is_down ? ex.down(e) : ex.gate_up(e);
+        const bool direct = rows <= direct_rows;
+        float *tile = ts.tile.get<float>(direct ? rows * cn : kRowBlock * kMaxColBlock);
+        int64_t ldw = 0;
+        const uint16_t *wrows = direct ? bf16_panel_rows(weight, c0, round_up(cn, 32), ts.decoded, K, &ldw) : nullptr;
+        uint16_t *panels = direct ? nullptr : ts.panels.get<uint16_t>(Rp * block);
+        if (!direct) pack_transposed_block(panels, weight, c0, cn, K);
         for (int64_t m = 0; m < rows; m += kRowBlock) {
             const int64_t mr = std::min(kRowBlock, rows - m);
-            gemm_rows(K, tile, cn, A + (r0 + m) * lda, lda, panels, Rp * 16, mr, cn, Rp);
+            const int64_t Rn = weight.layout->Np;
+            if (direct)
+                K.gemm_bf16_wt(tile, cn, A + r0 * lda, lda, wrows, ldw, mr, Rn, cn,
+                               ts.panels.get<uint16_t>(wt_scratch_elems(mr, Rn, cn)));
+            else
+                gemm_rows(K, tile, cn, A + (r0 + m) * lda, lda, panels, Rp * 16, mr, cn, Rp);
             if (l.r > 0)
                 K.sgemm_nn(tile, cn, L + (r0 + m) * l.r, l.r, l.A + e * l.r * out_n + c0, out_n, mr, valid, l.r,
                            l.scale, true);

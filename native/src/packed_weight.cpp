@@ -87,6 +87,19 @@ const uint16_t *bf16_panels(const PackedWeight &w, int64_t c0, int64_t cn, Buffe
     return dst;
 }
 
+const uint16_t *bf16_panel_rows(const PackedWeight &w, int64_t k0, int64_t kn, Buffer &buf, const Kernels &K,
+                                int64_t *ldw) {
+    const WeightLayout &l = *w.layout;
+    if (l.bf16()) {
+        *ldw = l.Kp * 16;
+        return w.panels() + (k0 / 2) * 32;
+    }
+    *ldw = kn * 16;
+    uint16_t *dst = buf.get<uint16_t>(l.Np * kn);
+    for (int64_t p = 0; p < l.Np / 16; ++p) decode_rows(dst + p * kn * 16, w, p, k0 / 2, kn / 2, K);
+    return dst;
+}
+
 void pack_transposed_block(uint16_t *dst, const PackedWeight &w, int64_t k0, int64_t kn, const Kernels &K) {
     const WeightLayout &l = *w.layout;
     const int64_t Rp = round_up(l.N, kKAlign);   // reduction length of the transposed view

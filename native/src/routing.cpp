@@ -72,14 +72,15 @@ void plan_routes(RoutePlan &plan, const kt_routing *r, int64_t E) {
                      [&](int64_t a, int64_t b) { return plan.count(a) > plan.count(b); });
 }
 
-BlockItems block_items(const RoutePlan &plan, int64_t N, int64_t block) {
+BlockItems block_items(const RoutePlan &plan, int64_t N, int64_t block, int64_t whole_rows) {
     BlockItems items;
     for (int64_t e : plan.order) {
         if (plan.count(e) == 0) break;
-        for (int64_t c = 0; c < N; c += block) {
+        const int64_t step = plan.count(e) <= whole_rows ? N : block;
+        for (int64_t c = 0; c < N; c += step) {
             items.expert.push_back(e);
             items.col0.push_back(c);
-            items.cols.push_back(std::min(block, N - c));
+            items.cols.push_back(std::min(step, N - c));
         }
     }
     return items;

@@ -28,6 +28,7 @@ struct BlockItems {
     std::vector<int64_t> expert, col0, cols;
     int64_t size() const { return static_cast<int64_t>(expert.size()); }
 };
-BlockItems block_items(const RoutePlan &plan, int64_t N, int64_t block);
+// Experts with at most whole_rows rows (and some) get one item over all N columns.
+BlockItems block_items(const RoutePlan &plan, int64_t N, int64_t block, int64_t whole_rows = 0);
 
 }  // namespace kt

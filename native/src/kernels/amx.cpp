@@ -28,6 +28,8 @@
 #endif
 #include <immintrin.h>
 
+#include <algorithm>
+
 #include "avx512_common.h"
 #include "cpu_features.h"
 #include "kernels.h"
@@ -185,6 +187,138 @@ void gemm_bf16(float *C, int64_t ldc, const uint16_t *A, int64_t lda, const uint
     _tile_release();
 }
 
+// ---- gemm_bf16_wt (kernels.h): the weight's panels as the A operand.
+//
+// A panel's 16 consecutive rows are an A tile whose row i holds k-pair q0 + i and whose 32 columns
+// run over the panel's 16 weight rows n, each with the pair's two k. TDPBF16PS sums every column
+// against B, so B carries the dY value of a row m twice masked: lane pair j < 8 is (dY[m_j, n], 0),
+// lane pair j >= 8 is (0, dY[m_j, n]), m_j = 8g + j % 8. C[i][j] is then dX[m_j, 2 (q0 + i) + j / 8]
+// summed over the panel; accumulated over all panels it is the reduction over n. Half of every
+// product is a zero: twice the tile work of the transposed-copy path, which pays where an expert
+// has few rows (its weights are read once and barely reused) and the copy costs more than the math.
+
+// The 16 x 16 matrix of 32-bit lanes x[0..15] transposed in place.
+void transpose16(__m512i x[16]) {
+    __m512 r[16], t[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_castsi512_ps(x[i]);
+    for (int k = 0; k < 8; ++k) {
+        t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+        t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+    }
+    const auto lo64 = [](__m512 a, __m512 b) {
+        return _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+    };
+    const auto hi64 = [](__m512 a, __m512 b) {
+        return _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+    };
+    for (int k = 0; k < 4; ++k) {
+        r[4 * k] = lo64(t[4 * k], t[4 * k + 2]);
+        r[4 * k + 1] = hi64(t[4 * k], t[4 * k + 2]);
+        r[4 * k + 2] = lo64(t[4 * k + 1], t[4 * k + 3]);
+        r[4 * k + 3] = hi64(t[4 * k + 1], t[4 * k + 3]);
+    }
+    for (int h = 0; h < 2; ++h)
+        for (int i = 0; i < 4; ++i) {
+            t[8 * h + i] = _mm512_shuffle_f32x4(r[8 * h + i], r[8 * h + 4 + i], 0x88);
+            t[8 * h + 4 + i] = _mm512_shuffle_f32x4(r[8 * h + i], r[8 * h + 4 + i], 0xdd);
+        }
+    for (int j = 0; j < 8; ++j) {
+        x[j] = _mm512_castps_si512(_mm512_shuffle_f32x4(t[j], t[8 + j], 0x88));
+        x[8 + j] = _mm512_castps_si512(_mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd));
+    }
+}
+
+// B tile (g, p): rows 8g .. 8g + 7 of A at columns 16p .. 16p + 15, masked as described above.
+void wt_b_tile(uint16_t *dst, const uint16_t *A, int64_t lda, int64_t M, int64_t g, int64_t p) {
+    __m512i x[16];
+    for (int j = 0; j < 8; ++j) {
+        const int64_t m = 8 * g + j;
+        x[j] = m < M ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(A + m * lda + 16 * p)))
+                     : _mm512_setzero_si512();
+        x[8 + j] = _mm512_slli_epi32(x[j], 16);
+    }
+    transpose16(x);
+    for (int t = 0; t < 16; ++t) _mm512_storeu_si512(dst + t * 32, x[t]);
+}
+
+// Accumulator tiles (qb, g) .. (qb + TWO_A, g + TWO_B) += panels [p0, p1) (zeroed first when p0 == 0).
+// acc holds one 16 x 16 FP32 tile per (32 outputs, 8 rows), tile (qb, g) at acc + (qb * groups + g) * 256.
+template <bool TWO_A, bool TWO_B>
+void wt_block(float *acc, int64_t groups, int64_t qb, int64_t g, const uint16_t *Wq, int64_t ldw, const uint16_t *bz,
+              int64_t panels, int64_t p0, int64_t p1) {
+    float *t0 = acc + (qb * groups + g) * 256, *t1 = t0 + 256, *t2 = t0 + groups * 256, *t3 = t2 + 256;
+    if (p0 == 0) {
+        _tile_zero(0);
+        if (TWO_B) _tile_zero(1);
+        if (TWO_A) _tile_zero(2);
+        if (TWO_A && TWO_B) _tile_zero(3);
+    } else {
+        _tile_loadd(0, t0, 64);
+        if (TWO_B) _tile_loadd(1, t1, 64);
+        if (TWO_A) _tile_loadd(2, t2, 64);
+        if (TWO_A && TWO_B) _tile_loadd(3, t3, 64);
+    }
+    const uint16_t *b0 = bz + g * panels * 512, *b1 = b0 + panels * 512;
+    for (int64_t p = p0; p < p1; ++p) {
+        const uint16_t *a = Wq + p * ldw;
+        _tile_loadd(4, a, 64);
+        _tile_loadd(6, b0 + p * 512, 64);
+        if (TWO_B) _tile_loadd(7, b1 + p * 512, 64);
+        if (TWO_A) _tile_loadd(5, a + 16 * 32, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        if (TWO_B) _tile_dpbf16ps(1, 4, 7);
+        if (TWO_A) _tile_dpbf16ps(2, 5, 6);
+        if (TWO_A && TWO_B) _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, t0, 64);
+    if (TWO_B) _tile_stored(1, t1, 64);
+    if (TWO_A) _tile_stored(2, t2, 64);
+    if (TWO_A && TWO_B) _tile_stored(3, t3, 64);
+}
+
+// Panels per pass over the accumulators: each pass reads that many panels front to back side by
+// side (long runs of one panel each, as the forward's item reads its panels), and the
+// accumulators go through L2 once per pass.
+constexpr int64_t kWtPanelRun = 4;
+
+void gemm_bf16_wt(float *C, int64_t ldc, const uint16_t *A, int64_t lda, const uint16_t *W, int64_t ldw, int64_t M,
+                  int64_t Rn, int64_t cn, uint16_t *scratch) {
+    const int64_t groups = (M + 7) / 8, panels = Rn / 16, q_blocks = (cn + 31) / 32;
+    uint16_t *bz = scratch;
+    float *acc = reinterpret_cast<float *>(scratch + groups * panels * 512);
+    for (int64_t g = 0; g < groups; ++g)
+        for (int64_t p = 0; p < panels; ++p) wt_b_tile(bz + (g * panels + p) * 512, A, lda, M, g, p);
+    __asm__ volatile("" ::: "memory");   // the B tiles are stored before the tile loads read them
+    _tile_loadconfig(&kConfigs.with_rows[16]);
+    for (int64_t p0 = 0; p0 < panels; p0 += kWtPanelRun) {
+        const int64_t p1 = std::min(panels, p0 + kWtPanelRun);
+        for (int64_t qb = 0; qb < q_blocks; qb += 2) {
+            const bool two_a = qb + 1 < q_blocks;
+            const uint16_t *Wq = W + qb * 16 * 32;   // A tiles: 16 panel rows = 32 outputs each
+            for (int64_t g = 0; g < groups; g += 2) {
+                const bool two_b = g + 1 < groups;
+                if (two_a && two_b) wt_block<true, true>(acc, groups, qb, g, Wq, ldw, bz, panels, p0, p1);
+                else if (two_a) wt_block<true, false>(acc, groups, qb, g, Wq, ldw, bz, panels, p0, p1);
+                else if (two_b) wt_block<false, true>(acc, groups, qb, g, Wq, ldw, bz, panels, p0, p1);
+                else wt_block<false, false>(acc, groups, qb, g, Wq, ldw, bz, panels, p0, p1);
+            }
+        }
+    }
+    _tile_release();
+    __asm__ volatile("" ::: "memory");
+    for (int64_t qb = 0; qb < q_blocks; ++qb)
+        for (int64_t g = 0; g < groups; ++g) {
+            const float *t = acc + (qb * groups + g) * 256;
+            for (int j = 0; j < 8 && 8 * g + j < M; ++j) {
+                float *row = C + (8 * g + j) * ldc + qb * 32;
+                for (int i = 0; i < 16 && qb * 32 + 2 * i < cn; ++i) {
+                    row[2 * i] = t[i * 16 + j];
+                    row[2 * i + 1] = t[i * 16 + 8 + j];
+                }
+            }
+        }
+}
+
 }  // namespace
 
 bool amx_thread_init() {
@@ -196,6 +330,6 @@ bool amx_thread_init() {
 const Kernels kernels_amx = {"amx",           gemm_bf16,           avx512::sgemm_nt,
                              avx512::sgemm_nn, avx512::sgemm_tn,    avx512::bf16_to_f32,
                              avx512::f32_to_bf16, avx512::glu,         avx512::glu_backward,
-                             avx512::transpose_block, avx512::decode_rows};
+                             avx512::transpose_block, avx512::decode_rows, gemm_bf16_wt};
 
 }  // namespace kt

@@ -68,7 +68,25 @@ struct Kernels {
     // no FP8 NaN and the scales are 0 or in [2^-100, 2^100] (checked at load), so every product is
     // a normal number or zero and one rounding to nearest even is exact on every path.
     void (*decode_rows)(uint16_t *dst, const uint8_t *src, int64_t rows, const float *scales16, int32_t format);
+
+    // The transposed product read from the weight's own panels, for the backward's dX = dY W with
+    // few rows; NULL on paths without it (they transpose panels first, pack_transposed_block):
+    //   C[m, c] = sum_{n < Rn} A[m, n] * W[n, c]     (FP32 accumulation; = into C)
+    //   C  FP32 [M, cn], row stride ldc;  A BF16 [M, Rn], row stride lda (columns past W's N zero)
+    //   W  Rn / 16 BF16 panels (pack.h) of a weight's columns [k0, k0 + round_up(cn, 32)), i.e.
+    //      packed rows k0 / 2 onwards: panel p at W + p * ldw
+    //   1 <= M <= kWtMaxRows, Rn % 16 == 0, cn % 16 == 0; scratch: wt_scratch_elems(M, Rn, cn) BF16,
+    //   64-byte aligned
+    void (*gemm_bf16_wt)(float *C, int64_t ldc, const uint16_t *A, int64_t lda, const uint16_t *W, int64_t ldw,
+                         int64_t M, int64_t Rn, int64_t cn, uint16_t *scratch);
 };
+
+constexpr int64_t kWtMaxRows = 64;
+// Scratch of gemm_bf16_wt in BF16 elements: a 16 x 32 BF16 tile per 8 rows of A and 16 of its
+// columns, then a 16 x 16 FP32 accumulator per 8 rows and 32 outputs.
+inline int64_t wt_scratch_elems(int64_t M, int64_t Rn, int64_t cn) {
+    return (M + 7) / 8 * ((Rn / 16) * 512 + (cn + 31) / 32 * 512);
+}
 
 extern const Kernels kernels_scalar;
 extern const Kernels kernels_avx2;
