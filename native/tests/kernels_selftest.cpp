@@ -14,6 +14,7 @@
 //     1e-6 (oracle) / 1e-5 (others) of the magnitude of their terms, which cancel near
 //     g = -1.28. h_f32 is float(h) bit for bit; dw, an FP32 sum, has the gemms' bound.
 //   transpose_block: bit-exact; the oracle against the offsets of kernels.h.
+//   gemm_bf16_wt (the paths that have it): against a double-precision reference, the gemms' bound.
 //   decode_rows (FP8 E4M3 and INT8): bit-exact, every path against an independent reference:
 //     the code's value from its bit fields, times the scale in double (exact: <= 4 + 24
 //     significant bits), rounded to FP32 and then to BF16 -- what one FP32 product is. Every
@@ -187,6 +188,48 @@ void test_gemm(const std::vector<const Kernels *> &isas, std::vector<Stats> &sta
                         record(stats[i], compare(run_gemm_slice(*isas[i], g), slice, g.scale, M, N, g.ldc, stats[i]),
                                g.name + " k-slice");
                 }
+}
+
+// ---------------------------------------------------------------- gemm_bf16_wt
+
+// The paths that have it against a double-precision reference: C[m, c] = sum_n A[m, n] W[n, k0 + c]
+// over Rn weight rows, W read from its packed panels starting at packed row k0 / 2.
+void test_gemm_wt(const std::vector<const Kernels *> &isas, std::vector<Stats> &stats) {
+    for (int64_t M : {1, 7, 8, 9, 16, 31, 33, 64})
+        for (int64_t Rn : {16, 48, 96})
+            for (int64_t Kp : {32, 96, 256})
+                for (int64_t k0 : {0, 64})
+                    for (int64_t cn : {16, 32, 48, 208}) {
+                        if (k0 + (cn + 31) / 32 * 32 > Kp) continue;
+                        const int64_t lda = Rn + 3, ldc = cn + 5;
+                        std::vector<uint16_t> A((M - 1) * lda + Rn), Wp(Rn * Kp);
+                        for (auto &v : A) v = random_bf16();
+                        for (auto &v : Wp) v = random_bf16();
+                        std::vector<float> want((M - 1) * ldc + cn, kSentinel);
+                        std::vector<double> scale(M * cn);
+                        for (int64_t m = 0; m < M; ++m)
+                            for (int64_t c = 0; c < cn; ++c) {
+                                double acc = 0.0, mag = 0.0;
+                                for (int64_t n = 0; n < Rn; ++n) {
+                                    const double t = double(kt::bf16_to_float(A[m * lda + n])) *
+                                                     kt::bf16_to_float(packed_at(Wp, Kp, n, k0 + c));
+                                    acc += t;
+                                    mag += std::fabs(t);
+                                }
+                                want[m * ldc + c] = float(acc);
+                                scale[m * cn + c] = mag;
+                            }
+                        const std::string name = "M=" + std::to_string(M) + " Rn=" + std::to_string(Rn) + " Kp=" +
+                                                 std::to_string(Kp) + " k0=" + std::to_string(k0) + " cn=" + std::to_string(cn);
+                        for (size_t i = 0; i < isas.size(); ++i) {
+                            if (!isas[i]->gemm_bf16_wt) continue;
+                            std::vector<float> C(want.size(), kSentinel);
+                            std::vector<uint16_t> scratch(kt::wt_scratch_elems(M, Rn, cn));
+                            isas[i]->gemm_bf16_wt(C.data(), ldc, A.data(), lda, Wp.data() + (k0 / 2) * 32, Kp * 16, M,
+                                                  Rn, cn, scratch.data());
+                            record(stats[i], compare(C, want, scale, M, cn, ldc, stats[i]), name);
+                        }
+                    }
 }
 
 // ---------------------------------------------------------------- sgemm_*
@@ -627,7 +670,7 @@ void bench(const std::vector<const Kernels *> &isas) {
 int main(int argc, char **argv) {
     const std::vector<const Kernels *> isas = available_isas();
     const char *names[] = {"gemm_bf16", "sgemm_nt", "sgemm_nn", "sgemm_tn", "bf16_to_f32", "f32_to_bf16",
-                           "transpose", "decode_rows", "glu", "glu_backward"};
+                           "transpose", "decode_rows", "glu", "glu_backward", "gemm_bf16_wt"};
     const int kinds = sizeof names / sizeof names[0], first_bit_exact = 4, last_bit_exact = 7;
     std::vector<std::vector<Stats>> stats(kinds, std::vector<Stats>(isas.size()));
     test_gemm(isas, stats[0]);
@@ -639,6 +682,7 @@ int main(int argc, char **argv) {
     test_transpose(isas, stats[6]);
     test_decode(isas, stats[7]);
     test_act(isas, stats[8], stats[9]);
+    test_gemm_wt(isas, stats[10]);
     std::printf("(scalar gemms and activations are checked against a double-precision reference; the others "
                 "against scalar)\n");
     for (size_t i = 0; i < isas.size(); ++i)

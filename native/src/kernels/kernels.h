@@ -75,8 +75,7 @@ struct Kernels {
     //   C  FP32 [M, cn], row stride ldc;  A BF16 [M, Rn], row stride lda (columns past W's N zero)
     //   W  Rn / 16 BF16 panels (pack.h) of a weight's columns [k0, k0 + round_up(cn, 32)), i.e.
     //      packed rows k0 / 2 onwards: panel p at W + p * ldw
-    //   1 <= M <= kWtMaxRows, Rn % 16 == 0, cn % 16 == 0; scratch: wt_scratch_elems(M, Rn, cn) BF16,
-    //   64-byte aligned
+    //   1 <= M <= kWtMaxRows, Rn % 16 == 0, cn % 16 == 0; scratch: wt_scratch_elems(M, Rn, cn) BF16
     void (*gemm_bf16_wt)(float *C, int64_t ldc, const uint16_t *A, int64_t lda, const uint16_t *W, int64_t ldw,
                          int64_t M, int64_t Rn, int64_t cn, uint16_t *scratch);
 };
