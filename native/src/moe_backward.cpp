@@ -74,7 +74,7 @@ void transposed_stage(const kt_experts &ex, const RoutePlan &plan, bool is_down,
     // item over all columns, so that each panel is read front to back; the others: items of a
     // column block, each with a transposed copy of its columns that all its rows reuse.
     // (8-bit weights keep column blocks: each decodes its columns' rows of every panel first.)
-    const int64_t direct_rows = K.gemm_bf16_wt ? kWtMaxRows : 0;
+    const int64_t direct_rows = K.gemm_bf16_wt ? wt_max_rows(round_up(wN, 16), N) : 0;
     const bool bf16 = ex.format() == KT_FORMAT_BF16;
     const BlockItems items = block_items(plan, N, block, bf16 ? direct_rows : 0);
     ThreadPool::run(items.size(), [&](int64_t i, int w) {

@@ -22,6 +22,8 @@ SHAPES = [
     pytest.param(3, 160, 100, 33, 1, 0, 0, {"sentinel": True}, id="H160-I100-k1"),
     # K longer than one GEMM K-slice (512) and more columns than one work item (driver.h).
     pytest.param(2, 1056, 600, 40, 2, 4, 4, {}, id="H1056-I600-K-slices"),
+    # ~60 rows per expert: some experts on each side of the backward's direct-from-panels limit (64 rows).
+    pytest.param(6, 64, 48, 120, 3, 4, 4, {}, id="rows-around-the-direct-limit"),
     # gpt-oss experts: clamped SwiGLU and frozen biases.
     pytest.param(8, 96, 80, 60, 4, 0, 0, {"activation": "clamped_swiglu", "bias": True, "sentinel": True},
                  id="gpt-oss-act-bias"),

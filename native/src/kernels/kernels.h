@@ -5,6 +5,7 @@
 // path, whatever thread runs them. Sizes are int64_t; argument order is outputs -> inputs -> sizes.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "kt_trl.h"
@@ -85,6 +86,14 @@ constexpr int64_t kWtMaxRows = 64;
 // columns, then a 16 x 16 FP32 accumulator per 8 rows and 32 outputs.
 inline int64_t wt_scratch_elems(int64_t M, int64_t Rn, int64_t cn) {
     return (M + 7) / 8 * ((Rn / 16) * 512 + (cn + 31) / 32 * 512);
+}
+// The most rows for which that scratch stays within half of L2: its B tiles and accumulators are
+// reread for every run of panels, and where they spill (e.g. DeepSeek-V3's gate_up at 64 rows) the
+// transposed copy measured faster.
+constexpr int64_t kWtScratchBytes = int64_t(1) << 20;
+inline int64_t wt_max_rows(int64_t Rn, int64_t cn) {
+    const int64_t per_group = wt_scratch_elems(8, Rn, cn) * 2;
+    return std::min<int64_t>(kWtMaxRows, 8 * (kWtScratchBytes / per_group));
 }
 
 extern const Kernels kernels_scalar;
