@@ -87,10 +87,10 @@ constexpr int64_t kWtMaxRows = 64;
 inline int64_t wt_scratch_elems(int64_t M, int64_t Rn, int64_t cn) {
     return (M + 7) / 8 * ((Rn / 16) * 512 + (cn + 31) / 32 * 512);
 }
-// The most rows for which that scratch stays within half of L2: its B tiles and accumulators are
-// reread for every run of panels, and where they spill (e.g. DeepSeek-V3's gate_up at 64 rows) the
-// transposed copy measured faster.
-constexpr int64_t kWtScratchBytes = int64_t(1) << 20;
+// The most rows for which that scratch fits in L2 (2 MiB a core on the CPUs with AMX): its B
+// tiles and accumulators are reread for every run of panels, and where they spill (DeepSeek-V3's
+// gate_up at 64 rows, 3.8 MiB) the transposed copy measured faster.
+constexpr int64_t kWtScratchBytes = int64_t(2) << 20;
 inline int64_t wt_max_rows(int64_t Rn, int64_t cn) {
     const int64_t per_group = wt_scratch_elems(8, Rn, cn) * 2;
     return std::min<int64_t>(kWtMaxRows, 8 * (kWtScratchBytes / per_group));
