@@ -13,7 +13,8 @@
 //   2. G        G [Nr, Ip] FP32 = dYs W_d (+ s TY A_d)                               (expert x col block)
 //               W_d is packed for y = h W_d^T, so each item transposes its columns of W_d
 //               into per-thread panels (pack_transposed_block, decoding 8-bit weights on the
-//               way): no second weight copy is kept.
+//               way): no second weight copy is kept. Experts with few rows instead read the
+//               panels as they are (gemm_bf16_wt on AMX, kernels.h), one item per expert.
 //   3. act'     dw, dGU [Nr, GUp] BF16; TG = dGU B_gu; LoRA gradients of both
 //               projections from the same rows                                       (per expert)
 //   4. dX       DX [T*k, H] FP32 = dGU W_gu (+ s TG A_gu), transposed panels again   (expert x col block)
@@ -82,24 +83,30 @@ void transposed_stage(const kt_experts &ex, const RoutePlan &plan, bool is_down,
         const int64_t r0 = plan.offsets[e], rows = plan.count(e), valid = std::min(cn, out_n - c0);
         ThreadScratch &ts = workspace().threads[w];
         const PackedWeight weight = is_down ? ex.down(e) : ex.gate_up(e);
-        const bool direct = rows <= direct_rows;
-        float *tile = ts.tile.get<float>(direct ? rows * cn : kRowBlock * kMaxColBlock);
-        int64_t ldw = 0;
-        const uint16_t *wrows = direct ? bf16_panel_rows(weight, c0, round_up(cn, 32), ts.decoded, K, &ldw) : nullptr;
-        uint16_t *panels = direct ? nullptr : ts.panels.get<uint16_t>(Rp * block);
-        if (!direct) pack_transposed_block(panels, weight, c0, cn, K);
-        for (int64_t m = 0; m < rows; m += kRowBlock) {
-            const int64_t mr = std::min(kRowBlock, rows - m);
-            const int64_t Rn = weight.layout->Np;
-            if (direct)
-                K.gemm_bf16_wt(tile, cn, A + r0 * lda, lda, wrows, ldw, mr, Rn, cn,
-                               ts.panels.get<uint16_t>(wt_scratch_elems(mr, Rn, cn)));
-            else
-                gemm_rows(K, tile, cn, A + (r0 + m) * lda, lda, panels, Rp * 16, mr, cn, Rp);
+        // The LoRA term and the store of rows [m, m + mr) of the item's tile.
+        const auto finish = [&](float *tile, int64_t m, int64_t mr) {
             if (l.r > 0)
                 K.sgemm_nn(tile, cn, L + (r0 + m) * l.r, l.r, l.A + e * l.r * out_n + c0, out_n, mr, valid, l.r,
                            l.scale, true);
             for (int64_t row = 0; row < mr; ++row) store(r0 + m + row, c0, valid, tile + row * cn);
+        };
+        if (rows <= direct_rows) {
+            const int64_t Rn = weight.layout->Np;
+            int64_t ldw = 0;
+            const uint16_t *wrows = bf16_panel_rows(weight, c0, round_up(cn, 32), ts.decoded, K, &ldw);
+            float *tile = ts.tile.get<float>(rows * cn);
+            K.gemm_bf16_wt(tile, cn, A + r0 * lda, lda, wrows, ldw, rows, Rn, cn,
+                           ts.panels.get<uint16_t>(wt_scratch_elems(rows, Rn, cn)));
+            finish(tile, 0, rows);
+            return;
+        }
+        uint16_t *panels = ts.panels.get<uint16_t>(Rp * block);
+        pack_transposed_block(panels, weight, c0, cn, K);
+        float *tile = ts.tile.get<float>(kRowBlock * kMaxColBlock);
+        for (int64_t m = 0; m < rows; m += kRowBlock) {
+            const int64_t mr = std::min(kRowBlock, rows - m);
+            gemm_rows(K, tile, cn, A + (r0 + m) * lda, lda, panels, Rp * 16, mr, cn, Rp);
+            finish(tile, m, mr);
         }
     });
 }
