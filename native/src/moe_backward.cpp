@@ -71,13 +71,13 @@ void transposed_stage(const kt_experts &ex, const RoutePlan &plan, bool is_down,
     const int64_t wN = is_down ? ex.H : 2 * ex.I;   // the packed weight is [wN, wK]
     const int64_t Rp = round_up(wN, kKAlign);
     const int64_t block = col_block(Rp);
-    // Experts with few rows: the product read straight from the weight's panels (kernels.h), one
-    // item over all columns, so that each panel is read front to back; the others: items of a
-    // column block, each with a transposed copy of its columns that all its rows reuse.
-    // (8-bit weights keep column blocks: each decodes its columns' rows of every panel first.)
-    const int64_t direct_rows = K.gemm_bf16_wt ? wt_max_rows(round_up(wN, 16), N) : 0;
-    const bool bf16 = ex.format() == KT_FORMAT_BF16;
-    const BlockItems items = block_items(plan, N, block, bf16 ? direct_rows : 0);
+    // Experts with few rows: the product read straight from the weight's panels (kernels.h; 8-bit
+    // ones decoded a run of panels at a time), one item over all columns, so that each panel is
+    // read front to back; the others: items of a column block, each with a transposed copy of its
+    // columns that all its rows reuse.
+    const int64_t decoded_run = ex.format() == KT_FORMAT_BF16 ? 0 : kWtPanelRun * round_up(N, 32) * 32;
+    const int64_t direct_rows = K.gemm_bf16_wt ? wt_max_rows(round_up(wN, 16), N, decoded_run) : 0;
+    const BlockItems items = block_items(plan, N, block, direct_rows);
     ThreadPool::run(items.size(), [&](int64_t i, int w) {
         const int64_t e = items.expert[i], c0 = items.col0[i], cn = items.cols[i];
         const int64_t r0 = plan.offsets[e], rows = plan.count(e), valid = std::min(cn, out_n - c0);
@@ -92,10 +92,9 @@ void transposed_stage(const kt_experts &ex, const RoutePlan &plan, bool is_down,
         };
         if (rows <= direct_rows) {
             const int64_t Rn = weight.layout->Np;
-            int64_t ldw = 0;
-            const uint16_t *wrows = bf16_panel_rows(weight, c0, round_up(cn, 32), ts.decoded, K, &ldw);
+            const WtSource source{weight, c0, round_up(cn, 32), ts.decoded, K};
             float *tile = ts.tile.get<float>(rows * cn);
-            K.gemm_bf16_wt(tile, cn, A + r0 * lda, lda, wrows, ldw, rows, Rn, cn,
+            K.gemm_bf16_wt(tile, cn, A + r0 * lda, lda, source.panels(), rows, Rn, cn,
                            ts.panels.get<uint16_t>(wt_scratch_elems(rows, Rn, cn)));
             finish(tile, 0, rows);
             return;

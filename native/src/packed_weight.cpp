@@ -87,18 +87,24 @@ const uint16_t *bf16_panels(const PackedWeight &w, int64_t c0, int64_t cn, Buffe
     return dst;
 }
 
-const uint16_t *bf16_panel_rows(const PackedWeight &w, int64_t k0, int64_t kn, Buffer &buf, const Kernels &K,
-                                int64_t *ldw) {
-    const WeightLayout &l = *w.layout;
+namespace {
+
+const uint16_t *wt_rows(const void *ctx, int64_t p0, int64_t p1, int64_t *ldw) {
+    const WtSource &s = *static_cast<const WtSource *>(ctx);
+    const WeightLayout &l = *s.w.layout;
     if (l.bf16()) {
         *ldw = l.Kp * 16;
-        return w.panels() + (k0 / 2) * 32;
+        return s.w.panels() + p0 * l.Kp * 16 + (s.k0 / 2) * 32;
     }
-    *ldw = kn * 16;
-    uint16_t *dst = buf.get<uint16_t>(l.Np * kn);
-    for (int64_t p = 0; p < l.Np / 16; ++p) decode_rows(dst + p * kn * 16, w, p, k0 / 2, kn / 2, K);
+    *ldw = s.kn * 16;
+    uint16_t *dst = s.buf.get<uint16_t>(kWtPanelRun * s.kn * 16);
+    for (int64_t p = p0; p < p1; ++p) decode_rows(dst + (p - p0) * s.kn * 16, s.w, p, s.k0 / 2, s.kn / 2, s.K);
     return dst;
 }
+
+}  // namespace
+
+WtPanels WtSource::panels() const { return {wt_rows, this}; }
 
 void pack_transposed_block(uint16_t *dst, const PackedWeight &w, int64_t k0, int64_t kn, const Kernels &K) {
     const WeightLayout &l = *w.layout;

@@ -68,10 +68,15 @@ void unpack(uint16_t *W, int64_t ld, const PackedWeight &w);
 // for an 8-bit weight decoded into buf.
 const uint16_t *bf16_panels(const PackedWeight &w, int64_t c0, int64_t cn, Buffer &buf, const Kernels &K);
 
-// Packed rows [k0 / 2, (k0 + kn) / 2) of every panel of w in BF16 (k0 and kn multiples of 32): the
-// packed ones in place (*ldw = Kp * 16), or for an 8-bit weight decoded into buf (*ldw = kn * 16).
-const uint16_t *bf16_panel_rows(const PackedWeight &w, int64_t k0, int64_t kn, Buffer &buf, const Kernels &K,
-                                int64_t *ldw);
+// gemm_bf16_wt's panels (kernels.h): packed rows [k0 / 2, (k0 + kn) / 2) of w's panels in BF16
+// (k0, kn multiples of 32), in place for BF16, for an 8-bit weight decoded run by run into buf.
+struct WtSource {
+    const PackedWeight &w;
+    int64_t k0, kn;
+    Buffer &buf;
+    const Kernels &K;
+    WtPanels panels() const;
+};
 
 // The transposed view, for dX = dY W: packed panels of W^T restricted to the K-columns
 // [k0, k0 + kn) of W (kn % 16 == 0), i.e. a packed [kn, Np] weight whose reduction dimension is

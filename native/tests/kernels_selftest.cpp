@@ -219,15 +219,38 @@ void test_gemm_wt(const std::vector<const Kernels *> &isas, std::vector<Stats> &
                                 want[m * ldc + c] = float(acc);
                                 scale[m * cn + c] = mag;
                             }
+                        // Runs handed out from a copy (as an 8-bit weight's decoded runs are), checked
+                        // to come in increasing order.
+                        struct Source {
+                            const std::vector<uint16_t> &Wp;
+                            int64_t Kp, k0, cn, next = 0;
+                            bool ordered = true;
+                            std::vector<uint16_t> run;
+                            static const uint16_t *rows(const void *ctx, int64_t p0, int64_t p1, int64_t *ldw) {
+                                auto &s = *const_cast<Source *>(static_cast<const Source *>(ctx));
+                                s.ordered = s.ordered && p0 == s.next && p1 - p0 <= kt::kWtPanelRun;
+                                s.next = p1;
+                                const int64_t kn = (s.cn + 31) / 32 * 32;
+                                s.run.assign((p1 - p0) * kn * 16, kBf16NaN);
+                                for (int64_t p = p0; p < p1; ++p)
+                                    std::memcpy(s.run.data() + (p - p0) * kn * 16, s.Wp.data() + p * s.Kp * 16 + (s.k0 / 2) * 32,
+                                                sizeof(uint16_t) * kn * 16);
+                                *ldw = kn * 16;
+                                return s.run.data();
+                            }
+                            kt::WtPanels panels() const { return {rows, this}; }
+                        };
                         const std::string name = "M=" + std::to_string(M) + " Rn=" + std::to_string(Rn) + " Kp=" +
                                                  std::to_string(Kp) + " k0=" + std::to_string(k0) + " cn=" + std::to_string(cn);
                         for (size_t i = 0; i < isas.size(); ++i) {
                             if (!isas[i]->gemm_bf16_wt) continue;
                             std::vector<float> C(want.size(), kSentinel);
                             std::vector<uint16_t> scratch(kt::wt_scratch_elems(M, Rn, cn));
-                            isas[i]->gemm_bf16_wt(C.data(), ldc, A.data(), lda, Wp.data() + (k0 / 2) * 32, Kp * 16, M,
-                                                  Rn, cn, scratch.data());
-                            record(stats[i], compare(C, want, scale, M, cn, ldc, stats[i]), name);
+                            Source source{Wp, Kp, k0, cn};
+                            isas[i]->gemm_bf16_wt(C.data(), ldc, A.data(), lda, source.panels(), M, Rn, cn,
+                                                  scratch.data());
+                            record(stats[i], compare(C, want, scale, M, cn, ldc, stats[i]) && source.ordered &&
+                                                 source.next == Rn / 16, name);
                         }
                     }
 }

@@ -243,6 +243,7 @@ void wt_b_tile(uint16_t *dst, const uint16_t *A, int64_t lda, int64_t M, int64_t
 
 // Accumulator tiles (qb, g) .. (qb + TWO_A, g + TWO_B) += panels [p0, p1) (zeroed first when p0 == 0).
 // acc holds one 16 x 16 FP32 tile per (32 outputs, 8 rows), tile (qb, g) at acc + (qb * groups + g) * 256.
+// Wq: panel p0's rows of the block, panel p at Wq + (p - p0) * ldw.
 template <bool TWO_A, bool TWO_B>
 void wt_block(float *acc, int64_t groups, int64_t qb, int64_t g, const uint16_t *Wq, int64_t ldw, const uint16_t *bz,
               int64_t panels, int64_t p0, int64_t p1) {
@@ -260,7 +261,7 @@ void wt_block(float *acc, int64_t groups, int64_t qb, int64_t g, const uint16_t 
     }
     const uint16_t *b0 = bz + g * panels * 512, *b1 = b0 + panels * 512;
     for (int64_t p = p0; p < p1; ++p) {
-        const uint16_t *a = Wq + p * ldw;
+        const uint16_t *a = Wq + (p - p0) * ldw;
         _tile_loadd(4, a, 64);
         _tile_loadd(6, b0 + p * 512, 64);
         if (TWO_B) _tile_loadd(7, b1 + p * 512, 64);
@@ -276,13 +277,10 @@ void wt_block(float *acc, int64_t groups, int64_t qb, int64_t g, const uint16_t 
     if (TWO_A && TWO_B) _tile_stored(3, t3, 64);
 }
 
-// Panels per pass over the accumulators: each pass reads that many panels front to back side by
-// side (long runs of one panel each, as the forward's item reads its panels), and the
-// accumulators go through L2 once per pass.
-constexpr int64_t kWtPanelRun = 4;
-
-void gemm_bf16_wt(float *C, int64_t ldc, const uint16_t *A, int64_t lda, const uint16_t *W, int64_t ldw, int64_t M,
-                  int64_t Rn, int64_t cn, uint16_t *scratch) {
+// Each run of kWtPanelRun panels is read front to back side by side (long runs of one panel each,
+// as the forward's items read theirs), and the accumulators go through L2 once per run.
+void gemm_bf16_wt(float *C, int64_t ldc, const uint16_t *A, int64_t lda, const WtPanels &W, int64_t M, int64_t Rn,
+                  int64_t cn, uint16_t *scratch) {
     const int64_t groups = (M + 7) / 8, panels = Rn / 16, q_blocks = (cn + 31) / 32;
     uint16_t *bz = scratch;
     float *acc = reinterpret_cast<float *>(scratch + groups * panels * 512);
@@ -292,9 +290,12 @@ void gemm_bf16_wt(float *C, int64_t ldc, const uint16_t *A, int64_t lda, const u
     _tile_loadconfig(&kConfigs.with_rows[16]);
     for (int64_t p0 = 0; p0 < panels; p0 += kWtPanelRun) {
         const int64_t p1 = std::min(panels, p0 + kWtPanelRun);
+        int64_t ldw = 0;
+        const uint16_t *run = W.rows(W.ctx, p0, p1, &ldw);
+        __asm__ volatile("" ::: "memory");   // decoded panels are stored before the tile loads
         for (int64_t qb = 0; qb < q_blocks; qb += 2) {
             const bool two_a = qb + 1 < q_blocks;
-            const uint16_t *Wq = W + qb * 16 * 32;   // A tiles: 16 panel rows = 32 outputs each
+            const uint16_t *Wq = run + qb * 16 * 32;   // A tiles: 16 panel rows = 32 outputs each
             for (int64_t g = 0; g < groups; g += 2) {
                 const bool two_b = g + 1 < groups;
                 if (two_a && two_b) wt_block<true, true>(acc, groups, qb, g, Wq, ldw, bz, panels, p0, p1);

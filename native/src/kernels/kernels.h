@@ -20,6 +20,16 @@ struct Activation {
     float limit = 7.0f;
 };
 
+// Where gemm_bf16_wt gets its weight panels: rows(ctx, p0, p1, &ldw) returns BF16 panels [p0, p1)
+// (at most kWtPanelRun of them) of the columns the call covers, panel p at the result + (p - p0) *
+// ldw; the pointer is used until the next call. BF16 weights hand out their own panels, 8-bit
+// ones decode each run into a buffer.
+struct WtPanels {
+    const uint16_t *(*rows)(const void *ctx, int64_t p0, int64_t p1, int64_t *ldw);
+    const void *ctx;
+};
+constexpr int64_t kWtPanelRun = 4;
+
 // Transposition of one 16 x 16 block of a packed panel (pack.h), the inner step of
 // pack_transposed_block. A block is 512 contiguous bytes in both layouts:
 //   src: offset(n, k) = (k / 2) * 32 + n * 2 + k % 2     (BF16 pairs along k, 16 n per 64-byte row)
@@ -75,10 +85,10 @@ struct Kernels {
     //   C[m, c] = sum_{n < Rn} A[m, n] * W[n, c]     (FP32 accumulation; = into C)
     //   C  FP32 [M, cn], row stride ldc;  A BF16 [M, Rn], row stride lda (columns past W's N zero)
     //   W  Rn / 16 BF16 panels (pack.h) of a weight's columns [k0, k0 + round_up(cn, 32)), i.e.
-    //      packed rows k0 / 2 onwards: panel p at W + p * ldw
+    //      packed rows k0 / 2 onwards, asked for in runs of panels in increasing order (WtPanels)
     //   1 <= M <= kWtMaxRows, Rn % 16 == 0, cn % 16 == 0; scratch: wt_scratch_elems(M, Rn, cn) BF16
-    void (*gemm_bf16_wt)(float *C, int64_t ldc, const uint16_t *A, int64_t lda, const uint16_t *W, int64_t ldw,
-                         int64_t M, int64_t Rn, int64_t cn, uint16_t *scratch);
+    void (*gemm_bf16_wt)(float *C, int64_t ldc, const uint16_t *A, int64_t lda, const WtPanels &W, int64_t M,
+                         int64_t Rn, int64_t cn, uint16_t *scratch);
 };
 
 constexpr int64_t kWtMaxRows = 64;
@@ -90,10 +100,11 @@ inline int64_t wt_scratch_elems(int64_t M, int64_t Rn, int64_t cn) {
 // The most rows for which that scratch fits in L2 (2 MiB a core on the CPUs with AMX): its B
 // tiles and accumulators are reread for every run of panels, and where they spill (DeepSeek-V3's
 // gate_up at 64 rows, 3.8 MiB) the transposed copy measured faster.
+// other_bytes: what else the call keeps in L2 (an 8-bit weight's decoded run of panels).
 constexpr int64_t kWtScratchBytes = int64_t(2) << 20;
-inline int64_t wt_max_rows(int64_t Rn, int64_t cn) {
+inline int64_t wt_max_rows(int64_t Rn, int64_t cn, int64_t other_bytes = 0) {
     const int64_t per_group = wt_scratch_elems(8, Rn, cn) * 2;
-    return std::min<int64_t>(kWtMaxRows, 8 * (kWtScratchBytes / per_group));
+    return std::min<int64_t>(kWtMaxRows, 8 * (std::max<int64_t>(0, kWtScratchBytes - other_bytes) / per_group));
 }
 
 extern const Kernels kernels_scalar;
