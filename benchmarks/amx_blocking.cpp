@@ -17,13 +17,8 @@
 // ~128 rows). Every variant's C is checked against a double-precision reference first.
 // Prints one JSON line per case: GFLOPS per thread, aggregate TFLOPS, and W GB/s for "cold".
 #include <immintrin.h>
-#include <pthread.h>
-#include <sched.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #include <atomic>
-#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -32,25 +27,15 @@
 #include <thread>
 #include <vector>
 
+#include "amx_study.h"
+
 namespace {
 
 constexpr int kN = 256, kK = 2048, kRowBlock = 128;
 
-struct TileConfig {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-};
-
-double now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
-
-void tiles_on() {
-    syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */);
-    alignas(64) static thread_local TileConfig cfg{};
-    cfg.palette = 1;
-    for (int i = 0; i < 8; ++i) { cfg.rows[i] = 16; cfg.colsb[i] = 64; }
-    _tile_loadconfig(&cfg);
-}
+using amx_study::now;
+using amx_study::pin;
+using amx_study::tiles_on;
 
 uint16_t to_bf16(float f) { uint32_t u; std::memcpy(&u, &f, 4); return uint16_t((u + 0x7fff + ((u >> 16) & 1)) >> 16); }
 float from_bf16(uint16_t h) { uint32_t u = uint32_t(h) << 16; float f; std::memcpy(&f, &u, 4); return f; }
@@ -222,13 +207,6 @@ bool check(int M) {
     }
     _tile_release();
     return ok;
-}
-
-void pin(int cpu) {
-    cpu_set_t set;
-    CPU_ZERO(&set);
-    CPU_SET(cpu, &set);
-    pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
 }
 
 // Runs case c on `threads` threads for `seconds`; returns {items per thread, seconds}.

@@ -11,36 +11,22 @@
 // treat faster). Prints one JSON line per case: TFLOPS per thread and aggregate. The L1/L1 case
 // is the step's own ceiling; the others show which placement the GEMM loops must reach.
 #include <immintrin.h>
-#include <pthread.h>
-#include <sched.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
-#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <thread>
 #include <vector>
 
+#include "amx_study.h"
+
 namespace {
 
-struct TileConfig {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-};
-
-double now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
-
-void tiles_on() {
-    syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */);
-    alignas(64) static thread_local TileConfig cfg{};
-    cfg.palette = 1;
-    for (int i = 0; i < 8; ++i) { cfg.rows[i] = 16; cfg.colsb[i] = 64; }
-    _tile_loadconfig(&cfg);
-}
+using amx_study::now;
+using amx_study::pin;
+using amx_study::tiles_on;
 
 constexpr int64_t kRowBytes = 4160;   // 2048 BF16 of K + 64 bytes of padding
 constexpr int64_t kKBytes = 4096;
@@ -77,13 +63,6 @@ char *filled(size_t bytes) {
     auto *p = static_cast<uint16_t *>(std::aligned_alloc(4096, bytes));
     for (size_t i = 0; i < bytes / 2; ++i) p[i] = uint16_t(0x3c00 + i % 127);   // BF16 in [2^-7, 2^-6)
     return reinterpret_cast<char *>(p);
-}
-
-void pin(int cpu) {
-    cpu_set_t set;
-    CPU_ZERO(&set);
-    CPU_SET(cpu, &set);
-    pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
 }
 
 void run(const Place &a, const Place &b, int threads, double seconds) {
