@@ -75,7 +75,7 @@ void transposed_stage(const kt_experts &ex, const RoutePlan &plan, bool is_down,
     // ones decoded a run of panels at a time), one item over all columns, so that each panel is
     // read front to back; the others: items of a column block, each with a transposed copy of its
     // columns that all its rows reuse.
-    const int64_t decoded_run = ex.format() == KT_FORMAT_BF16 ? 0 : kWtPanelRun * round_up(N, 32) * 32;
+    const int64_t decoded_run = WtSource::run_elems(is_down ? ex.d_layout : ex.gu_layout, round_up(N, 32)) * 2;
     const int64_t direct_rows = K.gemm_bf16_wt ? wt_max_rows(round_up(wN, 16), N, decoded_run) : 0;
     const BlockItems items = block_items(plan, N, block, direct_rows);
     ThreadPool::run(items.size(), [&](int64_t i, int w) {

@@ -97,7 +97,7 @@ const uint16_t *wt_rows(const void *ctx, int64_t p0, int64_t p1, int64_t *ldw) {
         return s.w.panels() + p0 * l.Kp * 16 + (s.k0 / 2) * 32;
     }
     *ldw = s.kn * 16;
-    uint16_t *dst = s.buf.get<uint16_t>(kWtPanelRun * s.kn * 16);
+    uint16_t *dst = s.buf.get<uint16_t>(WtSource::run_elems(l, s.kn));
     for (int64_t p = p0; p < p1; ++p) decode_rows(dst + (p - p0) * s.kn * 16, s.w, p, s.k0 / 2, s.kn / 2, s.K);
     return dst;
 }

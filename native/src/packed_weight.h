@@ -76,6 +76,8 @@ struct WtSource {
     Buffer &buf;
     const Kernels &K;
     WtPanels panels() const;
+    // BF16 elements of buf that a decoded run of panels takes (none for a BF16 weight).
+    static int64_t run_elems(const WeightLayout &l, int64_t kn) { return l.bf16() ? 0 : kWtPanelRun * kn * 16; }
 };
 
 // The transposed view, for dX = dY W: packed panels of W^T restricted to the K-columns
