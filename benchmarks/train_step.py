@@ -99,16 +99,18 @@ def build_model(config, *, device: torch.device, seed: int, engines: bool, dense
     from kt_trl.engine import ExpertEngine
     from kt_trl.layouts import match_layout
     from kt_trl.weights import install_engine
+    from kt_trl.placement import spread
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     blocks = find_moe_blocks(find_decoder_layers(model), match_layout(model))
+    dense = {b.index for b in spread(blocks, dense_layers)}   # where KTConfig(gpu_experts=...) would put them
     std = getattr(config, "initializer_range", 0.02)
     pools = {}
     for block in blocks:
         num_experts, two_inter, hidden = block.experts.gate_up_proj.shape
         experts = expert_pool(block.index, num_experts, hidden, two_inter // 2, std, seed)
-        if engines and block.index >= blocks[0].index + dense_layers:  # one layer's pool at a time: the engine is the only copy
+        if engines and block.index not in dense:  # one layer's pool at a time: the engine is the only copy
             if expert_format != "bf16":
                 block_k = default_block_k(expert_format)
                 coded = {id(w): quantize(w, expert_format, block_k) for pair in experts[:POOL] for w in pair}
@@ -281,13 +283,15 @@ def train(model, tokenizer, dataset, opts, output_dir: str, meter, *, kt: bool, 
         output_dir=output_dir, max_steps=opts.steps, per_device_train_batch_size=opts.batch, max_length=opts.seq,
         learning_rate=1e-4, lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to="none",
         bf16=True, gradient_checkpointing=True, use_cpu=not cuda, seed=opts.seed, disable_tqdm=True,
+        router_aux_loss_coef=opts.router_aux_loss_coef,
         dataloader_num_workers=0,
     )
     kwargs = dict(processing_class=tokenizer, peft_config=lora_config(), callbacks=[meter])
     if kt:
         kt_config = KTConfig(isa=opts.isa, threads=opts.threads, max_kept_activations_gb=opts.max_kept_activations_gb,
                              max_kept_activations_gpu_gb=opts.max_kept_activations_gpu_gb,
-                             gpu_experts=dense_layers * opts.experts)
+                             gpu_experts=dense_layers * opts.experts,
+                             overlap_halves=opts.overlap == "on")
         trainer = KTSFTTrainer(model, args, dataset, kt_config=kt_config, **kwargs)
     else:
         trainer = SFTTrainer(model, args, train_dataset=dataset, **kwargs)
@@ -327,6 +331,10 @@ def parse(argv=None):
     ap.add_argument("--max-gpu-memory-gb", type=float, default=None, help="KTConfig(max_gpu_memory_gb=...)")
     ap.add_argument("--expert-format", default="bf16", choices=["bf16", "fp8", "int8"],
                     help="how the engines store the CPU layers' experts (KTConfig.expert_format)")
+    ap.add_argument("--overlap", default="off", choices=["on", "off"],
+                    help="KTConfig(overlap_halves=...): each micro-batch as two halves on two threads (kt_trl.overlap)")
+    ap.add_argument("--router-aux-loss-coef", type=float, default=None,
+                    help="SFTConfig(router_aux_loss_coef=...): default the model's own; 0 turns the aux loss off")
     ap.add_argument("--reference", action="store_true", help="first train it all-on-GPU with plain PEFT SFTTrainer")
     ap.add_argument("--json", default=None, help="also write all records to this file")
     opts = ap.parse_args(argv)

@@ -79,7 +79,7 @@ class KeptForward:
     """A checkpointed layer's first-forward result, waiting for its recomputation."""
 
     ids: torch.Tensor  # [T, k], host
-    y: torch.Tensor  # [T, H], on the caller's device
+    y: torch.Tensor  # [T, H] BF16, host (pinned when bound for a CUDA device)
     saved: ExpertActivations  # on the host or the caller's accelerator
     host_bytes: int
     device_bytes: int
@@ -151,13 +151,18 @@ class KeptForwards:
         self.device_budget = device_budget
         self.staging = staging
         self._entries: collections.deque[KeptForward] = collections.deque()
+        self._lock = threading.Lock()   # two halves of a micro-batch keep and take concurrently (kt_trl.overlap)
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def keep(self, ids: torch.Tensor, y: torch.Tensor, saved: ExpertActivations) -> bool:
-        """Keep `ids`, `y` (copied) and the caller-owned host `saved` where the budgets allow
-        (module docstring); False if neither does."""
+    def keep(self, ids: torch.Tensor, y: torch.Tensor, saved: ExpertActivations, device: torch.device) -> bool:
+        """Keep `ids`, the caller-owned host `y` and `saved` where the budgets allow (module
+        docstring; `device`: the one the layer runs on); False if neither does."""
+        with self._lock:
+            return self._keep(ids, y, saved, torch.device(device))
+
+    def _keep(self, ids: torch.Tensor, y: torch.Tensor, saved: ExpertActivations, device: torch.device) -> bool:
         if len(self._entries) >= self.max_pending:
             self._release(self._entries.popleft())
             logger.warning(
@@ -167,21 +172,25 @@ class KeptForwards:
             )
         size = nbytes(*saved.as_tuple())
         ids = ids.detach().clone()
-        on_device = y.is_cuda and self.device_budget.reserve_on(size, y.device) and self._to_device(saved, y, size)
-        if on_device:
-            entry = KeptForward(ids, y.detach().clone(), on_device, host_bytes=0, device_bytes=size)
-        elif self.budget.reserve(size + nbytes(ids)):
-            entry = KeptForward(ids, y.detach().clone(), saved, host_bytes=size + nbytes(ids), device_bytes=0)
+        small = nbytes(ids, y)   # host memory whatever happens to `saved`
+        on_device = (device.type == "cuda" and self.device_budget.reserve_on(size, device)
+                     and self._to_device(saved, size, device))
+        if on_device and self.budget.reserve(small):
+            entry = KeptForward(ids, y, on_device, host_bytes=small, device_bytes=size)
+        elif not on_device and self.budget.reserve(size + small):
+            entry = KeptForward(ids, y, saved, host_bytes=size + small, device_bytes=0)
         else:
+            if on_device:
+                self.device_budget.release(size)
             return False
         self._entries.append(entry)
         return True
 
-    def _to_device(self, saved: ExpertActivations, y: torch.Tensor, size: int) -> ExpertActivations | None:
-        """`saved` on `y`'s device; None (budget returned) when the device is out of memory."""
+    def _to_device(self, saved: ExpertActivations, size: int, device: torch.device) -> ExpertActivations | None:
+        """`saved` on `device`; None (budget returned) when the device is out of memory."""
         try:
             return ExpertActivations(*(
-                None if t is None else self.staging.to_device(t, device=y.device, dtype=t.dtype)
+                None if t is None else self.staging.to_device(t, device=device, dtype=t.dtype)
                 for t in saved.as_tuple()))
         except torch.cuda.OutOfMemoryError:
             self.device_budget.release(size)
@@ -193,15 +202,17 @@ class KeptForwards:
     def take(self, ids: torch.Tensor) -> KeptForward | None:
         """The newest kept forward routed exactly like `ids`, removed from the queue, its
         activations back in host memory; None if none is."""
-        for i in range(len(self._entries) - 1, -1, -1):
+        with self._lock:
+            i = next((i for i in range(len(self._entries) - 1, -1, -1)
+                      if self._entries[i].ids.shape == ids.shape and torch.equal(self._entries[i].ids, ids)), None)
+            if i is None:
+                return None
             entry = self._entries[i]
-            if entry.ids.shape == ids.shape and torch.equal(entry.ids, ids):
-                del self._entries[i]
-                self._release(entry)
-                if entry.device_bytes:
-                    entry.saved = self._to_host(entry.saved)
-                return entry
-        return None
+            del self._entries[i]
+            self._release(entry)
+        if entry.device_bytes:
+            entry.saved = self._to_host(entry.saved)
+        return entry
 
     def _to_host(self, saved: ExpertActivations) -> ExpertActivations:
         tensors = saved.as_tuple()
@@ -209,8 +220,9 @@ class KeptForwards:
         return ExpertActivations(*(None if t is None else next(present) for t in tensors))
 
     def clear(self) -> None:
-        while self._entries:
-            self._release(self._entries.popleft())
+        with self._lock:
+            while self._entries:
+                self._release(self._entries.popleft())
 
     def _release(self, entry: KeptForward) -> None:
         self.device_budget.release(entry.device_bytes)

@@ -2,7 +2,7 @@
 
 `EngineRunner` runs one layer's packed experts (an `ExpertEngine`) through
 `autograd.RoutedExpertsFunction`, the `torch.autograd.Function` over the engine's forward and
-backward, with gradient-checkpointing reuse (`kt_trl.checkpointing`) and counters. It hangs off the
+backward (reached through `autograd.ToHost` / `ToDevice` from a CUDA device), with gradient-checkpointing reuse (`kt_trl.checkpointing`) and counters. It hangs off the
 Hugging Face experts module as `_kt_runner`; transformers reaches it through the official plug
 point (`ExpertsInterface.register("kt_cpu", kt_experts_forward)` + `model.set_experts_implementation`),
 PEFT through the forward `kt_trl.lora` binds on the outer `ParamWrapper`, and a caller holding an
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ._native.errors import KTInvalidArgumentError
-from .autograd import RoutedExpertsFunction, lora_arguments
+from .autograd import RoutedExpertsFunction, ToDevice, ToHost, lora_arguments
 from .checkpointing import ActivationBudget, DeviceActivationBudget, KeptForwards, Phase, activation_budgets, call_phase
 from .config import KTConfig
 from .engine import ExpertEngine, ExpertLoRA
@@ -86,16 +86,26 @@ class EngineRunner:
         inputs = (hidden_states, top_k_weights, *factors)
         needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
         phase = call_phase(self._layer(), reuse=self.config.reuse_checkpointed_activations, needs_grad=needs_grad)
-        return RoutedExpertsFunction.apply(self, phase, hidden_states, top_k_weights, top_k_index, scales, *factors)
+        device, dtype = hidden_states.device, hidden_states.dtype
+        if not hidden_states.is_cuda:
+            return RoutedExpertsFunction.apply(self, phase, device, hidden_states, top_k_weights, top_k_index, scales,
+                                               *factors)
+        present = [f for f in factors if f is not None]
+        x, w, ids, *moved = ToHost.apply(self.staging, hidden_states, top_k_weights, top_k_index, *present)
+        moved = iter(moved)
+        factors = [None if f is None else next(moved) for f in factors]
+        y = RoutedExpertsFunction.apply(self, phase, device, x, w, ids, scales, *factors)
+        return ToDevice.apply(self.staging, y, device, dtype)
 
-    def forward(self, phase: Phase, x, ids, w, lora_gate_up, lora_down, *, device, dtype):
-        """`(y [T, H] as dtype on device, ExpertActivations)` for `x [T, H]` (bf16, CPU), from the
-        engine, or from the first forward when this is its recomputation."""
+    def forward(self, phase: Phase, x, ids, w, lora_gate_up, lora_down, *, device):
+        """`(y [T, H] bf16, ExpertActivations)` on the CPU for `x [T, H]` (bf16, CPU), from the engine (into
+        pinned buffers when `device` is a CUDA device), or from the first forward when this is its
+        recomputation."""
         if phase is Phase.RECOMPUTE:
             entry = self.pending.take(ids)
             if entry is not None:
                 self.reused_forwards += 1
-                return entry.y, entry.saved
+                return entry.y.detach(), entry.saved
             if not self.pending.budget.declined:
                 logger.warning(
                     "%s: no kept activations match this gradient-checkpointing recomputation; running the CPU "
@@ -107,9 +117,9 @@ class EngineRunner:
             y, saved = self.engine.forward(x, ids, w, lora_gate_up=lora_gate_up, lora_down=lora_down,
                                            save=phase is not Phase.INFERENCE, empty=self.staging.empty_for(device))
         self.forward_seconds += time.perf_counter() - start
-        y = self.staging.to_device(y, device=device, dtype=dtype)
         if phase is Phase.FIRST:
-            self.pending.keep(ids, y, saved)
+            # Bound for a CUDA device, y only feeds the copy there; on the CPU the caller gets it and may change it.
+            self.pending.keep(ids, y if torch.device(device).type == "cuda" else y.clone(), saved, device)
         return y, saved
 
     def backward(self, dy, x, ids, w, saved, **kwargs):

@@ -166,7 +166,13 @@ def gpu_layers(model: nn.Module, blocks: list[MoEBlock], config: KTConfig, *, to
         if config.gpu_experts % experts:
             logger.warning("kt_trl: gpu_experts=%d keeps whole layers of %d experts: %d layer(s), %d experts.",
                            config.gpu_experts, experts, count, count * experts)
-    return {b.index for b in free[:count]}
+    return {b.index for b in spread(free, count)}
+
+
+def spread(items: list, count: int) -> list:
+    """`count` of `items` spaced evenly, the first included: GPU layers between CPU layers let the GPU compute
+    one half of a micro-batch's layer while the engine computes the other's (`kt_trl.overlap`)."""
+    return [items[i * len(items) // count] for i in range(count)] if count else []
 
 
 def _fewest_over_ranks(count: int) -> int:

@@ -10,17 +10,11 @@ from kt_trl.engine import ExpertActivations
 from kt_trl.checkpointing import ActivationBudget, DeviceActivationBudget, KeptForwards
 
 
-class FakeAcceleratorOutput:
-    """Stands in for a CUDA `y` on a machine without one (only what `keep` reads)."""
+CUDA = torch.device("cuda", 0)  # only named: the recording staging moves nothing
 
-    is_cuda = True
-    device = torch.device("cuda", 0)
 
-    def detach(self):
-        return self
-
-    def clone(self):
-        return self
+def layer_output():
+    return torch.zeros(3, 4, dtype=torch.bfloat16)  # 24 bytes, kept in host memory
 
 
 class RecordingStaging:
@@ -55,25 +49,26 @@ def test_accelerator_first_and_back_to_host_on_recomputation():
     staging = RecordingStaging()
     kept = queue(staging)
     ids = torch.arange(6).view(3, 2)
-    assert kept.keep(ids, FakeAcceleratorOutput(), saved_activations())
-    assert kept.device_budget.bytes == 144 and kept.budget.bytes == 0 and staging.to_device_calls == 2
+    assert kept.keep(ids, layer_output(), saved_activations(), CUDA)
+    assert kept.device_budget.bytes == 144 and staging.to_device_calls == 2
+    assert kept.budget.bytes == 48 + 24  # the ids and the layer's output stay in host memory
     entry = kept.take(ids)
     assert staging.to_host_calls == 1 and entry.saved.lora_down is None
     assert torch.equal(entry.saved.gate_up, saved_activations().gate_up)
-    assert kept.device_budget.bytes == 0 and kept.device_budget.peak_bytes == 144
+    assert kept.device_budget.bytes == 0 and kept.device_budget.peak_bytes == 144 and kept.budget.bytes == 0
 
 
 def test_out_of_accelerator_memory_falls_back_to_host(caplog):
     kept = queue(RecordingStaging(out_of_memory=True))
     with caplog.at_level(logging.WARNING, logger="kt_trl.checkpointing"):
-        assert kept.keep(torch.zeros(3, 2, dtype=torch.long), FakeAcceleratorOutput(), saved_activations())
+        assert kept.keep(torch.zeros(3, 2, dtype=torch.long), layer_output(), saved_activations(), CUDA)
     assert kept.device_budget.bytes == 0 and kept.device_budget.declined == 1
-    assert kept.budget.bytes == 144 + 48  # the activations and the ids, in host memory
+    assert kept.budget.bytes == 144 + 48 + 24  # the activations, the ids and the output, in host memory
     assert "max_kept_activations_gpu_gb" in caplog.text
 
 
 def test_full_budgets_keep_nothing():
     kept = queue(RecordingStaging(), device_gb=100e-9, host_gb=100e-9)  # 100 bytes each: too small
-    assert not kept.keep(torch.zeros(3, 2, dtype=torch.long), FakeAcceleratorOutput(), saved_activations())
+    assert not kept.keep(torch.zeros(3, 2, dtype=torch.long), layer_output(), saved_activations(), CUDA)
     assert len(kept) == 0 and kept.budget.declined == 1 and kept.device_budget.declined == 1
     assert kept.budget.bytes == kept.device_budget.bytes == 0
