@@ -290,8 +290,7 @@ def train(model, tokenizer, dataset, opts, output_dir: str, meter, *, kt: bool, 
     if kt:
         kt_config = KTConfig(isa=opts.isa, threads=opts.threads, max_kept_activations_gb=opts.max_kept_activations_gb,
                              max_kept_activations_gpu_gb=opts.max_kept_activations_gpu_gb,
-                             gpu_experts=dense_layers * opts.experts,
-                             overlap_halves=opts.overlap == "on")
+                             gpu_experts=dense_layers * opts.experts)
         trainer = KTSFTTrainer(model, args, dataset, kt_config=kt_config, **kwargs)
     else:
         trainer = SFTTrainer(model, args, train_dataset=dataset, **kwargs)
@@ -331,8 +330,6 @@ def parse(argv=None):
     ap.add_argument("--max-gpu-memory-gb", type=float, default=None, help="KTConfig(max_gpu_memory_gb=...)")
     ap.add_argument("--expert-format", default="bf16", choices=["bf16", "fp8", "int8"],
                     help="how the engines store the CPU layers' experts (KTConfig.expert_format)")
-    ap.add_argument("--overlap", default="off", choices=["on", "off"],
-                    help="KTConfig(overlap_halves=...): each micro-batch as two halves on two threads (kt_trl.overlap)")
     ap.add_argument("--router-aux-loss-coef", type=float, default=None,
                     help="SFTConfig(router_aux_loss_coef=...): default the model's own; 0 turns the aux loss off")
     ap.add_argument("--reference", action="store_true", help="first train it all-on-GPU with plain PEFT SFTTrainer")

@@ -4,8 +4,7 @@
 (`experts.EngineRunner`) for the engine work. A caller on a CUDA device reaches it through
 `ToHost` and `ToDevice` (the runner's `staging.HostStaging`: pinned buffers and CUDA events), so
 that the engine's backward is a CPU node of the autograd graph: it runs on the thread that called
-`backward()`, not on the device's autograd thread, and two threads' backwards (`kt_trl.overlap`)
-run one's engine work while the GPU runs the other's.
+`backward()`, not on the device's autograd thread (which stays free for GPU work meanwhile).
 """
 
 from __future__ import annotations

@@ -151,7 +151,7 @@ class KeptForwards:
         self.device_budget = device_budget
         self.staging = staging
         self._entries: collections.deque[KeptForward] = collections.deque()
-        self._lock = threading.Lock()   # two halves of a micro-batch keep and take concurrently (kt_trl.overlap)
+        self._lock = threading.Lock()   # the recomputation may run on the device's autograd thread
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -63,17 +63,12 @@ class KTConfig:
             exactly as the BF16 engine would on their dequantized weights. `"auto"` keeps an FP8
             checkpoint's experts in FP8 when `kt_trl.load_model` streams them, BF16 otherwise.
 
-        overlap_halves (`bool`, *optional*, defaults to `False`):
-            Run each micro-batch as two halves on two threads, so that the GPU computes one half
-            while the CPU engine computes the other (`kt_trl.overlap`), wherever the loss allows it
-            (without the router's auxiliary loss). Not yet measured on a GPU host, hence off.
-
     Example:
 
     ```python
     >>> from kt_trl import KTConfig
     >>> KTConfig(isa="avx2", threads=2)
-    KTConfig(isa='avx2', threads=2, reuse_checkpointed_activations=True, max_kept_activations_gb=None, max_kept_activations_gpu_gb=None, gpu_experts='auto', max_gpu_memory_gb=None, torch_threads=None, freeze_experts=False, max_pending_activations=8, expert_format='auto', overlap_halves=False)
+    KTConfig(isa='avx2', threads=2, reuse_checkpointed_activations=True, max_kept_activations_gb=None, max_kept_activations_gpu_gb=None, gpu_experts='auto', max_gpu_memory_gb=None, torch_threads=None, freeze_experts=False, max_pending_activations=8, expert_format='auto')
     >>> KTConfig().isa is None  # KT_TRL_ISA or "auto"
     True
     ```
@@ -90,7 +85,6 @@ class KTConfig:
     freeze_experts: bool = False
     max_pending_activations: int = 8
     expert_format: str = "auto"
-    overlap_halves: bool = False
 
     def __post_init__(self) -> None:
         if self.isa is not None and self.isa not in ISA_CHOICES:
@@ -101,8 +95,6 @@ class KTConfig:
             raise ValueError(f"KTConfig(torch_threads={self.torch_threads!r}) must be a positive int, or None for the default.")
         if self.expert_format not in EXPERT_FORMATS:
             raise ValueError(f"KTConfig(expert_format={self.expert_format!r}) is not one of {EXPERT_FORMATS}.")
-        if not isinstance(self.overlap_halves, bool):
-            raise ValueError(f"KTConfig(overlap_halves={self.overlap_halves!r}) must be True or False.")
         if self.max_pending_activations < 1:
             raise ValueError("KTConfig(max_pending_activations=...) must be >= 1.")
         gpu = self.gpu_experts

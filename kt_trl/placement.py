@@ -170,8 +170,8 @@ def gpu_layers(model: nn.Module, blocks: list[MoEBlock], config: KTConfig, *, to
 
 
 def spread(items: list, count: int) -> list:
-    """`count` of `items` spaced evenly, the first included: GPU layers between CPU layers let the GPU compute
-    one half of a micro-batch's layer while the engine computes the other's (`kt_trl.overlap`)."""
+    """`count` of `items` spaced evenly, the first included (GPU layers between CPU layers, for work that
+    overlaps the two devices)."""
     return [items[i * len(items) // count] for i in range(count)] if count else []
 
 

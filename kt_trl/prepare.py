@@ -21,7 +21,6 @@ from .experts import KT_IMPLEMENTATION, EngineRunner, register_experts_implement
 from .host_copy import host_engines
 from .layouts import EXPERT_PARAMETERS, ExpertLayout, check_experts_module, engine_dims, match_layout
 from .lora import bind_expert_lora, requested_expert_lora
-from .overlap import serialize_forward
 from .placement import expert_lora_params, gpu_layers
 from .progress import progress_bar
 from .report import RoutingReport, adapter_groups
@@ -113,7 +112,6 @@ def _route_blocks(base: nn.Module, blocks: list[MoEBlock], layout: ExpertLayout,
                   on_device: list[MoEBlock]) -> None:
     for block in on_device:  # transformers' own expert path, on whatever device the model trains on
         block.experts._kt_on_device = True
-        serialize_forward(block.slot)
     if not blocks:
         return
     for block in blocks:

@@ -13,7 +13,6 @@ from . import distributed
 from .containers import unwrap_model
 from .cpu_threads import torch_threads
 from .loading import load_model, model_init_kwargs
-from .overlap import in_halves, split_batch, use_halves
 from .lora import requested_expert_lora
 from .prepare import prepare_model
 from .report import RoutingReport
@@ -107,12 +106,7 @@ class KTSFTTrainer(SFTTrainer):
             return super().train(*args, **kwargs)
 
     def training_step(self, model: nn.Module, inputs, num_items_in_batch=None):
-        halves = split_batch(inputs) if use_halves(self, num_items_in_batch) else None
-        if halves is None:
-            loss = super().training_step(model, inputs, num_items_in_batch)
-        else:   # kt_trl.overlap: the GPU computes one half while the engine computes the other
-            step = super().training_step
-            loss = in_halves(lambda half: step(model, half, num_items_in_batch), halves, self.args.device)
+        loss = super().training_step(model, inputs, num_items_in_batch)
         if self.accelerator.sync_gradients:  # DDP ignores the expert LoRA: reduce it before Trainer clips
             distributed.reduce_expert_gradients(self.model)
         return loss
