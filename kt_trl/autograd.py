@@ -75,16 +75,16 @@ class RoutedExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, runner, phase, device, x, w, ids, scales, a_gate_up, b_gate_up, a_down, b_down):
-        x_bf16 = x.detach().to(torch.bfloat16)
+        x_bf16, w_in, ids_in = x.detach().to(torch.bfloat16), w.detach(), ids.detach()
         lora_gate_up = _lora_for_engine(a_gate_up, b_gate_up, scales[0])
         lora_down = _lora_for_engine(a_down, b_down, scales[1])
-        y, saved = runner.forward(phase, x_bf16, ids.detach(), w.detach(), lora_gate_up, lora_down, device=device)
+        y, saved = runner.forward(phase, x_bf16, ids_in, w_in, lora_gate_up, lora_down, device=device)
         ctx.runner, ctx.loras, ctx.device = runner, (lora_gate_up, lora_down), device
         ctx.dtypes = [t.dtype if t is not None else None for t in (x, w, a_gate_up, b_gate_up, a_down, b_down)]
         if phase is not Phase.INFERENCE:
             # Inside a non-reentrant checkpointed layer the first forward's saved tensors are dropped
             # and the node's backward receives the recomputation's instead: those the runner kept.
-            ctx.save_for_backward(x_bf16, w.detach(), ids.detach(), *saved.as_tuple())
+            ctx.save_for_backward(x_bf16, w_in, ids_in, *saved.as_tuple())
         return y.to(x.dtype)
 
     @staticmethod

@@ -2,7 +2,8 @@
 
 `EngineRunner` runs one layer's packed experts (an `ExpertEngine`) through
 `autograd.RoutedExpertsFunction`, the `torch.autograd.Function` over the engine's forward and
-backward (reached through `autograd.ToHost` / `ToDevice` from a CUDA device), with gradient-checkpointing reuse (`kt_trl.checkpointing`) and counters. It hangs off the
+backward (reached through `autograd.ToHost` / `ToDevice` from a CUDA device), with
+gradient-checkpointing reuse (`kt_trl.checkpointing`) and counters. It hangs off the
 Hugging Face experts module as `_kt_runner`; transformers reaches it through the official plug
 point (`ExpertsInterface.register("kt_cpu", kt_experts_forward)` + `model.set_experts_implementation`),
 PEFT through the forward `kt_trl.lora` binds on the outer `ParamWrapper`, and a caller holding an

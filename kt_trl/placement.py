@@ -170,8 +170,8 @@ def gpu_layers(model: nn.Module, blocks: list[MoEBlock], config: KTConfig, *, to
 
 
 def spread(items: list, count: int) -> list:
-    """`count` of `items` spaced evenly, the first included (GPU layers between CPU layers, for work that
-    overlaps the two devices)."""
+    """`count` of `items` spaced evenly, the first included: GPU layers between CPU layers, so that work
+    overlapping the two devices could alternate between them (not timed against the first `count`)."""
     return [items[i * len(items) // count] for i in range(count)] if count else []
 
 
