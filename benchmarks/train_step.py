@@ -247,8 +247,10 @@ def step_meter(tokens: int, warmup: int, sink: list, kind: str):
             if torch.cuda.is_available():
                 record["gpu_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
             if delta["forward_calls"] or delta["backward_calls"]:
-                busy_s = sum(profile_read().values()) / 1e3  # every engine stage, on whichever thread
+                stages = profile_read()
+                busy_s = sum(stages.values()) / 1e3  # every engine stage, on whichever thread
                 record["engine_busy_s"] = round(busy_s, 4)
+                record["engine_stages_ms"] = {name: round(ms, 1) for name, ms in stages.items()}
                 record["cpu_roofline_tokens_per_s"] = round(tokens / busy_s, 1)
                 record["fraction_of_cpu_roofline"] = round(busy_s / step_s, 3)
                 record["cpu_state_gb"] = round(cpu_trainable_bytes(model, optimizer) / 1e9, 3)
@@ -290,7 +292,7 @@ def train(model, tokenizer, dataset, opts, output_dir: str, meter, *, kt: bool, 
     if kt:
         kt_config = KTConfig(isa=opts.isa, threads=opts.threads, max_kept_activations_gb=opts.max_kept_activations_gb,
                              max_kept_activations_gpu_gb=opts.max_kept_activations_gpu_gb,
-                             gpu_experts=dense_layers * opts.experts)
+                             gpu_experts=dense_layers * opts.experts, torch_threads=opts.torch_threads)
         trainer = KTSFTTrainer(model, args, dataset, kt_config=kt_config, **kwargs)
     else:
         trainer = SFTTrainer(model, args, train_dataset=dataset, **kwargs)
@@ -330,6 +332,7 @@ def parse(argv=None):
     ap.add_argument("--max-gpu-memory-gb", type=float, default=None, help="KTConfig(max_gpu_memory_gb=...)")
     ap.add_argument("--expert-format", default="bf16", choices=["bf16", "fp8", "int8"],
                     help="how the engines store the CPU layers' experts (KTConfig.expert_format)")
+    ap.add_argument("--torch-threads", type=int, default=None, help="KTConfig(torch_threads=...)")
     ap.add_argument("--router-aux-loss-coef", type=float, default=None,
                     help="SFTConfig(router_aux_loss_coef=...): default the model's own; 0 turns the aux loss off")
     ap.add_argument("--reference", action="store_true", help="first train it all-on-GPU with plain PEFT SFTTrainer")
