@@ -208,6 +208,30 @@ def cpu_trainable_bytes(model, optimizer) -> int:
     return total
 
 
+def thread_cpu_seconds() -> dict[int, tuple[str, float]]:
+    """{thread id: (name, user + system CPU seconds)} of this process's threads (Linux; else empty)."""
+    out, tick = {}, os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for tid in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else ():
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        name, fields = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+        out[int(tid)] = (name, (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def busy_threads(before: dict, after: dict, step_s: float, top: int = 6) -> list:
+    """The threads that used the most CPU over a step: [name, tid, seconds, share of the step], the
+    main thread marked; the rest summed into one entry. Shows who competes with the engine's workers."""
+    used = sorted(((after[t][1] - before.get(t, ("", 0.0))[1], t) for t in after), reverse=True)
+    main = os.getpid()
+    rows = [[("main " if t == main else "") + after[t][0], t, round(s, 2), round(s / step_s, 2)] for s, t in used[:top]]
+    rest = sum(s for s, _ in used[top:])
+    return rows + [["others", len(used) - top, round(rest, 2), round(rest / step_s, 2)]]
+
+
 def step_meter(tokens: int, warmup: int, sink: list, kind: str):
     """A `TrainerCallback` emitting one record per optimizer step (`kind`)."""
     from transformers import TrainerCallback
@@ -224,6 +248,7 @@ def step_meter(tokens: int, warmup: int, sink: list, kind: str):
             self.optimizer_s = 0.0
             self.before = expert_counters(model)
             profile_read(reset=True)
+            self.threads = thread_cpu_seconds()
             self.start = time.perf_counter()
 
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
@@ -243,7 +268,8 @@ def step_meter(tokens: int, warmup: int, sink: list, kind: str):
             record = {"kind": kind, "step": state.global_step, "warmup": state.global_step <= warmup,
                       "step_s": round(step_s, 4), "tokens": tokens, "tokens_per_s": round(tokens / step_s, 1),
                       **split_step(step_s, self.optimizer_s, delta), **host_memory(),
-                      "engine_host_cache_gb": round(host_cached_bytes() / 1e9, 3)}
+                      "engine_host_cache_gb": round(host_cached_bytes() / 1e9, 3),
+                      "busy_threads": busy_threads(self.threads, thread_cpu_seconds(), step_s)}
             if torch.cuda.is_available():
                 record["gpu_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
             if delta["forward_calls"] or delta["backward_calls"]:

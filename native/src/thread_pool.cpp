@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <atomic>
 #include <condition_variable>
 #include <exception>
@@ -24,6 +25,10 @@ public:
         const bool pin = !cpus.empty() && threads <= static_cast<int>(cpus.size());
         for (int w = 1; w < threads; ++w) {
             workers_.emplace_back([this, w] { loop(w); });
+            // Named so that per-thread CPU accounting (/proc, top -H) tells the engine's workers apart.
+            char name[16];
+            std::snprintf(name, sizeof name, "kt_engine_%d", w);
+            pthread_setname_np(workers_.back().native_handle(), name);
             if (pin) {
                 cpu_set_t one;
                 CPU_ZERO(&one);
