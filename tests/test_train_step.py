@@ -30,12 +30,28 @@ def test_tiny_run_reports_every_step_and_matches_plain_peft(train_step, tmp_path
         assert sum(step[p] for p in parts) == pytest.approx(step["step_s"], abs=1e-3)
         assert step["cpu_expert_forward_s"] > 0 and step["cpu_roofline_tokens_per_s"] > step["tokens_per_s"] > 0
         assert step["cpu_state_gb"] > 0 and step["kept_forwards_declined"] == 0
+        threads = step["busy_threads"]  # [name, tid, CPU seconds, share of the step], then the others summed
+        assert threads[-1][0] == "others" and all(row[2] >= 0 for row in threads)
+        assert [row[2] for row in threads[:-1]] == sorted((row[2] for row in threads[:-1]), reverse=True)
     summary = records[kinds.index("summary")]
     assert summary["steps"] == 1 and summary["packed_bytes"] > 0 and summary["expert_lora_parameters"] > 0
     assert abs(summary["losses"][0] - math.log(512)) < 0.3  # random init: about uniform over the vocabulary
     assert summary["kept_activations_host_peak_gb"] + summary["kept_activations_gpu_peak_gb"] > 0
     parity = records[-1]
     assert parity["max_loss_rel_diff"] < 1e-3 and parity["reference_tokens_per_s"] > 0
+
+
+def test_busy_threads_ranks_threads_and_sums_the_rest(train_step):
+    import os
+
+    main = os.getpid()
+    before = {main: ("python", 1.0), 11: ("kt_engine_1", 2.0), 12: ("kt_engine_2", 0.5), 13: ("pt_autograd", 0.0)}
+    after = {main: ("python", 3.0), 11: ("kt_engine_1", 3.5), 12: ("kt_engine_2", 1.5), 13: ("pt_autograd", 0.25),
+             14: ("new", 0.5)}  # a thread started during the step counts from 0
+    rows = train_step.busy_threads(before, after, step_s=4.0, top=3)
+    assert rows == [["main python", main, 2.0, 0.5], ["kt_engine_1", 11, 1.5, 0.38], ["kt_engine_2", 12, 1.0, 0.25],
+                    ["others", 2, 0.75, 0.19]]
+    assert train_step.thread_cpu_seconds()[main][1] > 0  # this process's own main thread, from /proc
 
 
 def test_zero_activation_budget_recomputes_every_layer(train_step):
