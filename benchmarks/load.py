@@ -10,6 +10,9 @@ to `--dir` (a temporary directory by default, removed afterwards unless `--keep`
 - `disk` (before and after the loads; the goal uses their mean): the read bandwidth of one expert
   shard read cold (its page cache dropped with `POSIX_FADV_DONTNEED` after `sync`), and the
   first-touch bandwidth of 1 GB of fresh anonymous memory (what the packed copy costs to fault in);
+- `reads`: every expert read cold the way the loader reads them (expert by expert, as many shards at
+  once as it streams layers), through the page cache and with O_DIRECT, nothing packed: whether the
+  loader's access pattern or its packing is what keeps it from the disk's bandwidth;
 - `load` per way, each in a fresh subprocess (the model's code imported and the native library
   loaded before the clock starts) with the checkpoint's page cache dropped: seconds, peak host
   memory over the process before loading (VmHWM delta), packed bytes, checkpoint and expert GB/s
@@ -144,6 +147,68 @@ def disk_bandwidth(directory: str) -> dict:
             "first_touch_gb_per_s": round((1 << 30) / touch_s / 1e9, 3)}
 
 
+def expert_regions(path: str) -> list[tuple[int, int]]:
+    """Byte ranges [start, end) of each expert's tensors in one shard, by expert id (the loader's order)."""
+    import re
+    import struct
+
+    with open(path, "rb") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(size))
+    regions: dict[int, tuple[int, int]] = {}
+    for key, entry in header.items():
+        if key != "__metadata__" and (m := re.search(r"experts\.(\d+)\.", key)):
+            start, end = (8 + size + offset for offset in entry["data_offsets"])
+            first, last = regions.get(int(m.group(1)), (start, end))
+            regions[int(m.group(1))] = (min(first, start), max(last, end))
+    return [regions[e] for e in sorted(regions)]
+
+
+def pattern_reads(directory: str, threads: int) -> dict:
+    """Cold reads of every expert, one thread per shard as the loader reads them (expert by expert, `threads`
+    shards at once), through the page cache and with O_DIRECT: what the disk gives the loader's access
+    pattern, apart from packing. `direct_gb_per_s` is None where the file system refuses O_DIRECT."""
+    import mmap
+    from concurrent.futures import ThreadPoolExecutor
+
+    shards = sorted(os.path.join(directory, n) for n in os.listdir(directory) if n.startswith("model-"))
+    shards = [p for p in shards if expert_regions(p)]
+    align = 4096
+
+    def read_shard(path: str, direct: bool) -> int:
+        fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+        buffer = mmap.mmap(-1, 16 << 20)  # page-aligned, as O_DIRECT needs
+        view, total = memoryview(buffer), 0
+        try:
+            for start, end in expert_regions(path):
+                first, last = (start // align * align, -(-end // align) * align) if direct else (start, end)
+                done = 0
+                while done < last - first:
+                    n = os.preadv(fd, [view[:min(last - first - done, len(buffer))]], first + done)
+                    if n <= 0:
+                        break
+                    done += n
+                total += end - start
+        finally:
+            os.close(fd)
+            view.release()
+            buffer.close()
+        return total
+
+    out = {"kind": "reads", "threads": threads}
+    for direct in (False, True):
+        drop_page_cache(directory)
+        start = time.perf_counter()
+        try:
+            with ThreadPoolExecutor(max_workers=threads) as pool:
+                total = sum(pool.map(lambda p: read_shard(p, direct), shards))
+        except OSError:
+            out["direct_gb_per_s" if direct else "buffered_gb_per_s"] = None
+            continue
+        out["direct_gb_per_s" if direct else "buffered_gb_per_s"] = round(total / (time.perf_counter() - start) / 1e9, 3)
+    return out
+
+
 def vm_hwm_bytes() -> int:
     with open("/proc/self/status") as status:
         return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM"))
@@ -195,6 +260,8 @@ def measure(opts, directory: str, records: list) -> None:
           "intermediate": opts.intermediate, "vocab": opts.vocab, **sizes}, records)
     disks = [disk_bandwidth(directory)]
     emit(disks[0], records)
+    # The loader's threads (kt_trl.expert_streaming: one layer per two logical CPUs, at least two, at most 8).
+    emit(pattern_reads(directory, max(1, min(opts.layers, 8, max(2, (os.cpu_count() or 2) // 2)))), records)
     results = {way: run_child(way, directory, opts.gpu_experts) for way in ("plain", "kt")}
     disks.append(disk_bandwidth(directory))  # the disk's speed drifts: the mean of before and after
     emit(disks[1], records)
