@@ -38,6 +38,7 @@ import gc
 import json
 import math
 import os
+import resource
 import tempfile
 import time
 
@@ -249,6 +250,7 @@ def step_meter(tokens: int, warmup: int, sink: list, kind: str):
             self.before = expert_counters(model)
             profile_read(reset=True)
             self.threads = thread_cpu_seconds()
+            self.faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             self.start = time.perf_counter()
 
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
@@ -269,7 +271,9 @@ def step_meter(tokens: int, warmup: int, sink: list, kind: str):
                       "step_s": round(step_s, 4), "tokens": tokens, "tokens_per_s": round(tokens / step_s, 1),
                       **split_step(step_s, self.optimizer_s, delta), **host_memory(),
                       "engine_host_cache_gb": round(host_cached_bytes() / 1e9, 3),
-                      "busy_threads": busy_threads(self.threads, thread_cpu_seconds(), step_s)}
+                      "busy_threads": busy_threads(self.threads, thread_cpu_seconds(), step_s),
+                      # page faults of the step (fresh memory touched: buffers not reused between steps)
+                      "minor_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - self.faults}
             if torch.cuda.is_available():
                 record["gpu_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
             if delta["forward_calls"] or delta["backward_calls"]:

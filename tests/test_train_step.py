@@ -30,6 +30,7 @@ def test_tiny_run_reports_every_step_and_matches_plain_peft(train_step, tmp_path
         assert sum(step[p] for p in parts) == pytest.approx(step["step_s"], abs=1e-3)
         assert step["cpu_expert_forward_s"] > 0 and step["cpu_roofline_tokens_per_s"] > step["tokens_per_s"] > 0
         assert step["cpu_state_gb"] > 0 and step["kept_forwards_declined"] == 0
+        assert step["minor_faults"] >= 0
         threads = step["busy_threads"]  # [name, tid, CPU seconds, share of the step], then the others summed
         assert threads[-1][0] == "others" and all(row[2] >= 0 for row in threads)
         assert [row[2] for row in threads[:-1]] == sorted((row[2] for row in threads[:-1]), reverse=True)
