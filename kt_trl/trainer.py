@@ -17,6 +17,7 @@ from .lora import requested_expert_lora
 from .prepare import prepare_model
 from .report import RoutingReport
 from .saving import save_checkpoint_atomically
+from .step_log import StepTimeLog
 
 
 class KTSFTTrainer(SFTTrainer):
@@ -66,6 +67,7 @@ class KTSFTTrainer(SFTTrainer):
     def __init__(self, model, args=None, train_dataset=None, *, kt_config: KTConfig | None = None, **kwargs):
         self.kt_config = kt_config  # None: KTConfig() for a new model, the settings it has for a prepared one
         self.kt_report: RoutingReport | None = None
+        self._kt_step_log = StepTimeLog()
         # PEFT rewrites the config in place (e.g. resolves "all-linear"), so read the intent first.
         self._kt_expert_lora_requested = requested_expert_lora(kwargs.get("peft_config"))
         if isinstance(model, (str, os.PathLike)):
@@ -110,6 +112,11 @@ class KTSFTTrainer(SFTTrainer):
         if self.accelerator.sync_gradients:  # DDP ignores the expert LoRA: reduce it before Trainer clips
             distributed.reduce_expert_gradients(self.model)
         return loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """As `SFTTrainer.log`, training lines with the engine's share of the step (`kt_trl.step_log`)."""
+        self._kt_step_log.add_to(logs, self.model, self.state.global_step)
+        super().log(logs, start_time)
 
     def _save_checkpoint(self, model: nn.Module, trial) -> None:
         # Written under a hidden name and renamed when complete: resume never finds half a checkpoint.

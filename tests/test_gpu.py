@@ -40,6 +40,8 @@ def test_gpu_parity_and_placement(family, tmp_path, tokenizer, dataset):
     kt.train()
     _assert_placement(kt.model)
     torch.testing.assert_close(torch.tensor(step_losses(kt)), torch.tensor(step_losses(plain)), rtol=2e-2, atol=0.0)
+    # Beside a GPU the logs also say how long the copies took (kt_trl.step_log).
+    assert all(h["kt_cpu_experts_s"] > 0 and h["kt_transfer_s"] > 0 for h in kt.state.log_history if "loss" in h)
     for param, state in kt.optimizer.state.items():
         for value in state.values():
             if isinstance(value, torch.Tensor) and value.dim() > 0:

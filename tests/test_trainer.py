@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from trl import SFTTrainer
 
 from kt_trl import KTConfig, KTSFTTrainer
+from kt_trl.experts import expert_counters
 from kt_trl.prepare import prepare_model
 from tests.helpers import FAMILIES, VOCAB, expert_targets, sft_args, step_losses, tiny_model
 
@@ -189,3 +190,18 @@ def test_gpt_oss_parity_with_attention_lora(tmp_path, tokenizer, dataset):
     trainers = train_pair("gpt_oss", tmp_path, tokenizer, dataset, attention_lora())
     assert_parity(trainers)
     assert trainers["kt"][0].kt_report.layers_routed == (0, 1)
+
+
+def test_training_logs_say_how_long_the_engine_took(tmp_path, tokenizer, dataset):
+    trainer = KTSFTTrainer(tiny_model("qwen3_moe"), sft_args(tmp_path, max_steps=4, logging_steps=2), dataset,
+                           processing_class=tokenizer, peft_config=expert_lora("qwen3_moe"))
+    output = trainer.train()
+    lines = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["step"] for h in lines] == [2, 4]
+    assert all(h["kt_cpu_experts_s"] > 0 and "kt_transfer_s" not in h for h in lines)  # on the CPU: no copies
+    # Per-step averages of time spent inside the training steps.
+    logged = sum(2 * h["kt_cpu_experts_s"] for h in lines)
+    assert logged < output.metrics["train_runtime"]
+    counters = expert_counters(trainer.model)  # every engine call of the run, each step's in one line
+    assert logged == pytest.approx(counters["forward_seconds"] + counters["backward_seconds"], abs=1e-3)
+    assert not any("kt_cpu_experts_s" in h for h in trainer.state.log_history if "loss" not in h)
