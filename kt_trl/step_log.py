@@ -15,16 +15,23 @@ it. Lines where no layer ran on the engine get neither key.
 from __future__ import annotations
 
 from torch import nn
+from transformers import TrainerCallback
 
 from .experts import expert_counters
 
 
-class StepTimeLog:
-    """Adds the engine's share of the steps since the last call to a training log (module docstring)."""
+class StepTimeLog(TrainerCallback):
+    """Adds the engine's share of the steps since the last call to a training log (module docstring).
+
+    As a callback it starts counting where training starts (a resumed run at the checkpoint's step)."""
 
     def __init__(self) -> None:
         self._last: dict[str, float] | None = None
         self._step = 0
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._last = expert_counters(model) if model is not None else None
+        self._step = state.global_step
 
     def add_to(self, logs: dict[str, float], model: nn.Module, global_step: int) -> None:
         if "loss" not in logs:  # evaluation and end-of-training summaries

@@ -82,6 +82,7 @@ class KTSFTTrainer(SFTTrainer):
                 args = copy.copy(args)
                 args.model_init_kwargs = None
         super().__init__(model, args, train_dataset=train_dataset, **kwargs)
+        self.add_callback(self._kt_step_log)
         # Trainer skips placement for DeepSpeed, FSDP, model parallel and *_full_eval; prepare anyway.
         self._prepare_model(self.model)
 

@@ -183,6 +183,11 @@ def test_resume_from_checkpoint_matches_uninterrupted(tmp_path, tokenizer, datas
     # the resumed log history starts with the checkpoint's three entries; the last three are new
     assert len(step_losses(resumed)) == len(step_losses(full)) == 6
     torch.testing.assert_close(torch.tensor(step_losses(resumed)[3:]), torch.tensor(step_losses(full)[3:]), rtol=1e-5, atol=0.0)
+    # The engine's time per step counts from the resumed step on: the new lines add up to this run's engine time.
+    counters = expert_counters(resumed.model)
+    new_lines = [h for h in resumed.state.log_history if "loss" in h][3:]
+    assert sum(h["kt_cpu_experts_s"] for h in new_lines) == pytest.approx(
+        counters["forward_seconds"] + counters["backward_seconds"], abs=1e-3)
 
 
 def test_gpt_oss_parity_with_attention_lora(tmp_path, tokenizer, dataset):
