@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -150,17 +151,14 @@ def disk_bandwidth(directory: str) -> dict:
 def expert_regions(path: str) -> list[tuple[int, int]]:
     """Byte ranges [start, end) of each expert's tensors in one shard, by expert id (the loader's order)."""
     import re
-    import struct
 
-    with open(path, "rb") as f:
-        size = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(size))
+    from kt_trl.checkpoint_keys import _read_header
+
     regions: dict[int, tuple[int, int]] = {}
-    for key, entry in header.items():
-        if key != "__metadata__" and (m := re.search(r"experts\.(\d+)\.", key)):
-            start, end = (8 + size + offset for offset in entry["data_offsets"])
-            first, last = regions.get(int(m.group(1)), (start, end))
-            regions[int(m.group(1))] = (min(first, start), max(last, end))
+    for key, entry in _read_header(Path(path)).items():
+        if m := re.search(r"experts\.(\d+)\.", key):
+            first, last = regions.get(int(m.group(1)), (entry.start, entry.end))
+            regions[int(m.group(1))] = (min(first, entry.start), max(last, entry.end))
     return [regions[e] for e in sorted(regions)]
 
 
@@ -171,8 +169,8 @@ def pattern_reads(directory: str, threads: int) -> dict:
     import mmap
     from concurrent.futures import ThreadPoolExecutor
 
-    shards = sorted(os.path.join(directory, n) for n in os.listdir(directory) if n.startswith("model-"))
-    shards = [p for p in shards if expert_regions(p)]
+    paths = sorted(os.path.join(directory, n) for n in os.listdir(directory) if n.startswith("model-"))
+    shards = {p: regions for p in paths if (regions := expert_regions(p))}
     align = 4096
 
     def read_shard(path: str, direct: bool) -> int:
@@ -180,7 +178,7 @@ def pattern_reads(directory: str, threads: int) -> dict:
         buffer = mmap.mmap(-1, 16 << 20)  # page-aligned, as O_DIRECT needs
         view, total = memoryview(buffer), 0
         try:
-            for start, end in expert_regions(path):
+            for start, end in shards[path]:
                 first, last = (start // align * align, -(-end // align) * align) if direct else (start, end)
                 done = 0
                 while done < last - first:
@@ -255,13 +253,14 @@ def run_child(way: str, directory: str, gpu_experts: str) -> dict:
 
 
 def measure(opts, directory: str, records: list) -> None:
+    from kt_trl.expert_streaming import stream_workers
+
     sizes = read_sizes(opts, directory) if opts.reuse else write_checkpoint(opts, directory)
     emit({"kind": "checkpoint", "layers": opts.layers, "hidden": opts.hidden, "experts": opts.experts,
           "intermediate": opts.intermediate, "vocab": opts.vocab, **sizes}, records)
     disks = [disk_bandwidth(directory)]
     emit(disks[0], records)
-    # The loader's threads (kt_trl.expert_streaming: one layer per two logical CPUs, at least two, at most 8).
-    emit(pattern_reads(directory, max(1, min(opts.layers, 8, max(2, (os.cpu_count() or 2) // 2)))), records)
+    emit(pattern_reads(directory, stream_workers(opts.layers)), records)  # as many threads as the loader
     results = {way: run_child(way, directory, opts.gpu_experts) for way in ("plain", "kt")}
     disks.append(disk_bandwidth(directory))  # the disk's speed drifts: the mean of before and after
     emit(disks[1], records)

@@ -114,6 +114,11 @@ def stream_to_device(model: nn.Module, layers: list[LayerSources], shards: Shard
     return placed
 
 
+def stream_workers(layers: int) -> int:
+    """How many layers `_stream_layers` reads and packs at once: one per two logical CPUs, at least two, at most 8."""
+    return max(1, min(layers, 8, max(2, (os.cpu_count() or 2) // 2)))
+
+
 def _stream_layers(modules, layers: list[LayerSources], shards: Shards, layout, dtype, engine_format, memories):
     """The layers' engines (into `memories` where given), several layers at once; each shard's page cache is
     dropped once every layer reading from it is done."""
@@ -122,7 +127,7 @@ def _stream_layers(modules, layers: list[LayerSources], shards: Shards, layout, 
     # Packing is CPU work on fresh memory, whose page faults cost more than the packing itself on some hosts
     # (VMs): several layers at once spread both over the cores (each layer's engine is its own memory), one
     # packing thread and its reader per two logical CPUs, at least two.
-    workers = max(1, min(len(layers), 8, max(2, (os.cpu_count() or 2) // 2)))
+    workers = stream_workers(len(layers))
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kt_trl_load")
     try:
         futures = [pool.submit(_layer_engine, experts, layer, shards, layout, dtype, engine_format, memory)
