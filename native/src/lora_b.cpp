@@ -19,44 +19,35 @@ namespace {
 constexpr int64_t kBlock = 16;
 
 // dst[j * dj + i * di] = src[i * si + j * sj] for i < rows, j < cols (rows, cols <= kBlock).
+// Full, contiguous, aligned destination lines (the engine's layout, and PEFT's with the experts
+// fastest) are written with streaming stores. A block's lines are r*N floats apart (96 KiB at
+// Qwen3's shape): no hardware prefetcher follows them, so plain stores wait for each line to be
+// read in first (write-allocate), and all of them fall into a few cache sets. Streaming stores
+// write whole lines without reading them.
 inline void transpose_f32_block(float *dst, int64_t dj, int64_t di, const float *src, int64_t si, int64_t sj,
                             int64_t rows, int64_t cols) {
     float buf[kBlock][kBlock];
     for (int64_t i = 0; i < rows; ++i)
         for (int64_t j = 0; j < cols; ++j) buf[i][j] = src[i * si + j * sj];
+    if (rows == kBlock && di == 1 && dj % 4 == 0 && reinterpret_cast<uintptr_t>(dst) % 16 == 0) {
+        for (int64_t j = 0; j < cols; ++j) {
+            alignas(16) float line[kBlock];
+            for (int64_t i = 0; i < kBlock; ++i) line[i] = buf[i][j];
+            for (int64_t i = 0; i < kBlock; i += 4) _mm_stream_ps(dst + j * dj + i, _mm_load_ps(line + i));
+        }
+        return;
+    }
     for (int64_t j = 0; j < cols; ++j)
         for (int64_t i = 0; i < rows; ++i) dst[j * dj + i * di] = buf[i][j];
-}
-
-// A full block with contiguous source rows and destination lines (PEFT's layout has the experts
-// fastest, the engine's the outputs), its lines written with non-temporal stores. The 16 lines of
-// a block are r*N floats apart (96 KiB at Qwen3's shape): no hardware prefetcher follows them, so
-// plain stores wait for every line to be read in first (write-allocate) — and all of them fall into
-// a few cache sets. Streaming stores write whole lines without reading them.
-inline void transpose_f32_block_stream(float *dst, int64_t dj, const float *src, int64_t si) {
-    float buf[kBlock][kBlock];
-    for (int64_t i = 0; i < kBlock; ++i)
-        for (int64_t j = 0; j < kBlock; ++j) buf[i][j] = src[i * si + j];
-    for (int64_t j = 0; j < kBlock; ++j) {
-        alignas(16) float line[kBlock];
-        for (int64_t i = 0; i < kBlock; ++i) line[i] = buf[i][j];
-        for (int64_t i = 0; i < kBlock; i += 4) _mm_stream_ps(dst + j * dj + i, _mm_load_ps(line + i));
-    }
 }
 
 // The same over rows x cols of any size, in blocks.
 void transpose(float *dst, int64_t dj, int64_t di, const float *src, int64_t si, int64_t sj, int64_t rows,
                int64_t cols) {
     for (int64_t i = 0; i < rows; i += kBlock)
-        for (int64_t j = 0; j < cols; j += kBlock) {
-            const int64_t r = std::min(kBlock, rows - i), c = std::min(kBlock, cols - j);
-            float *d = dst + j * dj + i;
-            if (r == kBlock && c == kBlock && sj == 1 && di == 1 && reinterpret_cast<uintptr_t>(d) % 16 == 0 &&
-                dj % 4 == 0)
-                transpose_f32_block_stream(d, dj, src + i * si + j, si);
-            else
-                transpose_f32_block(dst + j * dj + i * di, dj, di, src + i * si + j * sj, si, sj, r, c);
-        }
+        for (int64_t j = 0; j < cols; j += kBlock)
+            transpose_f32_block(dst + j * dj + i * di, dj, di, src + i * si + j * sj, si, sj,
+                            std::min(kBlock, rows - i), std::min(kBlock, cols - j));
     _mm_sfence();   // streaming stores are weakly ordered: visible before the pool's barrier releases readers
 }
 
