@@ -66,11 +66,22 @@ void add_bias(float *t, int64_t ldt, int64_t rows, int64_t cols, const float *bi
         for (int64_t c = 0; c < cols; ++c) t[r * ldt + c] += bias[c];
 }
 
-// out rows = A rows . W^T (+ s * L . Bt) for one (expert, column block) item, in row blocks.
+// out rows = A rows . W^T (+ s * L . Bt) for one (expert, column block) item of weight w, columns
+// [c0, c0 + cols), in row blocks. An 8-bit weight is decoded once per item: step by step inside
+// the product where one row block holds all rows (gemm_q8), else as a whole block first.
 template <typename Store>
-void gemm_item(const Kernels &K, float *tile, const uint16_t *A, int64_t lda, const uint16_t *panels,
-               int64_t Kp, int64_t rows, int64_t cols, const float *L, int64_t r, const float *Bt, int64_t ldbt,
-               float scale, const Store &store) {
+void gemm_item(const Kernels &K, ThreadScratch &ts, const uint16_t *A, int64_t lda, const PackedWeight &w, int64_t c0,
+               int64_t rows, int64_t cols, const float *L, int64_t r, const float *Bt, int64_t ldbt, float scale,
+               const Store &store) {
+    const int64_t Kp = w.layout->Kp;
+    float *tile = ts.tile.get<float>(kRowBlock * kMaxColBlock);
+    if (!w.layout->bf16() && K.gemm_q8 && rows <= kRowBlock) {
+        K.gemm_q8(tile, cols, A, lda, q8_panels(w, c0), rows, cols, ts.decoded.get<uint16_t>(2 * Kp * 16));
+        if (r > 0) K.sgemm_nn(tile, cols, L, r, Bt, ldbt, rows, cols, r, scale, true);
+        store(0, rows, tile);
+        return;
+    }
+    const uint16_t *panels = bf16_panels(w, c0, cols, ts.decoded, K);
     for (int64_t m = 0; m < rows; m += kRowBlock) {
         const int64_t mr = std::min(kRowBlock, rows - m);
         gemm_rows(K, tile, cols, A + m * lda, lda, panels, Kp * 16, mr, cols, Kp);
@@ -86,11 +97,7 @@ void gate_up_stage(const kt_experts &ex, const ForwardScratch &s, const RoutePla
     ThreadPool::run(items.size(), [&](int64_t i, int w) {
         const int64_t e = items.expert[i], c0 = items.col0[i], cn = items.cols[i];
         const int64_t r0 = plan.offsets[e];
-        ThreadScratch &ts = workspace().threads[w];
-        float *tile = ts.tile.get<float>(kRowBlock * kMaxColBlock);
-        gemm_item(K, tile, s.xs + r0 * ex.ldx, ex.ldx, bf16_panels(ex.gate_up(e), c0, cn, ts.decoded, K), ex.Hp,
-                  plan.count(e),
-                  cn, s.lx + r0 * lora_gu.r, lora_gu.r, s.bt.gu + e * lora_gu.r * N + c0, N, lora_gu.scale,
+        gemm_item(K, workspace().threads[w], s.xs + r0 * ex.ldx, ex.ldx, ex.gate_up(e), c0, plan.count(e), cn, s.lx + r0 * lora_gu.r, lora_gu.r, s.bt.gu + e * lora_gu.r * N + c0, N, lora_gu.scale,
                   [&](int64_t m, int64_t mr, float *t) {
                       const int64_t valid = std::min(cn, 2 * ex.I - c0);
                       if (ex.has_bias) add_bias(t, cn, mr, valid, ex.bias_gate_up(e) + c0);
@@ -134,11 +141,7 @@ void down_stage(const kt_experts &ex, const ForwardScratch &s, const RoutePlan &
     ThreadPool::run(items.size(), [&](int64_t i, int w) {
         const int64_t e = items.expert[i], c0 = items.col0[i], cn = items.cols[i];
         const int64_t r0 = plan.offsets[e], valid = std::min(cn, ex.H - c0);
-        ThreadScratch &ts = workspace().threads[w];
-        float *tile = ts.tile.get<float>(kRowBlock * kMaxColBlock);
-        gemm_item(K, tile, s.hs + r0 * ex.ldh, ex.ldh, bf16_panels(ex.down(e), c0, cn, ts.decoded, K), ex.Ip,
-                  plan.count(e),
-                  cn, s.lh + r0 * lora_dn.r, lora_dn.r, s.bt.d + e * lora_dn.r * N + c0, N, lora_dn.scale,
+        gemm_item(K, workspace().threads[w], s.hs + r0 * ex.ldh, ex.ldh, ex.down(e), c0, plan.count(e), cn, s.lh + r0 * lora_dn.r, lora_dn.r, s.bt.d + e * lora_dn.r * N + c0, N, lora_dn.scale,
                   [&](int64_t m, int64_t mr, float *t) {
                       if (ex.has_bias) add_bias(t, cn, mr, valid, ex.bias_down(e) + c0);
                       for (int64_t row = 0; row < mr; ++row)

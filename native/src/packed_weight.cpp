@@ -20,19 +20,16 @@ PackedWeight WeightLayout::at(uint8_t *base) const {
     return PackedWeight{this, base, bf16() ? nullptr : reinterpret_cast<float *>(base + code_bytes())};
 }
 
+Q8Panels q8_panels(const PackedWeight &w, int64_t c0) {
+    const WeightLayout &l = *w.layout;
+    return {w.data + (c0 / 16) * l.Kp * 16, w.scales + (c0 / 16) * l.nkb * 16, l.Kp, l.nkb, l.bk / 2, l.format};
+}
+
 namespace {
 
-// nq rows of panel p from row q0 as BF16 (32 values per row) into dst, in runs of one scale block.
+// nq rows of panel p from row q0 as BF16 (32 values per row) into dst.
 void decode_rows(uint16_t *dst, const PackedWeight &w, int64_t p, int64_t q0, int64_t nq, const Kernels &K) {
-    const WeightLayout &l = *w.layout;
-    const int64_t rows_per_block = l.bk / 2;
-    for (int64_t q = q0; q < q0 + nq;) {
-        const int64_t kb = std::min(q / rows_per_block, l.nkb - 1);   // rows past K have zero codes
-        const int64_t end = kb == l.nkb - 1 ? q0 + nq : std::min(q0 + nq, (kb + 1) * rows_per_block);
-        K.decode_rows(dst + (q - q0) * 32, w.data + (p * l.Kp + q * 2) * 16, end - q, w.panel_scales(p, kb),
-                      l.format);
-        q = end;
-    }
+    decode_panel_rows(dst, q8_panels(w, 0), p, q0, nq, K.decode_rows);
 }
 
 bool usable_scale(float s) {

@@ -64,6 +64,9 @@ void pack_8bit(const PackedWeight &w, const uint8_t *codes, int64_t ld, const fl
 // W [N, K] (row stride ld) in BF16: the packed values, decoded for the 8-bit formats.
 void unpack(uint16_t *W, int64_t ld, const PackedWeight &w);
 
+// The 8-bit weight w's codes and scales from panel c0 / 16 on.
+Q8Panels q8_panels(const PackedWeight &w, int64_t c0);
+
 // BF16 panels [c0, c0 + cn) / 16 of w over all of K (panel stride Kp * 16): the packed ones, or
 // for an 8-bit weight decoded into buf.
 const uint16_t *bf16_panels(const PackedWeight &w, int64_t c0, int64_t cn, Buffer &buf, const Kernels &K);

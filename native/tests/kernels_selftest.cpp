@@ -15,6 +15,7 @@
 //     g = -1.28. h_f32 is float(h) bit for bit; dw, an FP32 sum, has the gemms' bound.
 //   transpose_block: bit-exact; the oracle against the offsets of kernels.h.
 //   gemm_bf16_wt (the paths that have it): against a double-precision reference, the gemms' bound.
+//   gemm_q8 (the paths that have it): bit-exact against the path's gemm_bf16 on the decoded panels.
 //   decode_rows (FP8 E4M3 and INT8): bit-exact, every path against an independent reference:
 //     the code's value from its bit fields, times the scale in double (exact: <= 4 + 24
 //     significant bits), rounded to FP32 and then to BF16 -- what one FP32 product is. Every
@@ -617,6 +618,51 @@ void test_decode(const std::vector<const Kernels *> &isas, std::vector<Stats> &s
         }
 }
 
+// ---------------------------------------------------------------- gemm_q8
+
+// The paths that have it, bit for bit against their own gemm_bf16 on the panels decode_rows gives
+// (one scale block per rows_per_block packed rows, the last one all rows past it), with A's
+// padding NaN and C's a sentinel as in the gemms; rows past 32 reread the decoded pair.
+void test_gemm_q8(const std::vector<const Kernels *> &isas, std::vector<Stats> &stats) {
+    std::uniform_int_distribution<int> byte(0, 255);
+    for (int32_t format : {KT_FORMAT_FP8_E4M3, KT_FORMAT_INT8})
+        for (int64_t M : {1, 9, 16, 17, 31, 32, 33, 70})
+            for (int64_t N : {16, 48, 64})
+                for (int64_t Kp : {32, 96, 544})
+                    for (int64_t rpb : {int64_t(8), int64_t(64), Kp / 2}) {
+                        const int64_t nkb = (Kp / 2 + rpb - 1) / rpb, lda = Kp + 8, ldc = N + 5;
+                        std::vector<uint8_t> codes(N * Kp);
+                        for (auto &c : codes) {
+                            c = static_cast<uint8_t>(byte(rng));
+                            if (format == KT_FORMAT_FP8_E4M3 && (c & 0x7f) == 0x7f) c ^= 1;
+                        }
+                        std::vector<float> scales(N / 16 * nkb * 16);
+                        for (auto &v : scales) v = uniform(-1.0f, 1.0f) * (format == KT_FORMAT_INT8 ? 1.0f / 127 : 1.0f / 256);
+                        const kt::Q8Panels W{codes.data(), scales.data(), Kp, nkb, rpb, format};
+                        std::vector<uint16_t> A((M - 1) * lda + Kp, kBf16NaN);
+                        for (int64_t m = 0; m < M; ++m)
+                            for (int64_t k = 0; k < Kp; ++k) A[m * lda + k] = random_bf16();
+                        const std::string name = std::string(format == KT_FORMAT_INT8 ? "int8" : "fp8") + " M=" +
+                                                 std::to_string(M) + " N=" + std::to_string(N) + " Kp=" + std::to_string(Kp) +
+                                                 " rows/block=" + std::to_string(rpb);
+                        for (size_t i = 0; i < isas.size(); ++i) {
+                            if (!isas[i]->gemm_q8) continue;
+                            const Kernels &k = *isas[i];
+                            std::vector<uint16_t> panels(N * Kp);
+                            for (int64_t p = 0; p < N / 16; ++p)
+                                kt::decode_panel_rows(panels.data() + p * Kp * 16, W, p, 0, Kp / 2, k.decode_rows);
+                            std::vector<float> want((M - 1) * ldc + N, kSentinel), got = want;
+                            k.gemm_bf16(want.data(), ldc, A.data(), lda, panels.data(), Kp * 16, M, N, Kp, false);
+                            std::vector<uint16_t> scratch(2 * Kp * 16);
+                            k.gemm_q8(got.data(), ldc, A.data(), lda, W, M, N, scratch.data());
+                            int64_t bad = 0;
+                            for (size_t j = 0; j < got.size(); ++j) bad += std::memcmp(&got[j], &want[j], sizeof(float)) != 0;
+                            stats[i].max_ratio = std::max(stats[i].max_ratio, double(bad));
+                            record(stats[i], bad == 0, name);
+                        }
+                    }
+}
+
 // ---------------------------------------------------------------- driver
 
 // Every path dispatch would select on this CPU (kt::isa_available), scalar first.
@@ -699,7 +745,7 @@ void bench(const std::vector<const Kernels *> &isas) {
 int main(int argc, char **argv) {
     const std::vector<const Kernels *> isas = available_isas();
     const char *names[] = {"gemm_bf16", "sgemm_nt", "sgemm_nn", "sgemm_tn", "bf16_to_f32", "f32_to_bf16",
-                           "transpose", "decode_rows", "glu", "glu_backward", "gemm_bf16_wt"};
+                           "transpose", "decode_rows", "glu", "glu_backward", "gemm_bf16_wt", "gemm_q8"};
     const int kinds = sizeof names / sizeof names[0], first_bit_exact = 4, last_bit_exact = 7;
     std::vector<std::vector<Stats>> stats(kinds, std::vector<Stats>(isas.size()));
     test_gemm(isas, stats[0]);
@@ -712,11 +758,12 @@ int main(int argc, char **argv) {
     test_decode(isas, stats[7]);
     test_act(isas, stats[8], stats[9]);
     test_gemm_wt(isas, stats[10]);
+    test_gemm_q8(isas, stats[11]);
     std::printf("(scalar gemms and activations are checked against a double-precision reference; the others "
                 "against scalar)\n");
     for (size_t i = 0; i < isas.size(); ++i)
         for (int k = 0; k < kinds; ++k)
-            print(isas[i]->name, names[k], stats[k][i], k >= first_bit_exact && k <= last_bit_exact);
+            print(isas[i]->name, names[k], stats[k][i], (k >= first_bit_exact && k <= last_bit_exact) || k == kinds - 1);
     if (argc > 1 && std::strcmp(argv[1], "--bench") == 0) bench(isas);
     std::printf("%d passed, %d failed\n", g_passed, g_failed);
     return g_failed == 0 ? 0 : 1;

@@ -187,6 +187,58 @@ void gemm_bf16(float *C, int64_t ldc, const uint16_t *A, int64_t lda, const uint
     _tile_release();
 }
 
+// ---- gemm_q8 (kernels.h): 8-bit weights decoded step by step.
+
+// The first band of rows (32 with TWO_A, else those of the active configuration) against panel p
+// (and p + 1 with TWO_B) over all of K, each 32-K step decoded into S0 (S1) just before its tile
+// loads, so that the codes stream from DRAM while the tiles multiply.
+template <bool TWO_A, bool TWO_B>
+void q8_band(float *C, int64_t ldc, const uint16_t *A, int64_t lda, const Q8Panels &W, int64_t p, uint16_t *S0,
+             uint16_t *S1) {
+    const int64_t sa = lda * 2, sc = ldc * 4;
+    const uint16_t *A1 = A + 16 * lda;
+    _tile_zero(0);
+    if (TWO_B) _tile_zero(1);
+    if (TWO_A) _tile_zero(2);
+    if (TWO_A && TWO_B) _tile_zero(3);
+    for (int64_t k = 0; k < W.Kp; k += 32) {
+        decode_panel_rows(S0 + k * 16, W, p, k / 2, 16, avx512::decode_rows);
+        if (TWO_B) decode_panel_rows(S1 + k * 16, W, p + 1, k / 2, 16, avx512::decode_rows);
+        __asm__ volatile("" ::: "memory");   // the decoded step is stored before the tile loads
+        _tile_loadd(4, A + k, sa);
+        _tile_loadd(6, S0 + k * 16, 64);
+        if (TWO_B) _tile_loadd(7, S1 + k * 16, 64);
+        if (TWO_A) _tile_loadd(5, A1 + k, sa);
+        _tile_dpbf16ps(0, 4, 6);
+        if (TWO_B) _tile_dpbf16ps(1, 4, 7);
+        if (TWO_A) _tile_dpbf16ps(2, 5, 6);
+        if (TWO_A && TWO_B) _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, C, sc);
+    if (TWO_B) _tile_stored(1, C + 16, sc);
+    if (TWO_A) _tile_stored(2, C + 16 * ldc, sc);
+    if (TWO_A && TWO_B) _tile_stored(3, C + 16 * ldc + 16, sc);
+}
+
+void gemm_q8(float *C, int64_t ldc, const uint16_t *A, int64_t lda, const Q8Panels &W, int64_t M, int64_t N,
+             uint16_t *scratch) {
+    __asm__ volatile("" ::: "memory");
+    const int64_t band = M >= 32 ? 32 : std::min<int64_t>(M, 16), ldw = W.Kp * 16;
+    uint16_t *S0 = scratch, *S1 = scratch + ldw;
+    for (int64_t p = 0; p * 16 < N; p += 2) {
+        const bool two_b = (p + 2) * 16 <= N;
+        _tile_loadconfig(&kConfigs.with_rows[band == 32 ? 16 : band]);
+        if (band == 32 && two_b) q8_band<true, true>(C + p * 16, ldc, A, lda, W, p, S0, S1);
+        else if (band == 32) q8_band<true, false>(C + p * 16, ldc, A, lda, W, p, S0, S1);
+        else if (two_b) q8_band<false, true>(C + p * 16, ldc, A, lda, W, p, S0, S1);
+        else q8_band<false, false>(C + p * 16, ldc, A, lda, W, p, S0, S1);
+        if (M > band)   // the remaining rows from the decoded pair (its own tile configuration)
+            gemm_bf16(C + band * ldc + p * 16, ldc, A + band * lda, lda, S0, ldw, M - band, two_b ? 32 : 16, W.Kp,
+                      false);
+    }
+    _tile_release();
+}
+
 // ---- gemm_bf16_wt (kernels.h): the weight's panels as the A operand.
 //
 // A panel's 16 consecutive rows are an A tile whose row i holds k-pair q0 + i and whose 32 columns
@@ -337,6 +389,7 @@ bool amx_thread_init() {
 const Kernels kernels_amx = {"amx",           gemm_bf16,           avx512::sgemm_nt,
                              avx512::sgemm_nn, avx512::sgemm_tn,    avx512::bf16_to_f32,
                              avx512::f32_to_bf16, avx512::glu,         avx512::glu_backward,
-                             avx512::transpose_block, avx512::decode_rows, gemm_bf16_wt};
+                             avx512::transpose_block, avx512::decode_rows, gemm_bf16_wt,
+                             gemm_q8};
 
 }  // namespace kt

@@ -94,6 +94,6 @@ void gemm_bf16(float *C, int64_t ldc, const uint16_t *A, int64_t lda, const uint
 const Kernels kernels_avx512 = {"avx512",          gemm_bf16,           avx512::sgemm_nt,
                                 avx512::sgemm_nn,  avx512::sgemm_tn,    avx512::bf16_to_f32,
                                 avx512::f32_to_bf16, avx512::glu,         avx512::glu_backward,
-                                avx512::transpose_block, avx512::decode_rows, nullptr};
+                                avx512::transpose_block, avx512::decode_rows, nullptr, nullptr};
 
 }  // namespace kt

@@ -33,6 +33,29 @@ struct WtPanels {
 };
 constexpr int64_t kWtPanelRun = 4;
 
+// An 8-bit weight's codes and scales from one of its panels on (packed_weight.h): panel p's codes
+// at codes + p * Kp * 16 (pack.h positions, one byte a value), its scale block kb at
+// scales + (p * nkb + kb) * 16; block kb covers packed rows [kb, kb + 1) * rows_per_block, the
+// last one every row past it.
+struct Q8Panels {
+    const uint8_t *codes;
+    const float *scales;
+    int64_t Kp, nkb, rows_per_block;
+    int32_t format;
+};
+
+// Packed rows [q0, q0 + nq) of panel p as BF16 (32 values a row) into dst, one decode per scale block.
+template <typename Decode>
+inline void decode_panel_rows(uint16_t *dst, const Q8Panels &w, int64_t p, int64_t q0, int64_t nq, Decode decode) {
+    for (int64_t q = q0; q < q0 + nq;) {
+        const int64_t kb = std::min(q / w.rows_per_block, w.nkb - 1);
+        const int64_t end = kb == w.nkb - 1 ? q0 + nq : std::min(q0 + nq, (kb + 1) * w.rows_per_block);
+        decode(dst + (q - q0) * 32, w.codes + (p * w.Kp + q * 2) * 16, end - q, w.scales + (p * w.nkb + kb) * 16,
+               w.format);
+        q = end;
+    }
+}
+
 // Transposition of one 16 x 16 block of a packed panel (pack.h), the inner step of
 // pack_transposed_block. A block is 512 contiguous bytes in both layouts:
 //   src: offset(n, k) = (k / 2) * 32 + n * 2 + k % 2     (BF16 pairs along k, 16 n per 64-byte row)
@@ -92,6 +115,14 @@ struct Kernels {
     //   1 <= M <= kWtMaxRows, Rn % 16 == 0, cn % 16 == 0; scratch: wt_scratch_elems(M, Rn, cn) BF16
     void (*gemm_bf16_wt)(float *C, int64_t ldc, const uint16_t *A, int64_t lda, const WtPanels &W, int64_t M,
                          int64_t Rn, int64_t cn, uint16_t *scratch);
+
+    // C[M, N] = A . W^T for an 8-bit W (W8A16) in one pass over its codes: each 32-K step of a pair
+    // of panels is decoded into scratch right before the first rows (up to 32) multiply it, and the
+    // other rows reread the decoded pair from there. The result is gemm_bf16's on the decoded panels
+    // (accumulate = false, Kp = W.Kp); scratch: 2 * W.Kp * 16 BF16. NULL on paths without it (they
+    // decode a column block of panels first, bf16_panels).
+    void (*gemm_q8)(float *C, int64_t ldc, const uint16_t *A, int64_t lda, const Q8Panels &W, int64_t M, int64_t N,
+                    uint16_t *scratch);
 };
 
 constexpr int64_t kWtMaxRows = 64;

@@ -81,6 +81,6 @@ void decode_rows(uint16_t *dst, const uint8_t *src, int64_t rows, const float *s
 
 const Kernels kernels_scalar = {"scalar",    gemm_bf16,   sgemm_nt, sgemm_nn,     sgemm_tn,
                                 bf16_to_f32, f32_to_bf16, glu,      glu_backward, transpose_block,
-                                decode_rows, nullptr};
+                                decode_rows, nullptr, nullptr};
 
 }  // namespace kt
