@@ -59,12 +59,25 @@ def test_report_lists_what_was_routed_and_what_trains():
     assert report.trainable_parameters == trainable  # expert LoRA included
     groups = dict(report.adapters)
     assert groups["experts"] == sum(expert_lora.values())
-    # PEFT 0.21 turns "all-linear" on DeepSeek into target_parameters for the experts and router and
-    # drops the shared experts and the dense MLP of layer 0: the report says so
-    assert set(groups) == {"attention", "router", "experts"}
-    assert report.untrained_groups == ("shared experts", "dense mlp")
+    # What "all-linear" covers depends on the PEFT release (0.21 left out the shared experts and
+    # the dense MLP of layer 0, 0.22 adapts them): the report names what the model has.
+    lora = [n for n, _ in model.named_parameters() if "lora_" in n]
+    has = {"shared experts": any(".shared_experts." in n for n in lora),
+           "dense mlp": any(".layers.0.mlp." in n for n in lora)}
+    assert set(groups) == {"attention", "router", "experts"} | {g for g, yes in has.items() if yes}
+    assert report.untrained_groups == tuple(g for g, yes in has.items() if not yes)
     line = report.adapters_line()
-    assert "experts 11,264" in line and "no adapters on shared experts, dense mlp" in line and f"{trainable:,}" in line
+    assert "experts 11,264" in line and f"{trainable:,}" in line
+
+
+def test_report_names_the_groups_that_train_nothing():
+    model = get_peft_model(tiny_model("deepseek_v3"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["o_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
+    report = prepare_model(model)
+    assert {g for g, _ in report.adapters} == {"attention", "experts"}
+    assert report.untrained_groups == ("router", "shared experts", "dense mlp")
+    assert "no adapters on router, shared experts, dense mlp" in report.adapters_line()
 
 
 def test_expert_weights_are_released():
@@ -176,9 +189,9 @@ def test_trainable_expert_weights_are_refused_unless_frozen():
 
 
 def test_all_linear_without_expert_lora_is_refused(tmp_path, tokenizer, dataset):
-    # PEFT 0.21 maps "all-linear" onto the fused experts for Qwen3-MoE, Mixtral, ... but not Qwen2-MoE
-    with pytest.raises(ValueError, match="adapted no expert of this Qwen2-MoE model.*target_parameters="):
-        KTSFTTrainer(tiny_model("qwen2_moe"), sft_args(tmp_path), dataset, processing_class=copy.deepcopy(tokenizer),
+    # PEFT maps "all-linear" onto the fused experts of most families, but not onto gpt-oss's
+    with pytest.raises(ValueError, match="adapted no expert of this gpt-oss model.*target_parameters="):
+        KTSFTTrainer(tiny_model("gpt_oss"), sft_args(tmp_path), dataset, processing_class=copy.deepcopy(tokenizer),
                      peft_config=LoraConfig(target_modules="all-linear"))
 
 
