@@ -62,27 +62,6 @@ void gather_stage(const kt_experts &ex, const BackwardScratch &s, const uint16_t
     });
 }
 
-// C [mr, cn] = A . W for the first rows of a transposed item, building its transposed copy of W's
-// columns [c0, c0 + cn) (pack_transposed_block) one reduction slice at a time on the way: while a
-// slice multiplies, column group by column group, the next slice's source panels are prefetched,
-// so that the weights' reads from DRAM overlap the tile work instead of all preceding it.
-void first_band_building_copy(const Kernels &K, float *tile, const uint16_t *A, int64_t lda, uint16_t *panels,
-                              const PackedWeight &w, int64_t c0, int64_t cn, int64_t mr) {
-    constexpr int64_t kGroup = 64;   // columns per gemm call, one share of the prefetches each
-    const int64_t Rp = round_up(w.layout->N, kKAlign), src = w.layout->Np / 16, groups = (cn + kGroup - 1) / kGroup;
-    for (int64_t s0 = 0; s0 < Rp; s0 += kKSlice) {
-        const int64_t sn = std::min(kKSlice, Rp - s0);
-        const int64_t p1 = std::min(src, (s0 + sn) / 16), p2 = std::min(src, (s0 + sn + kKSlice) / 16);
-        pack_transposed_block(panels, w, c0, cn, K, s0 / 16, p1);
-        for (int64_t g = 0; g < groups; ++g) {
-            if (p1 < p2) prefetch_panels(w, c0, cn, p1, p2, g, groups);
-            const int64_t j = g * kGroup;
-            K.gemm_bf16(tile + j, cn, A + s0, lda, panels + (j / 16) * Rp * 16 + s0 * 16, Rp * 16, mr,
-                        std::min(kGroup, cn - j), sn, s0 > 0);
-        }
-    }
-}
-
 // rows of C = A . W (W given packed for y = x W^T: transposed panels per item) (+ s L . A_lora).
 void transposed_stage(const kt_experts &ex, const RoutePlan &plan, bool is_down, const uint16_t *A, int64_t lda,
                       const float *L, const LoraView &l, int64_t out_n,
@@ -121,11 +100,9 @@ void transposed_stage(const kt_experts &ex, const RoutePlan &plan, bool is_down,
             return;
         }
         uint16_t *panels = ts.panels.get<uint16_t>(Rp * block);
+        pack_transposed_block(panels, weight, c0, cn, K);
         float *tile = ts.tile.get<float>(kRowBlock * kMaxColBlock);
-        const int64_t mr0 = std::min(kRowBlock, rows);
-        first_band_building_copy(K, tile, A + r0 * lda, lda, panels, weight, c0, cn, mr0);
-        finish(tile, 0, mr0);
-        for (int64_t m = mr0; m < rows; m += kRowBlock) {
+        for (int64_t m = 0; m < rows; m += kRowBlock) {
             const int64_t mr = std::min(kRowBlock, rows - m);
             gemm_rows(K, tile, cn, A + (r0 + m) * lda, lda, panels, Rp * 16, mr, cn, Rp);
             finish(tile, m, mr);

@@ -84,17 +84,6 @@ const uint16_t *bf16_panels(const PackedWeight &w, int64_t c0, int64_t cn, Buffe
     return dst;
 }
 
-void prefetch_panels(const PackedWeight &w, int64_t k0, int64_t kn, int64_t p0, int64_t p1, int64_t part,
-                     int64_t parts) {
-    const WeightLayout &l = *w.layout;
-    const int64_t vb = l.value_bytes(), lines = (std::min(kn, l.Kp - k0) * 16 * vb + 63) / 64;
-    const int64_t from = lines * part / parts, to = lines * (part + 1) / parts;
-    for (int64_t p = p0; p < p1; ++p) {
-        const uint8_t *base = w.data + (p * l.Kp + k0) * 16 * vb;
-        for (int64_t i = from; i < to; ++i) __builtin_prefetch(base + i * 64, 0, 2);
-    }
-}
-
 namespace {
 
 const uint16_t *wt_rows(const void *ctx, int64_t p0, int64_t p1, int64_t *ldw) {
@@ -110,35 +99,39 @@ const uint16_t *wt_rows(const void *ctx, int64_t p0, int64_t p1, int64_t *ldw) {
     return dst;
 }
 
+// Part `part` of `parts` of each panel's stored bytes of the range, line by line into L2.
 void wt_prefetch(const void *ctx, int64_t p0, int64_t p1, int64_t part, int64_t parts) {
     const WtSource &s = *static_cast<const WtSource *>(ctx);
-    prefetch_panels(s.w, s.k0, s.kn, p0, p1, part, parts);
+    const WeightLayout &l = *s.w.layout;
+    const int64_t vb = l.value_bytes(), lines = (s.kn * 16 * vb + 63) / 64;
+    const int64_t from = lines * part / parts, to = lines * (part + 1) / parts;
+    for (int64_t p = p0; p < p1; ++p) {
+        const uint8_t *base = s.w.data + (p * l.Kp + s.k0) * 16 * vb;
+        for (int64_t i = from; i < to; ++i) __builtin_prefetch(base + i * 64, 0, 2);
+    }
 }
 
 }  // namespace
 
 WtPanels WtSource::panels() const { return {wt_rows, wt_prefetch, this}; }
 
-void pack_transposed_block(uint16_t *dst, const PackedWeight &w, int64_t k0, int64_t kn, const Kernels &K,
-                           int64_t np0, int64_t np1) {
+void pack_transposed_block(uint16_t *dst, const PackedWeight &w, int64_t k0, int64_t kn, const Kernels &K) {
     const WeightLayout &l = *w.layout;
     const int64_t Rp = round_up(l.N, kKAlign);   // reduction length of the transposed view
     const int64_t n_panels = l.Np / 16;
-    np1 = np1 < 0 ? n_panels : std::min(np1, n_panels);
     // Source blocks past K (k0 + kn may exceed K up to the next multiple of 16) and reduction rows
     // past the last source panel are zero.
     const int64_t stored = std::clamp<int64_t>(l.Kp - k0, 0, kn);   // K values of the range inside the panels
-    for (int64_t kb = stored; kb < kn; kb += 16)
-        std::memset(dst + (kb / 16) * Rp * 16 + np0 * 256, 0, sizeof(uint16_t) * std::max<int64_t>(0, np1 - np0) * 256);
+    for (int64_t kb = stored; kb < kn; kb += 16) std::memset(dst + (kb / 16) * Rp * 16, 0, sizeof(uint16_t) * n_panels * 256);
     if (l.bf16()) {   // blocks straight from the panels, output panel by output panel (each written contiguously)
         for (int64_t kb = 0; kb < stored; kb += 16)
-            for (int64_t np = np0; np < np1; ++np)
+            for (int64_t np = 0; np < n_panels; ++np)
                 K.transpose_block(dst + (kb / 16) * Rp * 16 + np * 256,
                                   w.panels() + np * l.Kp * 16 + ((k0 + kb) / 2) * 32);
     } else {   // one decode per source panel and run of up to kDecodeRun K values, into a buffer in L1
         constexpr int64_t kDecodeRun = 256;
         alignas(64) uint16_t decoded[kDecodeRun * 16];
-        for (int64_t np = np0; np < np1; ++np)
+        for (int64_t np = 0; np < n_panels; ++np)
             for (int64_t kb = 0; kb < stored; kb += kDecodeRun) {
                 const int64_t run = std::min(kDecodeRun, stored - kb);
                 decode_rows(decoded, w, np, (k0 + kb) / 2, run / 2, K);
@@ -146,7 +139,7 @@ void pack_transposed_block(uint16_t *dst, const PackedWeight &w, int64_t k0, int
                     K.transpose_block(dst + (kb / 16 + b) * Rp * 16 + np * 256, decoded + b * 256);
             }
     }
-    if (Rp > n_panels * 16 && np1 == n_panels)
+    if (Rp > n_panels * 16)
         for (int64_t kb = 0; kb < kn; kb += 16)
             std::memset(dst + (kb / 16) * Rp * 16 + n_panels * 256, 0, sizeof(uint16_t) * (Rp - n_panels * 16) * 16);
 }

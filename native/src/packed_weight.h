@@ -86,15 +86,7 @@ struct WtSource {
 // The transposed view, for dX = dY W: packed panels of W^T restricted to the K-columns
 // [k0, k0 + kn) of W (kn % 16 == 0), i.e. a packed [kn, Np] weight whose reduction dimension is
 // W's N. dst holds (kn / 16) panels of round_up(Np, 32) * 16 values. Rows of W past N (padding up
-// to the next multiple of 32) and columns past K are zero. Only the reduction rows of W's panels
-// [np0, np1) (np1 < 0: all) are written, so that the copy can be built a slice at a time; the
-// padding rows with the last panel.
-void pack_transposed_block(uint16_t *dst, const PackedWeight &w, int64_t k0, int64_t kn, const Kernels &K,
-                           int64_t np0 = 0, int64_t np1 = -1);
-
-// Part `part` of `parts` of the stored bytes of w's panels [p0, p1) for the K-columns
-// [k0, k0 + kn), line by line towards L2: reads from DRAM issued ahead of the code that needs them.
-void prefetch_panels(const PackedWeight &w, int64_t k0, int64_t kn, int64_t p0, int64_t p1, int64_t part,
-                     int64_t parts);
+// to the next multiple of 32) and columns past K are zero.
+void pack_transposed_block(uint16_t *dst, const PackedWeight &w, int64_t k0, int64_t kn, const Kernels &K);
 
 }  // namespace kt
