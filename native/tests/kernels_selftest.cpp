@@ -239,13 +239,7 @@ void test_gemm_wt(const std::vector<const Kernels *> &isas, std::vector<Stats> &
                                 *ldw = kn * 16;
                                 return s.run.data();
                             }
-                            // Prefetches are hints: only their ranges are checked.
-                            static void prefetch(const void *ctx, int64_t p0, int64_t p1, int64_t part, int64_t parts) {
-                                auto &s = *const_cast<Source *>(static_cast<const Source *>(ctx));
-                                const int64_t panels = int64_t(s.Wp.size()) / (s.Kp * 16);
-                                s.ordered = s.ordered && 0 <= p0 && p0 < p1 && p1 <= panels && 0 <= part && part < parts;
-                            }
-                            kt::WtPanels panels() const { return {rows, prefetch, this}; }
+                            kt::WtPanels panels() const { return {rows, this}; }
                         };
                         const std::string name = "M=" + std::to_string(M) + " Rn=" + std::to_string(Rn) + " Kp=" +
                                                  std::to_string(Kp) + " k0=" + std::to_string(k0) + " cn=" + std::to_string(cn);
