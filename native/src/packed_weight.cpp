@@ -99,21 +99,9 @@ const uint16_t *wt_rows(const void *ctx, int64_t p0, int64_t p1, int64_t *ldw) {
     return dst;
 }
 
-// Part `part` of `parts` of each panel's stored bytes of the range, line by line into L2.
-void wt_prefetch(const void *ctx, int64_t p0, int64_t p1, int64_t part, int64_t parts) {
-    const WtSource &s = *static_cast<const WtSource *>(ctx);
-    const WeightLayout &l = *s.w.layout;
-    const int64_t vb = l.value_bytes(), lines = (s.kn * 16 * vb + 63) / 64;
-    const int64_t from = lines * part / parts, to = lines * (part + 1) / parts;
-    for (int64_t p = p0; p < p1; ++p) {
-        const uint8_t *base = s.w.data + (p * l.Kp + s.k0) * 16 * vb;
-        for (int64_t i = from; i < to; ++i) __builtin_prefetch(base + i * 64, 0, 2);
-    }
-}
-
 }  // namespace
 
-WtPanels WtSource::panels() const { return {wt_rows, wt_prefetch, this}; }
+WtPanels WtSource::panels() const { return {wt_rows, this}; }
 
 void pack_transposed_block(uint16_t *dst, const PackedWeight &w, int64_t k0, int64_t kn, const Kernels &K) {
     const WeightLayout &l = *w.layout;

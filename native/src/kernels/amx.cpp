@@ -336,22 +336,16 @@ void gemm_bf16_wt(float *C, int64_t ldc, const uint16_t *A, int64_t lda, const W
     const int64_t groups = (M + 7) / 8, panels = Rn / 16, q_blocks = (cn + 31) / 32;
     uint16_t *bz = scratch;
     float *acc = reinterpret_cast<float *>(scratch + groups * panels * 512);
-    const int64_t first_run = std::min(panels, kWtPanelRun), b_tiles = groups * panels;
     for (int64_t g = 0; g < groups; ++g)
-        for (int64_t p = 0; p < panels; ++p) {
-            W.prefetch(W.ctx, 0, first_run, g * panels + p, b_tiles);
-            wt_b_tile(bz + (g * panels + p) * 512, A, lda, M, g, p);
-        }
+        for (int64_t p = 0; p < panels; ++p) wt_b_tile(bz + (g * panels + p) * 512, A, lda, M, g, p);
     __asm__ volatile("" ::: "memory");   // the B tiles are stored before the tile loads read them
     _tile_loadconfig(&kConfigs.with_rows[16]);
-    const int64_t steps = (q_blocks + 1) / 2;
     for (int64_t p0 = 0; p0 < panels; p0 += kWtPanelRun) {
-        const int64_t p1 = std::min(panels, p0 + kWtPanelRun), p2 = std::min(panels, p1 + kWtPanelRun);
+        const int64_t p1 = std::min(panels, p0 + kWtPanelRun);
         int64_t ldw = 0;
         const uint16_t *run = W.rows(W.ctx, p0, p1, &ldw);
         __asm__ volatile("" ::: "memory");   // decoded panels are stored before the tile loads
         for (int64_t qb = 0; qb < q_blocks; qb += 2) {
-            if (p1 < p2) W.prefetch(W.ctx, p1, p2, qb / 2, steps);
             const bool two_a = qb + 1 < q_blocks;
             const uint16_t *Wq = run + qb * 16 * 32;   // A tiles: 16 panel rows = 32 outputs each
             for (int64_t g = 0; g < groups; g += 2) {

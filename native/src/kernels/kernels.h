@@ -23,12 +23,9 @@ struct Activation {
 // Where gemm_bf16_wt gets its weight panels: rows(ctx, p0, p1, &ldw) returns BF16 panels [p0, p1)
 // (at most kWtPanelRun of them) of the columns the call covers, panel p at the result + (p - p0) *
 // ldw; the pointer is used until the next call. BF16 weights hand out their own panels, 8-bit
-// ones decode each run into a buffer. prefetch(ctx, p0, p1, part, parts) brings part `part` of
-// `parts` of the stored bytes of panels [p0, p1) towards L2, so that the next run's reads from
-// DRAM overlap the current run's tile work instead of following it.
+// ones decode each run into a buffer.
 struct WtPanels {
     const uint16_t *(*rows)(const void *ctx, int64_t p0, int64_t p1, int64_t *ldw);
-    void (*prefetch)(const void *ctx, int64_t p0, int64_t p1, int64_t part, int64_t parts);
     const void *ctx;
 };
 constexpr int64_t kWtPanelRun = 4;
