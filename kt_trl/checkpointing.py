@@ -44,6 +44,21 @@ class Phase(enum.Enum):
     INFERENCE = "inference"  # no backward follows: nothing is saved
 
 
+def checkpointing_requested(args) -> bool | None:
+    """Whether training arguments ask for activation (gradient) checkpointing; None without arguments.
+
+    transformers 5.25 renamed `gradient_checkpointing` to `activation_checkpointing` (the old name
+    stays an alias until v6): the new name is read first.
+    """
+    if args is None:
+        return None
+    for name in ("activation_checkpointing", "gradient_checkpointing"):
+        value = getattr(args, name, None)
+        if value is not None:
+            return bool(value)
+    return None
+
+
 def _in_backward() -> bool:
     # torch has no public "is autograd's engine running" query; the graph-task id is -1 outside
     # backward in every torch 2.x release.

@@ -30,6 +30,7 @@ from torch import nn
 
 from .checkpoint_formats import fp8_block_k, fp8_codes_fit
 from .checkpoint_keys import fp8_block_size
+from .checkpointing import checkpointing_requested
 from .config import KTConfig
 from .containers import find_decoder_layers, find_moe_blocks
 from .engine import ExpertEngine
@@ -202,7 +203,7 @@ def plan(name_or_path_or_config, args=None, kt_config: KTConfig | None = None, *
     other_lora = _gpu_lora_params(peft_config, meta, r)
     # the layers load_model / prepare_model keep in transformers' path on the training device
     device_layers = tuple(sorted(gpu_layers(
-        meta, blocks, kt_config, tokens=tokens or None, checkpointed=getattr(args, "gradient_checkpointing", None),
+        meta, blocks, kt_config, tokens=tokens or None, checkpointed=checkpointing_requested(args),
         device=device, unprepared=Unprepared(weight_bytes, other_lora, r * lora_factors))))
     on_device = len(device_layers)
     engine_layers = layers - on_device
@@ -304,7 +305,7 @@ def _expert_lora_factors(peft_config, E: int, H: int, I: int) -> int:
 
 def _kept_bytes(args, kt_config: KTConfig, T: int, k: int, H: int, I: int, r: int, layers: int) -> int:
     """What the MoE layers keep from the first forward for their backward, over all layers, one micro-batch."""
-    if not T or not getattr(args, "gradient_checkpointing", False) or not kt_config.reuse_checkpointed_activations:
+    if not T or not checkpointing_requested(args) or not kt_config.reuse_checkpointed_activations:
         return 0
     return layers * (T * k * 8 + T * H * 2 + T * k * 2 * I * 2 + T * k * 2 * r * 4)
 
@@ -338,7 +339,7 @@ def _activation_bytes(args, T: int, config, H: int) -> int:
     if not T:
         return 0
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    per_layer = T * H * 2 * (1 if getattr(args, "gradient_checkpointing", False) else 12)
+    per_layer = T * H * 2 * (1 if checkpointing_requested(args) else 12)
     return text.num_hidden_layers * per_layer + 12 * T * H * 2 + 2 * T * text.vocab_size * 4
 
 

@@ -8,6 +8,7 @@ import os
 from torch import nn
 from trl import SFTTrainer
 
+from .checkpointing import checkpointing_requested
 from .config import KTConfig
 from . import distributed
 from .containers import unwrap_model
@@ -92,7 +93,7 @@ class KTSFTTrainer(SFTTrainer):
         args = getattr(self, "args", None)
         tokens = args.per_device_train_batch_size * (getattr(args, "max_length", None) or 1024) if args else None
         self.kt_report = prepare_model(model, self.kt_config, expert_lora_requested=requested, tokens_per_batch=tokens,
-                                       gradient_checkpointing=getattr(args, "gradient_checkpointing", None),
+                                       gradient_checkpointing=checkpointing_requested(args),
                                        device=args.device if args is not None else None)
         if self.kt_config is None:
             self.kt_config = unwrap_model(model)._kt_config

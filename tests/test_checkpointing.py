@@ -72,3 +72,15 @@ def test_full_budgets_keep_nothing():
     assert not kept.keep(torch.zeros(3, 2, dtype=torch.long), layer_output(), saved_activations(), CUDA)
     assert len(kept) == 0 and kept.budget.declined == 1 and kept.device_budget.declined == 1
     assert kept.budget.bytes == kept.device_budget.bytes == 0
+
+
+def test_checkpointing_is_read_under_either_name_of_the_training_arguments():
+    from types import SimpleNamespace
+
+    from kt_trl.checkpointing import checkpointing_requested
+
+    # transformers 5.25 renamed the argument (the old name an alias until v6); older releases have only the old one
+    assert checkpointing_requested(SimpleNamespace(activation_checkpointing=True)) is True
+    assert checkpointing_requested(SimpleNamespace(gradient_checkpointing=True)) is True
+    assert checkpointing_requested(SimpleNamespace(activation_checkpointing=False, gradient_checkpointing=True)) is False
+    assert checkpointing_requested(SimpleNamespace()) is None and checkpointing_requested(None) is None
