@@ -45,7 +45,6 @@ class ExpertLayout:
         interleaved: Gate and up rows alternate (`x[..., ::2]`, `x[..., 1::2]`).
         bias: The experts have bias parameters (`gate_up_proj_bias`, `down_proj_bias`).
         act: Gated activation: `"silu"` or `"clamped_swiglu"` (gpt-oss, with `alpha` and `limit`).
-        no_expert_lora: When set, why LoRA on this family's experts is refused, and what to do instead.
     """
 
     family: str
@@ -60,7 +59,6 @@ class ExpertLayout:
     interleaved: bool = False
     bias: bool = False
     act: str = "silu"
-    no_expert_lora: str | None = None
 
 
 REGISTRY: tuple[ExpertLayout, ...] = (
@@ -88,10 +86,6 @@ REGISTRY: tuple[ExpertLayout, ...] = (
         interleaved=True,
         bias=True,
         act="clamped_swiglu",
-        no_expert_lora=(
-            "LoRA on gpt-oss's transposed, biased experts is not supported yet; drop 'mlp.experts.gate_up_proj' "
-            "and 'mlp.experts.down_proj' from target_parameters (attention and router LoRA train as usual)."
-        ),
     ),
 )
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from .containers import MoEBlock
 from .engine import ExpertLoRA
-from .layouts import EXPERT_PARAMETERS
+from .layouts import EXPERT_PARAMETERS, ExpertLayout
 
 logger = logging.getLogger(__name__)
 
@@ -49,12 +49,16 @@ def requested_expert_lora(peft_config) -> bool:
 
 
 def expert_lora_factors(wrapper: nn.Module, adapter: str):
-    """`ExpertLoRA` views (`A [E, r, in]`, `B [E, out, r]`, scale) of one `ParamWrapper` adapter."""
+    """`ExpertLoRA` (`A [E, r, in]`, `B [E, out, r]`, scale) of one `ParamWrapper` adapter, in the
+    engine's output order: views of PEFT's tensors, except where the family interleaves gate and up
+    outputs (gpt-oss), whose gate_up `B` is a (differentiable) copy with the gate rows first."""
     num_experts, rank = wrapper.num_experts, wrapper.r[adapter]
     weight_a = wrapper.lora_A[adapter].weight  # [r*E, in]
     weight_b = wrapper.lora_B[adapter].weight  # [out, r*E]
     a = weight_a.view(num_experts, rank, weight_a.shape[1])
     b = weight_b.view(weight_b.shape[0], rank, num_experts).permute(2, 0, 1)
+    if getattr(wrapper, "_kt_interleaved", False) and wrapper.parameter_name == "gate_up_proj":
+        b = torch.cat([b[:, 0::2], b[:, 1::2]], dim=1)
     return ExpertLoRA(A=a, B=b, scale=float(wrapper.scaling[adapter]))
 
 
@@ -138,7 +142,7 @@ def _add_delta_to_engine(wrapper: nn.Module, adapter: str, *, sign: float, check
             engine.load_expert(e, gate_up[e], down[e])
 
 
-def _check_wrappers(block: MoEBlock) -> dict[str, nn.Module]:
+def _check_wrappers(block: MoEBlock, layout: ExpertLayout) -> dict[str, nn.Module]:
     by_name = {w.parameter_name: w for w in block.wrappers}
     unknown = sorted(set(by_name) - set(EXPERT_PARAMETERS))
     if unknown or len(by_name) != len(block.wrappers):
@@ -147,8 +151,11 @@ def _check_wrappers(block: MoEBlock) -> dict[str, nn.Module]:
             f"engine; target only {list(EXPERT_PARAMETERS)} in target_parameters."
         )
     for name, wrapper in by_name.items():
-        if not getattr(wrapper, "_did_swap_in_out_features", False):
-            raise ValueError(f"{block.name}.{name}: transposed expert LoRA layout is not supported.")
+        # PEFT reads a 3-D parameter as [E, in, out] and swaps to [E, out, in] where the model stores
+        # experts that way: either way A is [r*E, in] and B [out, r*E] of x -> out.
+        if getattr(wrapper, "_did_swap_in_out_features", False) == layout.transposed:
+            raise ValueError(f"{block.name}.{name}: PEFT's in / out features do not match the {layout.family} "
+                             "expert layout; the CPU engine cannot run this LoRA.")
         if any(wrapper.lora_bias.get(a, False) for a in wrapper.lora_A):
             raise ValueError(f"{block.name}.{name}: lora_bias=True is not supported on experts; set lora_bias=False.")
     return by_name
@@ -164,7 +171,7 @@ def _to_fp32_cpu(wrapper: nn.Module) -> None:
             param.data = param.data.to("cpu", torch.float32)
 
 
-def bind_expert_lora(block: MoEBlock) -> bool:
+def bind_expert_lora(block: MoEBlock, layout: ExpertLayout) -> bool:
     """Bind the engine-backed forward on `block`'s outer `ParamWrapper` (idempotent).
 
     Returns:
@@ -175,9 +182,10 @@ def bind_expert_lora(block: MoEBlock) -> bool:
     outer = block.wrappers[0]
     if getattr(outer, "_kt_routed", False):
         return True
-    by_name = _check_wrappers(block)
+    by_name = _check_wrappers(block, layout)
     for wrapper in by_name.values():
         _to_fp32_cpu(wrapper)
+        wrapper._kt_interleaved = layout.interleaved
         wrapper.merge = types.MethodType(_merge_into_engine, wrapper)
         wrapper.unmerge = types.MethodType(_unmerge_from_engine, wrapper)
     outer._kt_wrappers = by_name

@@ -92,9 +92,7 @@ def prepare_model(
                       on_device=[b for b in blocks if b.index in on_device])
     on_device = [b for b in blocks if getattr(b.experts, "_kt_on_device", False)]
     blocks = [b for b in blocks if not getattr(b.experts, "_kt_on_device", False)]
-    if layout.no_expert_lora and any(block.wrappers for block in blocks):
-        raise ValueError(f"{layout.family}: {layout.no_expert_lora}")
-    adapted = [bind_expert_lora(block) for block in blocks] + [bool(b.wrappers) for b in on_device]
+    adapted = [bind_expert_lora(block, layout) for block in blocks] + [bool(b.wrappers) for b in on_device]
     for block in blocks:  # the outermost module at `block.experts` owns host-only tensors
         keep_on_cpu(block.slot)
     if expert_lora_requested is None:

@@ -44,7 +44,7 @@ FAMILIES = {
     "hunyuan_v1_moe": ("HunYuanMoEV1Config", dict(intermediate_size=16, num_experts=8, moe_topk=2, head_dim=8)),
     "granitemoe": ("GraniteMoeConfig", dict(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2)),
 }
-# gpt-oss: transposed, interleaved, biased experts with a clamped SwiGLU; no expert LoRA (refused).
+# gpt-oss: transposed, interleaved, biased experts with a clamped SwiGLU ("all-linear" reaches no expert).
 EXTRA_FAMILIES = {
     "gpt_oss": ("GptOssConfig", dict(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, head_dim=8,
                                      layer_types=["sliding_attention", "full_attention"])),

@@ -32,7 +32,7 @@ if os.environ.get("SHM_FULL"):  # a /dev/shm without room: reserving the shared 
     os.posix_fallocate = no_room
 dataset = load_instructions()
 family = os.environ.get("FAMILY", "qwen3_moe")
-experts = [] if family == "gpt_oss" else expert_targets(family)   # gpt-oss: no expert LoRA yet
+experts = [] if family == "gpt_oss" else expert_targets(family)   # gpt-oss: attention LoRA (its expert LoRA: test_trainer)
 trainer = KTSFTTrainer(
     os.environ.get("MODEL_PATH") or tiny_model(family), sft_args(out, family, max_steps=steps, per_device_train_batch_size=batch,
                                                                save_strategy="steps", save_steps=2), dataset,

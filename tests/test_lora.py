@@ -58,7 +58,7 @@ def test_binding_is_per_instance_and_idempotent():
     prepare_model(model)
     outer = blocks(model)[0].wrappers[0]
     bound = outer.forward
-    assert bind_expert_lora(blocks(model)[0]) is True
+    assert bind_expert_lora(blocks(model)[0], match_layout(model.get_base_model())) is True
     assert outer.forward is bound and outer._kt_routed
     assert type(outer).forward is ParamWrapper.forward  # the class is untouched
     other = expert_peft()

@@ -167,13 +167,6 @@ def test_gpt_oss_routes_with_its_own_expert_layout():
         assert torch.equal(state[f"model.layers.0.mlp.experts.{name}"], value)
 
 
-def test_gpt_oss_expert_lora_is_refused():
-    model = get_peft_model(tiny_model("gpt_oss"), LoraConfig(r=2, target_modules=["q_proj"],
-                                                             target_parameters=["mlp.experts.gate_up_proj"]))
-    with pytest.raises(ValueError, match="gpt-oss: LoRA on gpt-oss's transposed, biased experts is not supported"):
-        prepare_model(model)
-
-
 def test_non_silu_experts_are_refused():
     with pytest.raises(ValueError, match="experts layout the CPU engine runs.*hidden_act must be 'silu'"):
         prepare_model(tiny_model("mixtral", hidden_act="gelu"), KTConfig(freeze_experts=True))

@@ -190,11 +190,15 @@ def test_resume_from_checkpoint_matches_uninterrupted(tmp_path, tokenizer, datas
         counters["forward_seconds"] + counters["backward_seconds"], abs=1e-3)
 
 
-def test_gpt_oss_parity_with_attention_lora(tmp_path, tokenizer, dataset):
-    # gpt-oss experts (transposed, interleaved, biased, clamped SwiGLU) on the engine; LoRA on attention
-    trainers = train_pair("gpt_oss", tmp_path, tokenizer, dataset, attention_lora())
+@pytest.mark.parametrize("lora", ["attention", "experts"])
+def test_gpt_oss_parity(lora, tmp_path, tokenizer, dataset):
+    # gpt-oss experts (transposed, interleaved, biased, clamped SwiGLU) on the engine, with LoRA on
+    # attention only or on the experts too (PEFT reads its transposed parameters as [E, in, out])
+    config = attention_lora() if lora == "attention" else expert_lora("gpt_oss")
+    trainers = train_pair("gpt_oss", tmp_path, tokenizer, dataset, config)
     assert_parity(trainers)
     assert trainers["kt"][0].kt_report.layers_routed == (0, 1)
+    assert (trainers["kt"][0].kt_report.expert_lora_parameters > 0) == (lora == "experts")
 
 
 def test_training_logs_say_how_long_the_engine_took(tmp_path, tokenizer, dataset):
