@@ -97,7 +97,8 @@ void gate_up_stage(const kt_experts &ex, const ForwardScratch &s, const RoutePla
     ThreadPool::run(items.size(), [&](int64_t i, int w) {
         const int64_t e = items.expert[i], c0 = items.col0[i], cn = items.cols[i];
         const int64_t r0 = plan.offsets[e];
-        gemm_item(K, workspace().threads[w], s.xs + r0 * ex.ldx, ex.ldx, ex.gate_up(e), c0, plan.count(e), cn, s.lx + r0 * lora_gu.r, lora_gu.r, s.bt.gu + e * lora_gu.r * N + c0, N, lora_gu.scale,
+        gemm_item(K, workspace().threads[w], s.xs + r0 * ex.ldx, ex.ldx, ex.gate_up(e), c0, plan.count(e), cn,
+                  s.lx + r0 * lora_gu.r, lora_gu.r, s.bt.gu + e * lora_gu.r * N + c0, N, lora_gu.scale,
                   [&](int64_t m, int64_t mr, float *t) {
                       const int64_t valid = std::min(cn, 2 * ex.I - c0);
                       if (ex.has_bias) add_bias(t, cn, mr, valid, ex.bias_gate_up(e) + c0);
@@ -141,7 +142,8 @@ void down_stage(const kt_experts &ex, const ForwardScratch &s, const RoutePlan &
     ThreadPool::run(items.size(), [&](int64_t i, int w) {
         const int64_t e = items.expert[i], c0 = items.col0[i], cn = items.cols[i];
         const int64_t r0 = plan.offsets[e], valid = std::min(cn, ex.H - c0);
-        gemm_item(K, workspace().threads[w], s.hs + r0 * ex.ldh, ex.ldh, ex.down(e), c0, plan.count(e), cn, s.lh + r0 * lora_dn.r, lora_dn.r, s.bt.d + e * lora_dn.r * N + c0, N, lora_dn.scale,
+        gemm_item(K, workspace().threads[w], s.hs + r0 * ex.ldh, ex.ldh, ex.down(e), c0, plan.count(e), cn,
+                  s.lh + r0 * lora_dn.r, lora_dn.r, s.bt.d + e * lora_dn.r * N + c0, N, lora_dn.scale,
                   [&](int64_t m, int64_t mr, float *t) {
                       if (ex.has_bias) add_bias(t, cn, mr, valid, ex.bias_down(e) + c0);
                       for (int64_t row = 0; row < mr; ++row)
