@@ -32,12 +32,12 @@ if os.environ.get("SHM_FULL"):  # a /dev/shm without room: reserving the shared 
     os.posix_fallocate = no_room
 dataset = load_instructions()
 family = os.environ.get("FAMILY", "qwen3_moe")
-experts = [] if family == "gpt_oss" else expert_targets(family)   # gpt-oss: attention LoRA (its expert LoRA: test_trainer)
+experts = expert_targets(family)
 trainer = KTSFTTrainer(
     os.environ.get("MODEL_PATH") or tiny_model(family), sft_args(out, family, max_steps=steps, per_device_train_batch_size=batch,
                                                                save_strategy="steps", save_steps=2), dataset,
     processing_class=build_tokenizer(dataset),
-    peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"], target_parameters=experts or None),
+    peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"], target_parameters=experts),
     kt_config=KTConfig(gpu_experts=int(os.environ.get("GPU_EXPERTS", "0")) or "auto"),
 )
 def shared_expert_memory():  # (Rss, Pss) bytes of the mappings of the host's packed experts (unlinked files)
