@@ -52,7 +52,6 @@ struct PackedWeight {
     float *scales;    // 8-bit only
 
     const uint16_t *panels() const { return reinterpret_cast<const uint16_t *>(data); }   // BF16 only
-    const float *panel_scales(int64_t p, int64_t kb) const { return scales + (p * layout->nkb + kb) * 16; }
 };
 
 // Packs one projection: BF16 W [N, K] (row stride ld), or 8-bit codes [N, K] (row stride ld) with
