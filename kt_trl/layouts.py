@@ -219,9 +219,10 @@ def _shape_problems(layout: ExpertLayout, gate_up, down) -> list[str]:
 # Converters between a family's layout and the engine's standard one, one expert at a time.
 
 
-def _deinterleave(t: torch.Tensor) -> torch.Tensor:
-    """Gate entries (even positions) first, then up (odd) along the first dimension."""
-    return torch.cat([t[0::2], t[1::2]])
+def deinterleave(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Gate entries (even positions) first, then up (odd) along `dim`: a new tensor, differentiable."""
+    at = (slice(None),) * dim
+    return torch.cat([t[at + (slice(0, None, 2),)], t[at + (slice(1, None, 2),)]], dim=dim)
 
 
 def _interleave(t: torch.Tensor) -> torch.Tensor:
@@ -237,7 +238,7 @@ def engine_expert(layout: ExpertLayout, gate_up: torch.Tensor, down: torch.Tenso
     if layout.transposed:
         gate_up, down = gate_up.t(), down.t()
     if layout.interleaved:
-        gate_up = _deinterleave(gate_up)
+        gate_up = deinterleave(gate_up)
     return gate_up.contiguous(), down.contiguous()
 
 
@@ -245,7 +246,7 @@ def engine_bias(layout: ExpertLayout, experts: nn.Module, expert: int) -> tuple[
     """`(gate_up_bias [2I] gate then up, down_bias [H])` of one expert, FP32 on the CPU."""
     b_gu = experts.gate_up_proj_bias.detach()[expert].to("cpu", torch.float32)
     b_d = experts.down_proj_bias.detach()[expert].to("cpu", torch.float32)
-    return (_deinterleave(b_gu) if layout.interleaved else b_gu).contiguous(), b_d.contiguous()
+    return (deinterleave(b_gu) if layout.interleaved else b_gu).contiguous(), b_d.contiguous()
 
 
 def engine_experts(layout: ExpertLayout, experts: nn.Module) -> Iterator[tuple[torch.Tensor, ...]]:

@@ -27,7 +27,7 @@ from torch import nn
 
 from .containers import MoEBlock
 from .engine import ExpertLoRA
-from .layouts import EXPERT_PARAMETERS, ExpertLayout
+from .layouts import EXPERT_PARAMETERS, ExpertLayout, deinterleave
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def expert_lora_factors(wrapper: nn.Module, adapter: str):
     a = weight_a.view(num_experts, rank, weight_a.shape[1])
     b = weight_b.view(weight_b.shape[0], rank, num_experts).permute(2, 0, 1)
     if getattr(wrapper, "_kt_interleaved", False) and wrapper.parameter_name == "gate_up_proj":
-        b = torch.cat([b[:, 0::2], b[:, 1::2]], dim=1)
+        b = deinterleave(b, dim=1)
     return ExpertLoRA(A=a, B=b, scale=float(wrapper.scaling[adapter]))
 
 
