@@ -6,7 +6,9 @@
 // rows; the A pair is an embedded {1to16} broadcast from memory, so 28 of the 32 zmm are live.
 // The accumulators stay in registers for the whole K loop. Rows are split into near-equal blocks
 // (M = 32 -> 6,6,5,5,5,5) so no block degenerates to 1-2 rows; every row sees the same operation
-// sequence whatever its block, so a row's result does not depend on M.
+// sequence whatever its block, so a row's result does not depend on M. While the row blocks after
+// the first multiply a group of panels from cache, they prefetch the next group's panels (same K
+// range) into L2, one line of each per K pair, so that its first block does not wait on DRAM.
 //
 // Note: VDPBF16PS treats denormal inputs as zero and flushes denormal results (DAZ/FTZ);
 // the scalar oracle does not. Only values below ~1e-38 are affected.
@@ -19,6 +21,7 @@
 #endif
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "avx512_common.h"
@@ -31,15 +34,19 @@ constexpr int kMaxRows = 6;
 constexpr int kMaxPanels = 4;
 
 // C[0..R, 0..16P) (= or +=) A[0..R, :] x panels W[0..P).
+// pf: npf panels (stride pstride) to prefetch along the K loop.
 template <int R, int P>
 void block(float *__restrict__ C, int64_t ldc, const uint16_t *__restrict__ A, int64_t lda,
-           const uint16_t *__restrict__ W, int64_t pstride, int64_t Kp, bool accumulate) {
+           const uint16_t *__restrict__ W, int64_t pstride, int64_t Kp, bool accumulate, const uint16_t *pf,
+           int64_t npf) {
     __m512 acc[R][P];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
         for (int p = 0; p < P; ++p) acc[r][p] = _mm512_setzero_ps();
     for (int64_t q = 0; q < Kp / 2; ++q) {
+        for (int64_t j = 0; j < npf; ++j)
+            _mm_prefetch(reinterpret_cast<const char *>(pf + j * pstride + q * 32), _MM_HINT_T1);
         __m512bh w[P];
 #pragma GCC unroll 4
         for (int p = 0; p < P; ++p) w[p] = (__m512bh)_mm512_loadu_si512(W + p * pstride + q * 32);
@@ -61,7 +68,8 @@ void block(float *__restrict__ C, int64_t ldc, const uint16_t *__restrict__ A, i
         }
 }
 
-using BlockFn = void (*)(float *, int64_t, const uint16_t *, int64_t, const uint16_t *, int64_t, int64_t, bool);
+using BlockFn = void (*)(float *, int64_t, const uint16_t *, int64_t, const uint16_t *, int64_t, int64_t, bool,
+                        const uint16_t *, int64_t);
 
 constexpr BlockFn kBlocks[kMaxRows][kMaxPanels] = {
     {block<1, 1>, block<1, 2>, block<1, 3>, block<1, 4>},
@@ -76,14 +84,17 @@ void gemm_bf16(float *C, int64_t ldc, const uint16_t *A, int64_t lda, const uint
                int64_t M, int64_t N, int64_t Kp, bool accumulate) {
     const int64_t panels = N / 16;
     const int64_t nblocks = (M + kMaxRows - 1) / kMaxRows;
-    // Panel groups outer: one group of W (4 panels x Kp) stays cache-hot across the row blocks.
+    // Panel groups outer: one group of W (4 panels x Kp) stays cache-hot across the row blocks,
+    // and blocks 1.. share the next group's prefetches.
     for (int64_t p = 0; p < panels; p += kMaxPanels) {
         const int64_t np = panels - p < kMaxPanels ? panels - p : kMaxPanels;
+        const int64_t next = std::min<int64_t>(kMaxPanels, panels - p - np);
         int64_t m = 0;
         for (int64_t b = 0; b < nblocks; ++b) {
             const int64_t rows = M / nblocks + (b < M % nblocks ? 1 : 0);   // 1..kMaxRows
+            const int64_t f0 = b == 0 ? 0 : (b - 1) * next / (nblocks - 1), f1 = b == 0 ? 0 : b * next / (nblocks - 1);
             kBlocks[rows - 1][np - 1](C + m * ldc + p * 16, ldc, A + m * lda, lda, Wp + p * ldw, ldw, Kp,
-                                      accumulate);
+                                      accumulate, f1 > f0 ? Wp + (p + np + f0) * ldw : nullptr, f1 - f0);
             m += rows;
         }
     }
