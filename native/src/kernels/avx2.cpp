@@ -7,7 +7,9 @@
 // Register block: up to 5 rows x 16 columns = 10 accumulators + 4 converted panel halves + 1
 // broadcast (15 of 16 ymm); the accumulators stay in registers for the whole K loop. Per pair
 // and row: acc = fma(a[2q], even, acc); acc = fma(a[2q+1], odd, acc), the same sequence for every
-// row whatever its block, so a row's result does not depend on M.
+// row whatever its block, so a row's result does not depend on M. The first block of rows reads
+// the panels from DRAM one after another (later blocks find them in cache): it prefetches the
+// next panel into L2 while it multiplies the current one, one line per K pair.
 //
 // Conversions: vectorised, bit-identical to bf16.h (round to nearest even, NaN stays NaN).
 // sgemm_*: sgemm.inc compiled with this file's flags.
@@ -72,12 +74,13 @@ void f32_to_bf16(uint16_t *__restrict__ dst, const float *__restrict__ src, int6
 // C[0..R, 0..16) (= or +=) Af[0..R, :] x panel W. Af: FP32 rows of stride Kp.
 template <int R>
 void block(float *__restrict__ C, int64_t ldc, const float *__restrict__ Af, const uint16_t *__restrict__ W,
-           int64_t Kp, bool accumulate) {
+           int64_t Kp, bool accumulate, const uint16_t *pf) {
     __m256 acc[R][2];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
     const __m256i odd_mask = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
     for (int64_t q = 0; q < Kp / 2; ++q) {
+        if (pf) _mm_prefetch(reinterpret_cast<const char *>(pf + q * 32), _MM_HINT_T1);
         const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(W + q * 32));
         const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(W + q * 32 + 16));
         const __m256 e0 = _mm256_castsi256_ps(_mm256_slli_epi32(v0, 16));
@@ -102,7 +105,7 @@ void block(float *__restrict__ C, int64_t ldc, const float *__restrict__ Af, con
         }
 }
 
-using BlockFn = void (*)(float *, int64_t, const float *, const uint16_t *, int64_t, bool);
+using BlockFn = void (*)(float *, int64_t, const float *, const uint16_t *, int64_t, bool, const uint16_t *);
 constexpr BlockFn kBlocks[kMaxRows] = {block<1>, block<2>, block<3>, block<4>, block<5>};
 
 // FP32 copy of up to kMaxRows rows of A; grows once per thread to the largest Kp seen.
@@ -122,7 +125,8 @@ void gemm_bf16(float *C, int64_t ldc, const uint16_t *A, int64_t lda, const uint
         const int64_t rows = M / nblocks + (b < M % nblocks ? 1 : 0);   // 1..kMaxRows, near-equal
         for (int64_t r = 0; r < rows; ++r) bf16_to_f32(af + r * Kp, A + (m + r) * lda, Kp);
         for (int64_t p = 0; p < N / 16; ++p)
-            kBlocks[rows - 1](C + m * ldc + p * 16, ldc, af, Wp + p * ldw, Kp, accumulate);
+            kBlocks[rows - 1](C + m * ldc + p * 16, ldc, af, Wp + p * ldw, Kp, accumulate,
+                              b == 0 && p + 1 < N / 16 ? Wp + (p + 1) * ldw : nullptr);
         m += rows;
     }
 }
