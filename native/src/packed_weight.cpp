@@ -80,7 +80,19 @@ const uint16_t *bf16_panels(const PackedWeight &w, int64_t c0, int64_t cn, Buffe
     const WeightLayout &l = *w.layout;
     if (l.bf16()) return w.panels() + (c0 / 16) * l.Kp * 16;
     uint16_t *dst = buf.get<uint16_t>(cn * l.Kp);
-    for (int64_t i = 0; i < cn / 16; ++i) decode_rows(dst + i * l.Kp * 16, w, c0 / 16 + i, 0, l.Kp / 2, K);
+    // Panel by panel, 64 packed rows (2 KiB of codes) at a time, the next panel's same rows
+    // prefetched meanwhile: each panel's codes are a new stream from DRAM.
+    constexpr int64_t kRows = 64;
+    const int64_t panels = cn / 16, vb = l.value_bytes();
+    for (int64_t i = 0; i < panels; ++i)
+        for (int64_t q = 0; q < l.Kp / 2; q += kRows) {
+            const int64_t nq = std::min(kRows, l.Kp / 2 - q);
+            if (i + 1 < panels) {
+                const uint8_t *next = w.data + ((c0 / 16 + i + 1) * l.Kp + q * 2) * 16 * vb;
+                for (int64_t b = 0; b < nq * 32 * vb; b += 64) __builtin_prefetch(next + b, 0, 2);
+            }
+            decode_rows(dst + i * l.Kp * 16 + q * 32, w, c0 / 16 + i, q, nq, K);
+        }
     return dst;
 }
 
