@@ -123,11 +123,16 @@ void pack_transposed_block(uint16_t *dst, const PackedWeight &w, int64_t k0, int
     // past the last source panel are zero.
     const int64_t stored = std::clamp<int64_t>(l.Kp - k0, 0, kn);   // K values of the range inside the panels
     for (int64_t kb = stored; kb < kn; kb += 16) std::memset(dst + (kb / 16) * Rp * 16, 0, sizeof(uint16_t) * n_panels * 256);
-    if (l.bf16()) {   // blocks straight from the panels, output panel by output panel (each written contiguously)
-        for (int64_t kb = 0; kb < stored; kb += 16)
-            for (int64_t np = 0; np < n_panels; ++np)
-                K.transpose_block(dst + (kb / 16) * Rp * 16 + np * 256,
-                                  w.panels() + np * l.Kp * 16 + ((k0 + kb) / 2) * 32);
+    if (l.bf16()) {   // blocks straight from the panels, source panel by source panel (each a new stream
+                      // from DRAM: the next one's same rows are prefetched meanwhile)
+        for (int64_t np = 0; np < n_panels; ++np) {
+            const uint16_t *src = w.panels() + np * l.Kp * 16 + (k0 / 2) * 32;
+            for (int64_t kb = 0; kb < stored; kb += 16) {
+                if (np + 1 < n_panels)
+                    for (int64_t b = 0; b < 256; b += 32) __builtin_prefetch(src + l.Kp * 16 + kb * 16 + b, 0, 2);
+                K.transpose_block(dst + (kb / 16) * Rp * 16 + np * 256, src + kb * 16);
+            }
+        }
     } else {   // one decode per source panel and run of up to kDecodeRun K values, into a buffer in L1
         constexpr int64_t kDecodeRun = 256;
         alignas(64) uint16_t decoded[kDecodeRun * 16];
