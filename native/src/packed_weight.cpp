@@ -32,6 +32,12 @@ void decode_rows(uint16_t *dst, const PackedWeight &w, int64_t p, int64_t q0, in
     decode_panel_rows(dst, q8_panels(w, 0), p, q0, nq, K.decode_rows);
 }
 
+// The lines of [p, p + bytes) toward L2: the start of the next panel's stream, read while the
+// current panel is worked on.
+void prefetch_l2(const void *p, int64_t bytes) {
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(static_cast<const uint8_t *>(p) + b, 0, 2);
+}
+
 bool usable_scale(float s) {
     const float a = std::fabs(s);
     return s == 0.0f || (a >= 0x1p-100f && a <= 0x1p100f);   // also false for NaN and infinities
@@ -83,14 +89,11 @@ const uint16_t *bf16_panels(const PackedWeight &w, int64_t c0, int64_t cn, Buffe
     // Panel by panel, 64 packed rows (2 KiB of codes) at a time, the next panel's same rows
     // prefetched meanwhile: each panel's codes are a new stream from DRAM.
     constexpr int64_t kRows = 64;
-    const int64_t panels = cn / 16, vb = l.value_bytes();
+    const int64_t panels = cn / 16;
     for (int64_t i = 0; i < panels; ++i)
-        for (int64_t q = 0; q < l.Kp / 2; q += kRows) {
+        for (int64_t q = 0; q < l.Kp / 2; q += kRows) {   // codes: one byte a value
             const int64_t nq = std::min(kRows, l.Kp / 2 - q);
-            if (i + 1 < panels) {
-                const uint8_t *next = w.data + ((c0 / 16 + i + 1) * l.Kp + q * 2) * 16 * vb;
-                for (int64_t b = 0; b < nq * 32 * vb; b += 64) __builtin_prefetch(next + b, 0, 2);
-            }
+            if (i + 1 < panels) prefetch_l2(w.data + ((c0 / 16 + i + 1) * l.Kp + q * 2) * 16, nq * 32);
             decode_rows(dst + i * l.Kp * 16 + q * 32, w, c0 / 16 + i, q, nq, K);
         }
     return dst;
@@ -128,8 +131,7 @@ void pack_transposed_block(uint16_t *dst, const PackedWeight &w, int64_t k0, int
         for (int64_t np = 0; np < n_panels; ++np) {
             const uint16_t *src = w.panels() + np * l.Kp * 16 + (k0 / 2) * 32;
             for (int64_t kb = 0; kb < stored; kb += 16) {
-                if (np + 1 < n_panels)
-                    for (int64_t b = 0; b < 256; b += 32) __builtin_prefetch(src + l.Kp * 16 + kb * 16 + b, 0, 2);
+                if (np + 1 < n_panels) prefetch_l2(src + l.Kp * 16 + kb * 16, 512);   // one 16 x 16 block
                 K.transpose_block(dst + (kb / 16) * Rp * 16 + np * 256, src + kb * 16);
             }
         }
